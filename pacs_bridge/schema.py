@@ -1,0 +1,177 @@
+"""The bookkeeping database's tables (SQLAlchemy Core), shared by the DICOM edge and the worker.
+
+The migrations under ``sql/migrations`` create exactly these tables (a test compares them); change both
+together. Timestamps are stored in UTC. No table holds patient names or IDs: the study's demographic
+attributes needed for fairness analysis (sex, age) are kept, identifiers are not.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+
+metadata = MetaData()
+
+UID = String(64)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+studies = Table(
+    "studies",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_instance_uid", UID, nullable=False, unique=True),
+    Column("accession_number", String(64)),
+    Column("study_description", String(128)),
+    Column("modalities", String(64)),
+    Column("patient_sex", String(16)),
+    Column("patient_age", String(16)),
+    Column("study_date", String(8)),
+    Column("calling_aet", String(16)),
+    # receiving -> queued -> processing -> done | failed | ignored; late images send it back to receiving.
+    Column("status", String(16), nullable=False, default="receiving"),
+    # Incremented each time images arrive after the study was dispatched: each version gets its own run and SR.
+    Column("version", Integer, nullable=False, default=1),
+    Column("pipeline", String(32)),
+    Column("instance_count", Integer, nullable=False, default=0),
+    Column("first_received_at", DateTime(timezone=True), nullable=False),
+    Column("last_received_at", DateTime(timezone=True), nullable=False),
+    Column("dispatched_at", DateTime(timezone=True)),
+)
+
+series = Table(
+    "series",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_id", Integer, ForeignKey("studies.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("series_instance_uid", UID, nullable=False, unique=True),
+    Column("modality", String(16)),
+    Column("series_description", String(128)),
+    Column("series_number", Integer),
+    Column("instance_count", Integer, nullable=False, default=0),
+)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("series_id", Integer, ForeignKey("series.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("sop_instance_uid", UID, nullable=False, unique=True),
+    Column("sop_class_uid", UID, nullable=False),
+    Column("transfer_syntax_uid", UID),
+    Column("path", Text, nullable=False),
+    Column("size_bytes", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("calling_aet", String(16)),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+)
+
+processing_runs = Table(
+    "processing_runs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_id", Integer, ForeignKey("studies.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("study_version", Integer, nullable=False),
+    Column("pipeline", String(32), nullable=False),
+    # queued -> running -> done | failed
+    Column("status", String(16), nullable=False, default="queued"),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("worker_host", String(128)),
+    Column("model_name", String(64)),
+    Column("model_version", String(128)),
+    Column("error", Text),
+    # Every step's timestamp: the turnaround and where the time went.
+    Column("last_image_at", DateTime(timezone=True)),
+    Column("queued_at", DateTime(timezone=True)),
+    Column("started_at", DateTime(timezone=True)),
+    Column("loaded_at", DateTime(timezone=True)),
+    Column("inferred_at", DateTime(timezone=True)),
+    Column("sr_created_at", DateTime(timezone=True)),
+    Column("delivered_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("timings", JSON),
+    Column("priority", String(16)),
+    Column("sr_sop_instance_uid", UID),
+    Column("sr_path", Text),
+    # One run per study version: a re-sent study or a redelivered task never makes a second one.
+    UniqueConstraint("study_id", "study_version", name="uq_run_study_version"),
+)
+
+predictions = Table(
+    "predictions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_id", Integer, ForeignKey("processing_runs.id", ondelete="CASCADE"), nullable=False, index=True),
+    # diagnosis | priority | referral
+    Column("kind", String(16), nullable=False),
+    Column("label", String(96), nullable=False),
+    Column("probability", Float, nullable=False),
+    Column("threshold", Float),
+    Column("reported", Integer, nullable=False, default=0),
+    UniqueConstraint("run_id", "kind", "label", name="uq_prediction"),
+)
+
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_id", Integer, ForeignKey("processing_runs.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("destination", String(64), nullable=False),
+    Column("sop_instance_uid", UID, nullable=False),
+    Column("path", Text, nullable=False),
+    # pending -> delivered | failed (dead letter)
+    Column("status", String(16), nullable=False, default="pending"),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("delivered_at", DateTime(timezone=True)),
+    UniqueConstraint("run_id", "destination", name="uq_delivery"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("at", DateTime(timezone=True), nullable=False, index=True),
+    # received | quarantine | completion | routing | dispatch | error | delivery
+    Column("kind", String(32), nullable=False, index=True),
+    Column("study_instance_uid", String(128)),
+    Column("sop_instance_uid", String(128)),
+    Column("reason", Text, nullable=False),
+    Column("detail", JSON),
+)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL and a busy timeout so the SCP and a worker can share the file."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)

@@ -1,0 +1,202 @@
+"""The DICOM receiver: a pynetdicom C-STORE and C-ECHO SCP.
+
+The C-STORE handler does three cheap things: check the received bytes (:mod:`pacs_bridge.intake`), write them
+as they came (:mod:`pacs_bridge.storage`), and queue a row for the database (:mod:`pacs_bridge.bookkeeping`).
+Everything else (study completion, routing, processing) happens elsewhere, after the association's work is done.
+Rejected input is quarantined with its reason and answered with a failure status; the SCP keeps serving.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+
+from pacs_bridge.bookkeeping import Bookkeeper, ReceivedInstance
+from pacs_bridge.intake import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, RejectedInstance, check_received
+from pacs_bridge.storage import InstanceStore
+
+log = logging.getLogger(__name__)
+
+#: Storage SOP classes accepted. Images we may process, plus the SR/presentation classes a PACS may route back
+#: to us (they are kept and never processed: loop prevention happens at routing).
+STORAGE_SOP_CLASSES = {
+    "MRImageStorage": "1.2.840.10008.5.1.4.1.1.4",
+    "EnhancedMRImageStorage": "1.2.840.10008.5.1.4.1.1.4.1",
+    "MRSpectroscopyStorage": "1.2.840.10008.5.1.4.1.1.4.2",
+    "EnhancedMRColorImageStorage": "1.2.840.10008.5.1.4.1.1.4.3",
+    "LegacyConvertedEnhancedMRImageStorage": "1.2.840.10008.5.1.4.1.1.4.4",
+    "CTImageStorage": "1.2.840.10008.5.1.4.1.1.2",
+    "EnhancedCTImageStorage": "1.2.840.10008.5.1.4.1.1.2.1",
+    "ComputedRadiographyImageStorage": "1.2.840.10008.5.1.4.1.1.1",
+    "DigitalXRayImageStorageForPresentation": "1.2.840.10008.5.1.4.1.1.1.1",
+    "DigitalXRayImageStorageForProcessing": "1.2.840.10008.5.1.4.1.1.1.1.1",
+    "SecondaryCaptureImageStorage": "1.2.840.10008.5.1.4.1.1.7",
+    "BasicTextSRStorage": "1.2.840.10008.5.1.4.1.1.88.11",
+    "EnhancedSRStorage": "1.2.840.10008.5.1.4.1.1.88.22",
+    "ComprehensiveSRStorage": "1.2.840.10008.5.1.4.1.1.88.33",
+    "Comprehensive3DSRStorage": "1.2.840.10008.5.1.4.1.1.88.34",
+    "KeyObjectSelectionDocumentStorage": "1.2.840.10008.5.1.4.1.1.88.59",
+    "GrayscaleSoftcopyPresentationStateStorage": "1.2.840.10008.5.1.4.1.1.11.1",
+}
+
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+
+
+@dataclass
+class ScpSettings:
+    ae_title: str = "TRIAGE"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    allowed_calling_aets: list[str] = field(default_factory=list)
+    max_pdu: int = 131072
+    max_associations: int = 10
+    network_timeout_s: float = 60.0
+
+
+class ActiveStudies:
+    """Which studies open associations are still sending: a study is never complete while one is."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_association: dict[int, set[str]] = {}
+
+    def add(self, association_id: int, study_uid: str) -> None:
+        with self._lock:
+            self._by_association.setdefault(association_id, set()).add(study_uid)
+
+    def close(self, association_id: int) -> None:
+        with self._lock:
+            self._by_association.pop(association_id, None)
+
+    def current(self) -> set[str]:
+        with self._lock:
+            return set().union(*self._by_association.values()) if self._by_association else set()
+
+
+class StorageSCP:
+    """A configured pynetdicom AE with bound handlers; ``start()`` serves in background threads."""
+
+    def __init__(self, settings: ScpSettings, store: InstanceStore, bookkeeper: Bookkeeper) -> None:
+        self.settings = settings
+        self.store = store
+        self.bookkeeper = bookkeeper
+        self.active = ActiveStudies()
+        self.received = 0
+        self.rejected = 0
+        self._server = None
+
+        ae = AE(ae_title=settings.ae_title)
+        ae.maximum_pdu_size = settings.max_pdu
+        ae.maximum_associations = settings.max_associations
+        ae.network_timeout = settings.network_timeout_s
+        if settings.allowed_calling_aets:
+            ae.require_calling_aet = list(settings.allowed_calling_aets)
+        ae.add_supported_context(Verification)
+        for uid in STORAGE_SOP_CLASSES.values():
+            ae.add_supported_context(uid, TRANSFER_SYNTAXES)
+        self.ae = ae
+
+    def start(self) -> None:
+        handlers = [
+            (evt.EVT_C_STORE, self._on_c_store),
+            (evt.EVT_C_ECHO, self._on_c_echo),
+            (evt.EVT_RELEASED, self._on_association_closed),
+            (evt.EVT_ABORTED, self._on_association_closed),
+            (evt.EVT_CONN_CLOSE, self._on_association_closed),
+        ]
+        self._server = self.ae.start_server(
+            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
+        )
+        log.info("SCP %s listening on %s:%d", self.settings.ae_title, self.settings.host, self.port)
+
+    @property
+    def port(self) -> int:
+        if self._server is not None:
+            return self._server.server_address[1]
+        return self.settings.port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def _on_c_echo(self, event: evt.Event) -> int:
+        return STATUS_SUCCESS
+
+    def _on_association_closed(self, event: evt.Event) -> None:
+        self.active.close(id(event.assoc))
+
+    def _on_c_store(self, event: evt.Event) -> int:
+        calling_aet = event.assoc.requestor.ae_title.strip()
+        request = event.request
+        context = {
+            "calling_aet": calling_aet,
+            "peer": f"{event.assoc.requestor.address}:{event.assoc.requestor.port}",
+            "affected_sop_class_uid": str(request.AffectedSOPClassUID),
+            "affected_sop_instance_uid": str(request.AffectedSOPInstanceUID)[:128],
+        }
+        data = b""
+        try:
+            data = event.encoded_dataset(include_meta=True)
+            header = check_received(data, request.AffectedSOPClassUID, request.AffectedSOPInstanceUID)
+            stored = self.store.store(
+                header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid, data
+            )
+        except RejectedInstance as exc:
+            return self._reject(data, exc.reason, exc.status, context)
+        except OSError as exc:  # disk full, permissions: tell the sender to try again later
+            return self._reject(data, f"could not store: {exc}", STATUS_OUT_OF_RESOURCES, context)
+        except Exception as exc:  # never let one bad object take the association (or the SCP) down
+            log.exception("unexpected error storing %s", context["affected_sop_instance_uid"])
+            return self._reject(data, f"internal error: {type(exc).__name__}: {exc}", STATUS_OUT_OF_RESOURCES,
+                                context)
+        self.active.add(id(event.assoc), header.study_instance_uid)
+        self.bookkeeper.add(ReceivedInstance(header=header, stored=stored, calling_aet=calling_aet))
+        self.received += 1
+        return STATUS_SUCCESS
+
+    def _reject(self, data: bytes, reason: str, status: int, context: dict[str, str]) -> int:
+        self.rejected += 1
+        path = None
+        try:
+            path = self.store.quarantine(data, reason, {**context, "status": f"0x{status:04X}"})
+        except OSError as exc:
+            reason = f"{reason}; quarantine also failed: {exc}"
+        log.warning("rejected instance from %s: %s (status 0x%04X)", context["calling_aet"], reason, status)
+        self.bookkeeper.event(
+            "quarantine", reason, sop_instance_uid=context["affected_sop_instance_uid"],
+            detail={**context, "status": status, "path": str(path) if path else None},
+        )
+        return status

@@ -1,0 +1,110 @@
+"""The ``triage`` command line."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from worker.config import load_settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from worker.database import upgrade
+    from worker.service import build_receiving_service
+
+    settings = load_settings(args.config)
+    upgrade(settings.database_url)
+    service = build_receiving_service(settings)
+    service.start()
+    print(f"triage: SCP {settings['scp']['ae_title']} listening on {settings['scp']['host']}:{service.scp.port}",
+          flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    service.stop()
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    if args.config:
+        import os
+
+        os.environ["TRIAGE_CONFIG"] = args.config
+    from worker.tasks import app
+
+    argv = ["worker", "--pool", "solo", "--concurrency", "1", "--queues", args.queues, "--loglevel", args.loglevel,
+            "--without-gossip", "--without-mingle"]
+    if args.hostname:
+        argv += ["--hostname", args.hostname]
+    app.worker_main(argv)
+    return 0
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from worker.database import current_revision, upgrade
+
+    settings = load_settings(args.config)
+    url = args.url or settings.database_url
+    upgrade(url)
+    print(f"database at revision {current_revision(url)}")
+    return 0
+
+
+def _phantoms(args: argparse.Namespace) -> int:
+    from train.phantoms import main as phantoms_main
+
+    return phantoms_main(args.rest) or 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from worker.demo import run_demo
+
+    return run_demo(lesion=args.lesion, seed=args.seed, workdir=args.workdir, retrain=args.retrain)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="triage", description="PACS-integrated AI triage worker")
+    parser.add_argument("--config", help="YAML configuration (default: $TRIAGE_CONFIG or ./triage.yaml)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the DICOM receiver (C-STORE/C-ECHO SCP) and the study assembler")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("worker", help="run a Celery worker that processes studies")
+    p.add_argument("--queues", default="neuro_mri", help="comma-separated queues (default: neuro_mri)")
+    p.add_argument("--hostname", help="Celery node name, e.g. gpu0@%%h")
+    p.add_argument("--loglevel", default="INFO")
+    p.set_defaults(func=_worker)
+
+    db = sub.add_parser("db", help="database administration").add_subparsers(dest="db_command", required=True)
+    p = db.add_parser("upgrade", help="apply the schema migrations under sql/")
+    p.add_argument("--url", help="database URL (default: from the configuration)")
+    p.set_defaults(func=_db_upgrade)
+
+    p = sub.add_parser("phantoms", help="write synthetic brain-MRI phantom studies as DICOM",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_phantoms)
+
+    p = sub.add_parser("demo", help="send a phantom study through the whole service and print its SR")
+    p.add_argument("--lesion", default="subdural_haemorrhage")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--workdir", default="var/demo", help="folder for the demo's database, store and outbox")
+    p.add_argument("--retrain", action="store_true", help="train the demo model again even if one exists")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""Processing one run: a complete study version in, predictions, an SR and its deliveries out.
+
+Each step's timestamp is written to the run, so the AI turnaround (last image to SR delivered) and where the
+time went can be read from the database. The run is idempotent: a redelivered task for a finished run does
+nothing, and a re-attempt after a crash writes the same SR (its UIDs derive from the study version) instead
+of a second one.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
+from sqlalchemy import and_, insert, select, update
+from sqlalchemy.engine import Engine
+
+from pacs_bridge.dicom_send import DicomDestination, DeliveryError, c_store_with_retries
+from pacs_bridge.results import Finding, TriageResult
+from pacs_bridge.routing import is_derived_object
+from pacs_bridge.schema import deliveries, events, instances, predictions, processing_runs, series, studies, utcnow
+from worker.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+class RunFailed(Exception):
+    """The study cannot be processed (no usable series, say); the reason is recorded and not retried."""
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    run_id: int
+    status: str  # done | duplicate | failed
+    sr_path: Path | None = None
+    result: TriageResult | None = None
+
+
+def make_result(prediction, settings: Settings, study_uid: str, model_name: str, model_version: str) -> TriageResult:
+    """Turn the model's probabilities into the reported result, by the configured clinical rules."""
+    model_settings = settings["model"]
+    by_probability = sorted(prediction.diagnosis_probs.items(), key=lambda kv: kv[1], reverse=True)
+    reported = [label for label, p in by_probability if p >= prediction.thresholds[label]]
+    for label, _ in by_probability:
+        if len(reported) >= max(int(model_settings["report_top_k"]), 1):
+            break
+        if label not in reported:
+            reported.append(label)
+    findings = tuple(
+        Finding(label=label, probability=float(prediction.diagnosis_probs[label]),
+                threshold=float(prediction.thresholds[label]))
+        for label in sorted(reported, key=lambda name: prediction.diagnosis_probs[name], reverse=True)
+    )
+    top_class = max(prediction.priority_probs, key=prediction.priority_probs.get)
+    priority = model_settings["priority_map"].get(top_class)
+    if priority is None:
+        raise RunFailed(f"priority class {top_class!r} has no entry in model.priority_map")
+    referrals = tuple(sorted(
+        name for name, p in prediction.referral_probs.items() if p >= float(model_settings["referral_threshold"])
+    ))
+    return TriageResult(
+        study_instance_uid=study_uid, priority=priority, findings=findings, referrals=referrals,
+        model_name=model_name, model_version=model_version,
+        priority_scores={k: float(v) for k, v in prediction.priority_probs.items()},
+    )
+
+
+class RunProcessor:
+    """Holds what is expensive to set up (engine, loaded model) across the runs a worker process handles."""
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self._predictor = None
+        self._bundle = None
+        self.host = socket.gethostname()
+
+    # -- model ---------------------------------------------------------------------------------------------
+    def predictor(self):
+        if self._predictor is None:
+            from models.bundle import load_bundle
+            from models.inference import StudyPredictor
+
+            bundle_dir = self.settings["model"]["bundle"]
+            if not bundle_dir:
+                raise RunFailed("model.bundle is not configured: set it to a model bundle folder "
+                                "(weights are never downloaded)")
+            device = self.settings["model"]["device"]
+            if device == "auto":
+                import torch
+
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            self._bundle = load_bundle(Path(bundle_dir), device=device)
+            self._predictor = StudyPredictor(
+                self._bundle, device=device, study_description=self.settings["model"]["study_description"]
+            )
+        return self._predictor
+
+    # -- the run -------------------------------------------------------------------------------------------
+    def process(self, run_id: int) -> RunOutcome:
+        claimed = self._claim(run_id)
+        if claimed is None:
+            return RunOutcome(run_id, "duplicate")
+        study_id, study_uid, version = claimed
+        try:
+            return self._process(run_id, study_id, study_uid, version)
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, RunFailed) else f"{type(exc).__name__}: {exc}"
+            log.exception("run %d for study %s failed", run_id, study_uid)
+            with self.engine.begin() as connection:
+                connection.execute(update(processing_runs).where(processing_runs.c.id == run_id)
+                                   .values(status="failed", error=reason, finished_at=utcnow()))
+                connection.execute(update(studies).where(and_(studies.c.id == study_id, studies.c.version == version))
+                                   .values(status="failed"))
+                connection.execute(insert(events).values(at=utcnow(), kind="error", study_instance_uid=study_uid,
+                                                         reason=f"run {run_id} failed: {reason}"))
+            return RunOutcome(run_id, "failed")
+
+    def _claim(self, run_id: int) -> tuple[int, str, int] | None:
+        with self.engine.begin() as connection:
+            row = connection.execute(
+                select(processing_runs.c.status, processing_runs.c.attempts, processing_runs.c.study_id,
+                       processing_runs.c.study_version, studies.c.study_instance_uid)
+                .select_from(processing_runs.join(studies, studies.c.id == processing_runs.c.study_id))
+                .where(processing_runs.c.id == run_id)
+            ).first()
+            if row is None:
+                raise RunFailed(f"processing run {run_id} does not exist")
+            if row.status in ("done", "failed"):
+                return None
+            max_attempts = int(self.settings["worker"]["max_attempts"])
+            if row.attempts >= max_attempts:
+                connection.execute(update(processing_runs).where(processing_runs.c.id == run_id).values(
+                    status="failed", error=f"gave up after {row.attempts} attempts", finished_at=utcnow()))
+                connection.execute(insert(events).values(
+                    at=utcnow(), kind="error", study_instance_uid=row.study_instance_uid,
+                    reason=f"run {run_id} abandoned after {row.attempts} attempts (worker lost each time?)"))
+                return None
+            connection.execute(update(processing_runs).where(processing_runs.c.id == run_id).values(
+                status="running", attempts=row.attempts + 1, started_at=utcnow(), worker_host=self.host))
+            connection.execute(update(studies).where(and_(studies.c.id == row.study_id,
+                                                          studies.c.version == row.study_version))
+                               .values(status="processing"))
+        return row.study_id, row.study_instance_uid, row.study_version
+
+    def _process(self, run_id: int, study_id: int, study_uid: str, version: int) -> RunOutcome:
+        from models.volume import load_study
+
+        timings: dict[str, float] = {}
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                select(series.c.series_instance_uid, series.c.modality, instances.c.sop_class_uid, instances.c.path)
+                .select_from(series.join(instances, instances.c.series_id == series.c.id))
+                .where(series.c.study_id == study_id)
+            ).all()
+        image_paths: dict[str, list[Path]] = defaultdict(list)
+        for r in rows:
+            if not is_derived_object(r.modality or "", r.sop_class_uid):
+                image_paths[r.series_instance_uid].append(Path(r.path))
+        if not image_paths:
+            raise RunFailed("the study has no image instances")
+
+        predictor = self.predictor()
+        manifest = self._bundle.manifest
+        t0 = time.perf_counter()
+        volumes, skipped = load_study(dict(image_paths))
+        timings["load_s"] = time.perf_counter() - t0
+        self._stamp(run_id, "loaded_at", model_name=manifest.family, model_version=manifest.version)
+        if skipped:
+            with self.engine.begin() as connection:
+                connection.execute(insert(events), [
+                    {"at": utcnow(), "kind": "series_skipped", "study_instance_uid": study_uid,
+                     "reason": f"series {uid}: {why}", "detail": {"series_instance_uid": uid}}
+                    for uid, why in skipped.items()
+                ])
+        if not volumes:
+            raise RunFailed(f"no usable series: {skipped}")
+
+        t0 = time.perf_counter()
+        prediction = predictor.predict(volumes)
+        timings["predict_s"] = time.perf_counter() - t0
+        timings.update({f"model_{k}": float(v) for k, v in prediction.timings_s.items()})
+        self._stamp(run_id, "inferred_at")
+
+        result = make_result(prediction, self.settings, study_uid, manifest.family, manifest.version)
+        t0 = time.perf_counter()
+        sr_path, sr = self._write_sr(run_id, study_id, study_uid, version, result,
+                                     [p for paths in image_paths.values() for p in paths])
+        timings["sr_s"] = time.perf_counter() - t0
+        self._stamp(run_id, "sr_created_at", sr_sop_instance_uid=str(sr.SOPInstanceUID), sr_path=str(sr_path),
+                    priority=result.priority)
+        self._record_predictions(run_id, prediction, result)
+
+        t0 = time.perf_counter()
+        delivered_all = self._deliver(run_id, study_uid, sr_path, sr)
+        timings["deliver_s"] = time.perf_counter() - t0
+        finished = utcnow()
+        with self.engine.begin() as connection:
+            connection.execute(update(processing_runs).where(processing_runs.c.id == run_id).values(
+                status="done", finished_at=finished, timings=timings,
+                delivered_at=finished if delivered_all else None))
+            connection.execute(update(studies).where(and_(studies.c.id == study_id, studies.c.version == version))
+                               .values(status="done"))
+        log.info("run %d study %s v%d: priority %s, %d findings, %.2fs", run_id, study_uid, version,
+                 result.priority, len(result.findings), sum(v for k, v in timings.items() if k.endswith("_s")))
+        return RunOutcome(run_id, "done", sr_path, result)
+
+    def _stamp(self, run_id: int, column: str, **values) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(update(processing_runs).where(processing_runs.c.id == run_id)
+                               .values(**{column: utcnow()}, **values))
+
+    def _write_sr(self, run_id: int, study_id: int, study_uid: str, version: int, result: TriageResult,
+                  image_paths: list[Path]):
+        from pacs_bridge.sr import build_sr
+
+        evidence = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(image_paths)]
+        previous = None
+        if version > 1:
+            with self.engine.connect() as connection:
+                prior = connection.execute(
+                    select(processing_runs.c.sr_path)
+                    .where(and_(processing_runs.c.study_id == study_id, processing_runs.c.study_version < version,
+                                processing_runs.c.sr_path.is_not(None)))
+                    .order_by(processing_runs.c.study_version.desc())
+                ).first()
+            if prior is not None and Path(prior.sr_path).exists():
+                previous = pydicom.dcmread(prior.sr_path)
+        # Deterministic UIDs per study version: a re-attempt after a crash rewrites the same SR, never a second.
+        seed = [self.settings.device_uid, study_uid, str(version)]
+        sr = build_sr(
+            result, evidence,
+            series_instance_uid=generate_uid(entropy_srcs=seed + ["series"]),
+            sop_instance_uid=generate_uid(entropy_srcs=seed + ["sr"]),
+            instance_number=version,
+            device_uid=self.settings.device_uid,
+            device_name=self.settings["worker"]["name"],
+            institution_name=self.settings["worker"]["institution_name"] or None,
+            previous_sr=previous,
+        )
+        folder = self.settings.outbox_dir / study_uid
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{sr.SOPInstanceUID}.dcm"
+        sr.save_as(path, enforce_file_format=True)
+        return path, sr
+
+    def _record_predictions(self, run_id: int, prediction, result: TriageResult) -> None:
+        reported = {f.label for f in result.findings}
+        rows = [
+            {"run_id": run_id, "kind": "diagnosis", "label": label, "probability": float(p),
+             "threshold": float(prediction.thresholds[label]), "reported": int(label in reported)}
+            for label, p in prediction.diagnosis_probs.items()
+        ]
+        rows += [{"run_id": run_id, "kind": "priority", "label": k, "probability": float(v), "threshold": None,
+                  "reported": 0} for k, v in prediction.priority_probs.items()]
+        rows += [{"run_id": run_id, "kind": "referral", "label": k, "probability": float(v), "threshold": None,
+                  "reported": int(k in result.referrals)} for k, v in prediction.referral_probs.items()]
+        with self.engine.begin() as connection:
+            connection.execute(predictions.delete().where(predictions.c.run_id == run_id))
+            connection.execute(insert(predictions), rows)
+
+    def _deliver(self, run_id: int, study_uid: str, sr_path: Path, sr) -> bool:
+        destinations = [DicomDestination(d["name"], d["host"], int(d["port"]), d["ae_title"])
+                        for d in self.settings["destinations"] if d.get("kind", "dicom") == "dicom"]
+        delivery = self.settings["delivery"]
+        all_ok = True
+        for destination in destinations:
+            with self.engine.begin() as connection:
+                existing = connection.execute(select(deliveries.c.id, deliveries.c.status).where(and_(
+                    deliveries.c.run_id == run_id, deliveries.c.destination == destination.name))).first()
+                if existing is not None and existing.status == "delivered":
+                    continue
+                if existing is None:
+                    delivery_id = connection.execute(insert(deliveries).values(
+                        run_id=run_id, destination=destination.name, sop_instance_uid=str(sr.SOPInstanceUID),
+                        path=str(sr_path), status="pending", attempts=0, created_at=utcnow(),
+                    )).inserted_primary_key[0]
+                else:
+                    delivery_id = existing.id
+            try:
+                attempts = c_store_with_retries(destination, [sr], attempts=int(delivery["attempts"]),
+                                                backoff_s=float(delivery["backoff_s"]),
+                                                calling_aet=delivery["ae_title"])
+                values = {"status": "delivered", "attempts": attempts, "delivered_at": utcnow(), "last_error": None}
+            except DeliveryError as exc:
+                all_ok = False
+                values = {"status": "failed", "attempts": int(delivery["attempts"]), "last_error": str(exc)}
+            with self.engine.begin() as connection:
+                connection.execute(update(deliveries).where(deliveries.c.id == delivery_id).values(**values))
+                connection.execute(insert(events).values(
+                    at=utcnow(), kind="delivery", study_instance_uid=study_uid,
+                    sop_instance_uid=str(sr.SOPInstanceUID),
+                    reason=f"{destination.name}: {values['status']}"
+                           + (f" ({values['last_error']})" if values.get("last_error") else "")))
+        return all_ok
+
