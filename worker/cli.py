@@ -9,6 +9,13 @@ import threading
 
 from worker.config import load_settings
 
+#: Modules that add their own subcommands: each has ``register(subparsers)``, setting ``func`` on its parsers.
+FEATURE_COMMANDS: tuple[str, ...] = ()
+
+#: ``triage bench NAME``: each benchmark is "module:function"; the function takes the remaining arguments and
+#: prints a JSON line last.
+BENCHMARKS: dict[str, str] = {}
+
 
 def _serve(args: argparse.Namespace) -> int:
     from worker.database import upgrade
@@ -65,6 +72,27 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(lesion=args.lesion, seed=args.seed, workdir=args.workdir, retrain=args.retrain)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    if args.name not in BENCHMARKS:
+        print(f"unknown benchmark {args.name!r}; available: {', '.join(sorted(BENCHMARKS)) or 'none'}",
+              file=sys.stderr)
+        return 2
+    module, function = BENCHMARKS[args.name].split(":")
+    return int(getattr(importlib.import_module(module), function)(args.rest) or 0)
+
+
+def _api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from worker.api.app import create_app
+
+    settings = load_settings(args.config)
+    uvicorn.run(create_app(settings), host=settings["api"]["host"], port=int(settings["api"]["port"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="triage", description="PACS-integrated AI triage worker")
     parser.add_argument("--config", help="YAML configuration (default: $TRIAGE_CONFIG or ./triage.yaml)")
@@ -96,6 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="var/demo", help="folder for the demo's database, store and outbox")
     p.add_argument("--retrain", action="store_true", help="train the demo model again even if one exists")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("api", help="serve the HTTP API and the worklist page")
+    p.set_defaults(func=_api)
+
+    p = sub.add_parser("bench", help="run a benchmark; prints a JSON line last")
+    p.add_argument("name")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_bench)
+
+    import importlib
+
+    for module in FEATURE_COMMANDS:
+        importlib.import_module(module).register(sub)
     return parser
 
 

@@ -76,6 +76,13 @@ DEFAULTS: dict[str, Any] = {
         # Our calling AE title when sending.
         "ae_title": "TRIAGE",
     },
+    "api": {
+        "host": "127.0.0.1",
+        "port": 8080,
+        # Bearer tokens: each {token_file | token_env, name, role}. Roles: radiologist (read), admin (everything).
+        # Tokens are read from files or the environment, never written in this file.
+        "tokens": [],
+    },
     "worker": {
         # A stable identifier of this deployment's device, written as the SR's Device Observer UID.
         "device_uid": "",
