@@ -175,3 +175,8 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+# Final reports, ground truth, sensitive attributes and fairness results are declared in their own module on this
+# same metadata; importing it here means every user of ``metadata`` (migrations, the schema test) sees them.
+from pacs_bridge import report_schema as _report_schema  # noqa: E402,F401

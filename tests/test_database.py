@@ -7,10 +7,11 @@ import sys
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
 from pacs_bridge.schema import make_engine, metadata
-from worker.database import upgrade
+from worker.database import alembic_config, upgrade
 
 EXPECTED_TABLES = {"studies", "series", "instances", "processing_runs", "predictions", "deliveries", "events"}
 
@@ -35,7 +36,8 @@ def test_db_upgrade_command_creates_schema_in_empty_sqlite_file(tmp_path):
     url = f"sqlite:///{tmp_path / 'sub' / 'triage.db'}"
     result = _triage("db", "upgrade", "--url", url)
     assert result.returncode == 0, result.stderr
-    assert "revision 0001" in result.stdout
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    assert f"revision {head}" in result.stdout
     _assert_schema_matches(url)
 
 
