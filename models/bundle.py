@@ -1,0 +1,245 @@
+"""Model bundles: a folder with ``manifest.json``, ``vqvae.pt`` and ``prima.pt``.
+
+The manifest names the family ("prima"), the size ("tiny"/"full", with the full architecture as data), a version,
+the creation time, the sha256 of every weight file, the label names in output order, the per-head thresholds and
+columns, the priority classes, the referral names and free-form training notes. Weight files are plain state
+dicts written with ``torch.save`` and read with ``torch.load(weights_only=True)``: loading a bundle never runs
+pickled code. Checksums are verified before anything is deserialised.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.networks.nets import VQVAE
+
+from models.labels import DIAGNOSIS_NAMES, PRIORITY_CLASSES, REFERRALS
+from models.prima import PRIMA_CONFIGS, PrimaConfig, PrimaModel
+from models.vqvae import VQVAE_CONFIGS, build_vqvae
+
+FAMILY = "prima"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+VQVAE_FILE = "vqvae.pt"
+PRIMA_FILE = "prima.pt"
+
+
+class BundleError(Exception):
+    """A bundle that cannot be loaded; the message names the bundle, the file and what to do."""
+
+
+@dataclass
+class LoadedBundle:
+    path: Path | None  # None for a bundle built in memory (random_bundle)
+    manifest: dict[str, Any]
+    vqvae: VQVAE
+    prima: PrimaModel
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["version"])
+
+    @property
+    def config_name(self) -> str:
+        return str(self.manifest["config"])
+
+    @property
+    def diagnosis_names(self) -> tuple[str, ...]:
+        return self.prima.diagnosis_names
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """Logit threshold of each diagnosis head (subtracted from the head's output)."""
+        return dict(zip(self.diagnosis_names, self.prima.diagnosis_heads.threshold.tolist()))
+
+    @property
+    def referral_names(self) -> tuple[str, ...]:
+        return self.prima.referral_names
+
+    @property
+    def priority_classes(self) -> tuple[str, ...]:
+        return self.prima.priority_classes
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _head_table(names: tuple[str, ...], heads: Any) -> tuple[dict[str, float], dict[str, int]]:
+    return (
+        dict(zip(names, (float(t) for t in heads.threshold.tolist()))),
+        dict(zip(names, (int(c) for c in heads.column.tolist()))),
+    )
+
+
+def _vqvae_widths(vqvae: VQVAE) -> dict[str, Any]:
+    return dict(
+        channels=list(vqvae.channels),
+        num_res_channels=list(vqvae.num_res_channels),
+        num_embeddings=int(vqvae.num_embeddings),
+    )
+
+
+def _config_name(prima: PrimaModel) -> str:
+    return next((name for name, config in PRIMA_CONFIGS.items() if config == prima.config), "custom")
+
+
+def save_bundle(directory: str | os.PathLike[str], vqvae: VQVAE, prima: PrimaModel, meta: Mapping[str, Any]) -> Path:
+    """Write a bundle; returns its folder. ``meta`` needs "version"; may carry "notes" (training notes),
+    "created_at" and any further keys (kept in the manifest). Thresholds and columns come from the model."""
+    if "version" not in meta:
+        raise ValueError("bundle meta needs a 'version'")
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(vqvae.state_dict(), folder / VQVAE_FILE)
+    torch.save(prima.state_dict(), folder / PRIMA_FILE)
+
+    thresholds, columns = _head_table(prima.diagnosis_names, prima.diagnosis_heads)
+    referral_thresholds, referral_columns = _head_table(prima.referral_names, prima.referral_heads)
+    manifest = {
+        **{k: v for k, v in meta.items() if k not in {"files"}},
+        "family": FAMILY,
+        "format": FORMAT_VERSION,
+        "config": _config_name(prima),
+        "version": str(meta["version"]),
+        "created_at": meta.get("created_at") or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "files": {name: sha256_of(folder / name) for name in (VQVAE_FILE, PRIMA_FILE)},
+        "prima_config": prima.config.to_dict(),
+        "vqvae_config": _vqvae_widths(vqvae),
+        "diagnosis_names": list(prima.diagnosis_names),
+        "thresholds": thresholds,
+        "diagnosis_columns": columns,
+        "diagnosis_outputs": prima.diagnosis_heads.dims[-1],
+        "priority_classes": list(prima.priority_classes),
+        "referral_names": list(prima.referral_names),
+        "referral_thresholds": referral_thresholds,
+        "referral_columns": referral_columns,
+        "referral_outputs": prima.referral_heads.dims[-1],
+        "notes": meta.get("notes", ""),
+    }
+    temporary = folder / (MANIFEST_FILE + ".tmp")
+    temporary.write_text(json.dumps(manifest, indent=2) + "\n")
+    temporary.replace(folder / MANIFEST_FILE)  # the manifest appears only once the weights are complete
+    return folder
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{folder} is not a model bundle: {MANIFEST_FILE} is missing") from None
+    except json.JSONDecodeError as error:
+        raise BundleError(f"{folder / MANIFEST_FILE} is not valid JSON: {error}") from None
+    if manifest.get("family") != FAMILY:
+        raise BundleError(f"{folder}: family {manifest.get('family')!r} is not {FAMILY!r}")
+    missing = [k for k in ("version", "config", "files", "diagnosis_names") if k not in manifest]
+    if missing:
+        raise BundleError(f"{folder / MANIFEST_FILE} lacks {', '.join(missing)}")
+    return manifest
+
+
+def _verified_state_dict(folder: Path, name: str, manifest: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    expected = manifest["files"].get(name)
+    path = folder / name
+    if expected is None:
+        raise BundleError(f"{folder / MANIFEST_FILE} lists no sha256 for {name}")
+    if not path.exists():
+        raise BundleError(f"bundle {folder}: {name} is missing")
+    actual = sha256_of(path)
+    if actual != expected:
+        raise BundleError(
+            f"bundle {folder}: sha256 of {name} is {actual}, the manifest says {expected}; "
+            "the file is corrupt or was changed after the bundle was made - copy the bundle again"
+        )
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def _build_models(manifest: Mapping[str, Any], device: torch.device | str) -> tuple[VQVAE, PrimaModel]:
+    """Models of the manifest's architecture with uninitialised weights on ``device`` (to be loaded)."""
+    config_name = manifest["config"]
+    if "prima_config" in manifest:
+        config = PrimaConfig.from_dict(manifest["prima_config"])
+    elif config_name in PRIMA_CONFIGS:
+        config = PRIMA_CONFIGS[config_name]
+    else:
+        raise BundleError(f"unknown config {config_name!r} and no prima_config in the manifest")
+    vqvae_widths = manifest.get("vqvae_config") or VQVAE_CONFIGS.get(config_name)
+    if vqvae_widths is None:
+        raise BundleError(f"unknown config {config_name!r} and no vqvae_config in the manifest")
+    # Built on the meta device: the full heads are 2.3 B parameters, and random initialisation would only be
+    # overwritten by the checkpoint.
+    with torch.device("meta"):
+        vqvae = build_vqvae(vqvae_widths)
+        prima = PrimaModel(
+            config,
+            diagnosis_names=manifest["diagnosis_names"],
+            referral_names=manifest.get("referral_names", REFERRALS),
+            priority_classes=manifest.get("priority_classes", PRIORITY_CLASSES),
+            diagnosis_outputs=manifest.get("diagnosis_outputs"),
+            referral_outputs=manifest.get("referral_outputs"),
+        )
+    return vqvae.to_empty(device=device), prima.to_empty(device=device)
+
+
+def _apply_head_tables(prima: PrimaModel, manifest: Mapping[str, Any]) -> None:
+    for names, heads, thresholds_key, columns_key in (
+        (prima.diagnosis_names, prima.diagnosis_heads, "thresholds", "diagnosis_columns"),
+        (prima.referral_names, prima.referral_heads, "referral_thresholds", "referral_columns"),
+    ):
+        thresholds = manifest.get(thresholds_key, {})
+        columns = manifest.get(columns_key, {})
+        heads.set_columns_and_thresholds(
+            [int(columns.get(name, i)) for i, name in enumerate(names)],
+            [float(thresholds.get(name, 0.0)) for name in names],
+        )
+
+
+def load_bundle(directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedBundle:
+    """Verify and load a bundle onto ``device``; models are returned in eval mode."""
+    folder = Path(directory)
+    manifest = _read_manifest(folder)
+    vqvae_state = _verified_state_dict(folder, VQVAE_FILE, manifest)
+    prima_state = _verified_state_dict(folder, PRIMA_FILE, manifest)
+    vqvae, prima = _build_models(manifest, device)
+    for name, model, state in ((VQVAE_FILE, vqvae, vqvae_state), (PRIMA_FILE, prima, prima_state)):
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as error:
+            raise BundleError(f"bundle {folder}: {name} does not fit the manifest's architecture: {error}") from None
+    _apply_head_tables(prima, manifest)
+    return LoadedBundle(folder, manifest, vqvae.eval(), prima.eval())
+
+
+def random_bundle(config: str = "tiny", seed: int = 0, version: str | None = None) -> LoadedBundle:
+    """A bundle with random weights, in memory (tests, demos). Thresholds are 0; ``save_bundle`` writes it."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        vqvae = build_vqvae(config)
+        prima = PrimaModel(PRIMA_CONFIGS[config], DIAGNOSIS_NAMES, REFERRALS, PRIORITY_CLASSES)
+    finally:
+        torch.random.set_rng_state(generator_state)  # tests that build bundles do not perturb each other
+    manifest = {
+        "family": FAMILY,
+        "format": FORMAT_VERSION,
+        "config": config,
+        "version": version or f"random-{config}-seed{seed}",
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "files": {},
+        "diagnosis_names": list(DIAGNOSIS_NAMES),
+        "priority_classes": list(PRIORITY_CLASSES),
+        "referral_names": list(REFERRALS),
+        "notes": "random weights: for tests and demos only, predictions mean nothing",
+    }
+    return LoadedBundle(None, manifest, vqvae.eval(), prima.eval())
