@@ -162,7 +162,13 @@ def _verified_state_dict(folder: Path, name: str, manifest: Mapping[str, Any]) -
             f"bundle {folder}: sha256 of {name} is {actual}, the manifest says {expected}; "
             "the file is corrupt or was changed after the bundle was made - copy the bundle again"
         )
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # weights_only refuses anything but tensors and plain containers
+        raise BundleError(f"bundle {folder}: {name} is not a plain state dict of tensors: {error}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BundleError(f"bundle {folder}: {name} is not a state dict (a mapping of names to tensors)")
+    return state
 
 
 def _build_models(manifest: Mapping[str, Any], device: torch.device | str) -> tuple[VQVAE, PrimaModel]:

@@ -177,3 +177,23 @@ def test_written_series_reads_back_with_the_geometry_asked_for(tmp_path: Path) -
     assert np.allclose([float(v) for v in ds.ImagePositionPatient], positions[1])
     assert np.array_equal(ds.pixel_array, images[1])
     assert paths[0].name != sorted(p.name for p in paths)[0]  # names are not in position order
+
+
+def head_slice(rows: int = 64, columns: int = 64, radius: float = 0.4) -> np.ndarray:
+    """A bright disc with texture on dark air, like an axial head slice (int16)."""
+    yy, xx = np.mgrid[:rows, :columns]
+    inside = np.hypot(yy - rows / 2, xx - columns / 2) < radius * min(rows, columns)
+    return np.where(inside, 400 + 60 * np.sin(xx / 3.0) * np.cos(yy / 4.0), 0).astype(np.int16)
+
+
+def write_head_study(folder: Path, n_slices: Sequence[int] = (12, 10, 8)) -> dict[str, list[Path]]:
+    """An axial, a coronal and a sagittal head-like series of one study: {series uid: paths}."""
+    study_uid = generate_uid()
+    series = {}
+    for (name, orientation), n in zip((("AX T2", AXIAL), ("COR T1+C", CORONAL), ("SAG T1", SAGITTAL)), n_slices):
+        uid = generate_uid()
+        series[uid] = write_series(
+            folder / name.replace(" ", "_"), orientation=orientation, n_slices=n, description=name,
+            pixels=lambda k: head_slice(), series_uid=uid, study_uid=study_uid,
+        )[0]
+    return series
