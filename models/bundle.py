@@ -6,14 +6,16 @@ columns, the priority classes, the referral names and free-form training notes. 
 dicts written with ``torch.save`` and read with ``torch.load(weights_only=True)``: loading a bundle never runs
 pickled code. Checksums are verified before anything is deserialised.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -84,18 +86,20 @@ def _head_table(names: tuple[str, ...], heads: Any) -> tuple[dict[str, float], d
 
 
 def _vqvae_widths(vqvae: VQVAE) -> dict[str, Any]:
-    return dict(
-        channels=list(vqvae.channels),
-        num_res_channels=list(vqvae.num_res_channels),
-        num_embeddings=int(vqvae.num_embeddings),
-    )
+    return {
+        "channels": list(vqvae.channels),
+        "num_res_channels": list(vqvae.num_res_channels),
+        "num_embeddings": int(vqvae.num_embeddings),
+    }
 
 
 def _config_name(prima: PrimaModel) -> str:
     return next((name for name, config in PRIMA_CONFIGS.items() if config == prima.config), "custom")
 
 
-def save_bundle(directory: str | os.PathLike[str], vqvae: VQVAE, prima: PrimaModel, meta: Mapping[str, Any]) -> Path:
+def save_bundle(
+    directory: str | os.PathLike[str], vqvae: VQVAE, prima: PrimaModel, meta: Mapping[str, Any]
+) -> Path:
     """Write a bundle; returns its folder. ``meta`` needs "version"; may carry "notes" (training notes),
     "created_at" and any further keys (kept in the manifest). Thresholds and columns come from the model."""
     if "version" not in meta:
@@ -113,7 +117,7 @@ def save_bundle(directory: str | os.PathLike[str], vqvae: VQVAE, prima: PrimaMod
         "format": FORMAT_VERSION,
         "config": _config_name(prima),
         "version": str(meta["version"]),
-        "created_at": meta.get("created_at") or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": meta.get("created_at") or datetime.now(UTC).isoformat(timespec="seconds"),
         "files": {name: sha256_of(folder / name) for name in (VQVAE_FILE, PRIMA_FILE)},
         "prima_config": prima.config.to_dict(),
         "vqvae_config": _vqvae_widths(vqvae),
@@ -164,7 +168,7 @@ def _verified_state_dict(folder: Path, name: str, manifest: Mapping[str, Any]) -
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # weights_only refuses anything but tensors and plain containers
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:  # weights_only refusals too
         raise BundleError(f"bundle {folder}: {name} is not a plain state dict of tensors: {error}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BundleError(f"bundle {folder}: {name} is not a state dict (a mapping of names to tensors)")
@@ -222,7 +226,9 @@ def load_bundle(directory: str | os.PathLike[str], device: str | torch.device = 
         try:
             model.load_state_dict(state)
         except RuntimeError as error:
-            raise BundleError(f"bundle {folder}: {name} does not fit the manifest's architecture: {error}") from None
+            raise BundleError(
+                f"bundle {folder}: {name} does not fit the manifest's architecture: {error}"
+            ) from None
     _apply_head_tables(prima, manifest)
     return LoadedBundle(folder, manifest, vqvae.eval(), prima.eval())
 
@@ -241,7 +247,7 @@ def random_bundle(config: str = "tiny", seed: int = 0, version: str | None = Non
         "format": FORMAT_VERSION,
         "config": config,
         "version": version or f"random-{config}-seed{seed}",
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "files": {},
         "diagnosis_names": list(DIAGNOSIS_NAMES),
         "priority_classes": list(PRIORITY_CLASSES),

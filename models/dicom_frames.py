@@ -6,9 +6,11 @@ into one :class:`FrameHeader` per image so that :mod:`models.volume` can sort an
 where an image came from, and decodes the pixels of a dataset (compressed transfer syntaxes through pydicom's
 pixel handlers, i.e. pylibjpeg / its plugins).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -85,13 +87,13 @@ def _is_multiframe(ds: Dataset) -> bool:
 
 def frame_headers(ds: Dataset, path: Path) -> list[FrameHeader]:
     """One header per image held by ``ds`` (read from ``path``)."""
-    common = dict(
-        path=path,
-        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
-        sop_class_uid=str(ds.get("SOPClassUID", "")),
-        rows=int(ds.get("Rows", 0) or 0),
-        columns=int(ds.get("Columns", 0) or 0),
-    )
+    common = {
+        "path": path,
+        "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
+        "sop_class_uid": str(ds.get("SOPClassUID", "")),
+        "rows": int(ds.get("Rows", 0) or 0),
+        "columns": int(ds.get("Columns", 0) or 0),
+    }
     image_type = tuple(str(v).upper() for v in (ds.get("ImageType") or ()))
     if not _is_multiframe(ds):
         orientation = _floats(ds.get("ImageOrientationPatient"), 6)
@@ -116,14 +118,14 @@ def frame_headers(ds: Dataset, path: Path) -> list[FrameHeader]:
     n_frames = int(ds.get("NumberOfFrames", len(per_frame_groups)) or len(per_frame_groups))
     headers = []
     for index in range(n_frames):
-        per_frame = per_frame_groups[index] if index < len(per_frame_groups) else None
-
-        def attribute(sequence_keyword: str, keyword: str) -> object:
-            return _functional_attribute(shared, per_frame, sequence_keyword, keyword)
+        attribute = partial(
+            _functional_attribute, shared, per_frame_groups[index] if index < len(per_frame_groups) else None
+        )
 
         orientation = _floats(attribute("PlaneOrientationSequence", "ImageOrientationPatient"), 6)
+        # FrameTypeSequence: enhanced objects that are not MR (CT, generic).
         frame_type = attribute("MRImageFrameTypeSequence", "FrameType") or attribute(
-            "FrameTypeSequence", "FrameType"  # not MR-specific enhanced objects (CT, generic)
+            "FrameTypeSequence", "FrameType"
         )
         slope = _float(attribute("PixelValueTransformationSequence", "RescaleSlope"))
         intercept = _float(attribute("PixelValueTransformationSequence", "RescaleIntercept"))

@@ -6,6 +6,7 @@ other are 52 x 3 small GEMMs; :class:`StackedMLPHeads` keeps the heads' weights 
 once (one GEMM for the shared first layer, batched matmuls after it, only the needed column of the last layer),
 while its state dict keeps the per-head layout ``{k}.{0,2,4}.{weight,bias}`` so checkpoints load both ways.
 """
+
 from __future__ import annotations
 
 import math
@@ -67,7 +68,9 @@ class StackedMLPHeads(nn.Module):
 
     def set_columns_and_thresholds(self, columns: Sequence[int], thresholds: Sequence[float]) -> None:
         if len(columns) != self.n_heads or len(thresholds) != self.n_heads:
-            raise ValueError(f"need {self.n_heads} columns and thresholds, got {len(columns)} and {len(thresholds)}")
+            raise ValueError(
+                f"need {self.n_heads} columns and thresholds, got {len(columns)} and {len(thresholds)}"
+            )
         if not all(0 <= c < self.dims[-1] for c in columns):
             raise ValueError(f"columns must lie in 0..{self.dims[-1] - 1}: {list(columns)}")
         self.column = torch.as_tensor(list(columns), dtype=torch.long, device=self.threshold.device)
@@ -106,7 +109,9 @@ class StackedMLPHeads(nn.Module):
             for kind, tensor in (("weight", self.weight(layer)), ("bias", self.bias(layer))):
                 for head in range(self.n_heads):
                     value = tensor[head]
-                    destination[self._per_head_key(prefix, head, layer, kind)] = value if keep_vars else value.detach()
+                    destination[self._per_head_key(prefix, head, layer, kind)] = (
+                        value if keep_vars else value.detach()
+                    )
 
     def _load_from_state_dict(
         self,

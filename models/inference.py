@@ -11,6 +11,7 @@ per-label Platt parameters (manifest ``calibration`` = {"diagnosis"|"referral": 
 probability is ``sigmoid(a * m + b)`` and the label's threshold ``sigmoid(b)`` - still positive exactly when
 ``m > 0``. Priority is a softmax over the priority classes' raw logits.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,7 +61,7 @@ class StudyPrediction:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """"auto" -> cuda when available, else cpu."""
+    """The torch device for a name; "auto" means cuda when available, else cpu."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -94,7 +95,7 @@ class StudyPredictor:
         bundle: LoadedBundle,
         device: str = "auto",
         study_description: str = DEFAULT_STUDY_DESCRIPTION,
-        tokenizer: TokenizerConfig = TokenizerConfig(),
+        tokenizer: TokenizerConfig | None = None,
         vqvae_chunk: int | None = None,
     ) -> None:
         """``device``: "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
@@ -105,7 +106,7 @@ class StudyPredictor:
         self.vqvae = bundle.vqvae.to(self.device).eval()
         self.prima = bundle.prima.to(self.device).eval()
         self.study_description = study_description
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer or TokenizerConfig()
         self.vqvae_chunk = vqvae_chunk or (2048 if self.device.type == "cuda" else 256)
         calibration = bundle.manifest.get("calibration", {})
         self._diagnosis_platt = _platt(self.prima.diagnosis_names, calibration.get("diagnosis", {}))
@@ -119,9 +120,7 @@ class StudyPredictor:
     def predict(self, volumes: Sequence[SeriesVolume]) -> StudyPrediction:
         return self.predict_batch([volumes])[0]
 
-    def predict_files(
-        self, paths_by_series: Mapping[str, Sequence[str | PathLike[str]]]
-    ) -> StudyPrediction:
+    def predict_files(self, paths_by_series: Mapping[str, Sequence[str | PathLike[str]]]) -> StudyPrediction:
         """Load a study's series from files, then :meth:`predict`; load-time skips appear in series_skipped."""
         start = time.perf_counter()
         volumes, skipped = load_study(paths_by_series)

@@ -4,6 +4,7 @@ The diagnosis names are in the class-index order of the published heads (Prima
 ``config-classification-head-train.yaml``, see ``reference/prima.md`` §5); the spelling, including
 ``subarachnoid_hemorrahage``, is the checkpoint's and must not be "fixed", because the heads are keyed by it.
 """
+
 from __future__ import annotations
 
 DIAGNOSIS_NAMES: tuple[str, ...] = (

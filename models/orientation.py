@@ -5,6 +5,7 @@ ITK image is indexed [z][y][x], so after reorientation array axis 0 runs inferio
 anterior->posterior and axis 2 right->left: [S][P][L] (``reference/prima.md`` §1.4). Reorienting only permutes
 and flips axes; voxel values are not interpolated, so oblique acquisitions keep their obliquity in the affine.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -6,6 +6,7 @@ sine, 2k+1 the cosine). The 3-D version concatenates one such block per axis (ax
 materialises a 100^3 x 30 table (120 MB) and indexes it; evaluating the formula gives the same float32 values for
 the few hundred positions a series needs, and has no upper limit on the grid.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,7 +22,9 @@ def sinusoid_frequencies(channels: int = CHANNELS_PER_AXIS) -> torch.Tensor:
 
 def sinusoid_encoding(positions: torch.Tensor, channels: int = CHANNELS_PER_AXIS) -> torch.Tensor:
     """(N,) positions -> (N, channels) float32: sin/cos of each frequency, interleaved."""
-    angles = positions.to(torch.float32)[:, None] * sinusoid_frequencies(channels).to(positions.device)[None, :]
+    angles = (
+        positions.to(torch.float32)[:, None] * sinusoid_frequencies(channels).to(positions.device)[None, :]
+    )
     return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
 
 

@@ -9,6 +9,7 @@ small widths, for tests and the demo) as data for one code path.
 
 Series order inside a study does not matter: neither ViT has a positional embedding.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -49,7 +50,8 @@ class PrimaConfig:
     inner: ViTConfig  # series ViT; its dim is the token width
     outer: ViTConfig  # study ViT
     text: TextEncoderConfig  # series-name and study-description encoders
-    series_name_variant: str = "A"  # "A": pre-trained encoder + Linear (keys serieencoder.0/1); "B": one encoder
+    # "A": pre-trained text encoder + Linear (keys serieencoder.0/1); "B": one encoder (serieencoder.*)
+    series_name_variant: str = "A"
     variant_a_text_out: int = 128  # width of variant A's unused inner ``linear`` (kept for strict loading)
     diagnosis_hidden: tuple[int, ...] = (4000, 1000)
     referral_hidden: tuple[int, ...] = (4000, 1000)
@@ -76,12 +78,16 @@ class PrimaConfig:
 
 PRIMA_CONFIGS: dict[str, PrimaConfig] = {
     "full": PrimaConfig(
-        inner=ViTConfig(dim=TOKEN_FEATURES, depth=15, heads=16, dim_head=64, mlp_dim=1024, registers=20, out_dim=1024),
+        inner=ViTConfig(
+            dim=TOKEN_FEATURES, depth=15, heads=16, dim_head=64, mlp_dim=1024, registers=20, out_dim=1024
+        ),
         outer=ViTConfig(dim=1024, depth=4, heads=8, dim_head=64, mlp_dim=1024, registers=10, out_dim=128),
         text=TextEncoderConfig(),
     ),
     "tiny": PrimaConfig(
-        inner=ViTConfig(dim=TOKEN_FEATURES, depth=2, heads=2, dim_head=32, mlp_dim=128, registers=4, out_dim=64),
+        inner=ViTConfig(
+            dim=TOKEN_FEATURES, depth=2, heads=2, dim_head=32, mlp_dim=128, registers=4, out_dim=64
+        ),
         outer=ViTConfig(dim=64, depth=2, heads=2, dim_head=32, mlp_dim=128, registers=2, out_dim=32),
         text=TextEncoderConfig(dim=64, depth=1, heads=2, dim_head=32, mlp_dim=64),
         variant_a_text_out=32,
@@ -124,7 +130,11 @@ class PrimaBatch:
             raise ValueError(f"{len(studies)} studies but {len(descriptions)} descriptions")
         if any(len(series) == 0 for series in studies):
             raise ValueError("every study needs at least one series with tokens")
-        flat = [(tokens, name, b, slot) for b, series in enumerate(studies) for slot, (tokens, name) in enumerate(series)]
+        flat = [
+            (tokens, name, b, slot)
+            for b, series in enumerate(studies)
+            for slot, (tokens, name) in enumerate(series)
+        ]
         longest = max(tokens.shape[0] for tokens, *_ in flat)
         first = flat[0][0]
         padded = first.new_zeros(len(flat), longest, first.shape[1])
@@ -150,7 +160,7 @@ class HierViT(nn.Module):
         inner, outer, text = config.inner, config.outer, config.text
         self.innerViT = _register_vit(inner)
         self.outerViT = _register_vit(outer)
-        text_args = dict(dim=text.dim, depth=text.depth, heads=text.heads, dim_head=text.dim_head, mlp_dim=text.mlp_dim)
+        text_args = asdict(text)
         if config.series_name_variant == "A":
             self.serieencoder: nn.Module = PretrainedNameEncoder(
                 CharacterTransformerEncoder(config.variant_a_text_out, **text_args), inner.dim
@@ -180,7 +190,13 @@ class HierViT(nn.Module):
 
 def _register_vit(config: ViTConfig) -> RegisterViT:
     return RegisterViT(
-        config.dim, config.depth, config.heads, config.dim_head, config.mlp_dim, config.registers, config.out_dim
+        config.dim,
+        config.depth,
+        config.heads,
+        config.dim_head,
+        config.mlp_dim,
+        config.registers,
+        config.out_dim,
     )
 
 
@@ -209,7 +225,9 @@ class PrimaModel(nn.Module):
         and read one); defaults to the number of names."""
         super().__init__()
         if config.inner.dim != TOKEN_FEATURES:
-            raise ValueError(f"the series ViT's width must be the token width {TOKEN_FEATURES}, not {config.inner.dim}")
+            raise ValueError(
+                f"the series ViT's width must be the token width {TOKEN_FEATURES}, not {config.inner.dim}"
+            )
         self.config = config
         self.diagnosis_names = tuple(diagnosis_names)
         self.referral_names = tuple(referral_names)
@@ -217,10 +235,16 @@ class PrimaModel(nn.Module):
         embedding = config.embedding_dim
         self.visual = HierViT(config)
         self.diagnosis_heads = StackedMLPHeads(
-            len(self.diagnosis_names), embedding, config.diagnosis_hidden, diagnosis_outputs or len(self.diagnosis_names)
+            len(self.diagnosis_names),
+            embedding,
+            config.diagnosis_hidden,
+            diagnosis_outputs or len(self.diagnosis_names),
         )
         self.referral_heads = StackedMLPHeads(
-            len(self.referral_names), embedding, config.referral_hidden, referral_outputs or len(self.referral_names)
+            len(self.referral_names),
+            embedding,
+            config.referral_hidden,
+            referral_outputs or len(self.referral_names),
         )
         self.priority_head = mlp(embedding, config.priority_hidden, len(self.priority_classes))
 
@@ -267,7 +291,7 @@ def convert_reference_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str,
 
 
 def series_name_variant(state: Mapping[str, torch.Tensor], prefix: str = "visual.") -> str:
-    """"A" or "B": which series-name encoder layout a state dict holds (``reference/prima.md`` §4)."""
+    """Which series-name encoder layout ("A" or "B") a state dict holds (``reference/prima.md`` §4)."""
     if f"{prefix}serieencoder.0.embed.weight" in state:
         return "A"
     if f"{prefix}serieencoder.embed.weight" in state:

@@ -9,6 +9,7 @@ passes the pixel-type enum by mistake, defect D4). Integer images stay integer i
 clamped to the type's range and truncated toward zero, which we reproduce so the background mask (a threshold
 on raw values) sees the same numbers.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -5,6 +5,7 @@ anything else (a space too) 45, an end token 46 appended, 0 pads. Model: ``embed
 concatenated with a fixed 10-channel sinusoidal position code, a pre-norm transformer, and the end token's
 output state as the text's vector (``linear`` maps it to the output width).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -20,6 +20,7 @@ Unlike the reference, the background filter runs *before* the VQ-VAE: only the d
 its own. Hole filling runs on the patch grid, not the voxel grid: the mask is a union of whole patches, so
 6-connected voxel regions and 6-connected patch regions are the same thing (tested against the voxel version).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -67,7 +68,7 @@ class SeriesTokens:
     patches: np.ndarray  # (U, *patch_shape) float32, scaled to the volume maximum: the distinct kept patches
     token_patch: np.ndarray  # (K,) index into ``patches`` of each kept token (a patch may be kept twice)
     grid_index: np.ndarray  # (K, 3) patch-grid coordinates (array-axis order) of each token
-    patch_origin: np.ndarray  # (K, 3) first voxel of each token's patch in the volume's array (may be < 0: padding)
+    patch_origin: np.ndarray  # (K, 3) first voxel of each token's patch in the array (< 0 inside padding)
     foreground: np.ndarray  # (K,) foreground value (0-100) of each token
     percent: int  # the background percent that was accepted
     total_patches: int  # patches in the padded volume (what the reference would encode)
@@ -99,12 +100,14 @@ def foreground_values(padded: np.ndarray, patch: tuple[int, int, int], config: T
     return counts / float(np.prod(patch)) * 100
 
 
-def outfill_and_infill(bins: np.ndarray, config: TokenizerConfig) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+def outfill_and_infill(
+    bins: np.ndarray, config: TokenizerConfig
+) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     """Raster-ordered flat patch indices per bin: Outfill (bins 0..100) and Infill (bins 0..infill_max_bin)."""
     flat = bins.ravel()
-    outfill = {t: np.flatnonzero(flat == t) for t in range(0, 101)}
+    outfill = {t: np.flatnonzero(flat == t) for t in range(101)}
     infill = {}
-    for t in range(0, config.infill_max_bin + 1):
+    for t in range(config.infill_max_bin + 1):
         in_bin = bins == t
         enclosed = binary_fill_holes(in_bin) & ~in_bin if in_bin.any() else in_bin
         infill[t] = np.flatnonzero(enclosed.ravel())
@@ -137,7 +140,8 @@ def tokenize_volume(volume: SeriesVolume, config: TokenizerConfig = TokenizerCon
     total = int(np.prod(grid_shape))
     if config.max_patches is not None and total > config.max_patches:
         raise SeriesSkipped(
-            f"{total} patches, more than the {config.max_patches} the model is run on", volume.series_instance_uid
+            f"{total} patches, more than the {config.max_patches} the model is run on",
+            volume.series_instance_uid,
         )
 
     values = foreground_values(padded, patch, config)

@@ -6,6 +6,7 @@ exact GELU, ``net.3`` Linear). No final norm. The reference packs sequences for 
 we pad and pass a key-padding mask to ``scaled_dot_product_attention``, which attends within each sequence
 just the same.
 """
+
 from __future__ import annotations
 
 import torch
@@ -57,7 +58,9 @@ class Transformer(nn.Module):
     def __init__(self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            nn.ModuleList([PreNorm(dim, Attention(dim, heads, dim_head)), PreNorm(dim, FeedForward(dim, mlp_dim))])
+            nn.ModuleList(
+                [PreNorm(dim, Attention(dim, heads, dim_head)), PreNorm(dim, FeedForward(dim, mlp_dim))]
+            )
             for _ in range(depth)
         )
 

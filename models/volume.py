@@ -15,6 +15,7 @@ What it does, in order (``reference/prima.md`` §1 and §7):
 A series that cannot be used raises :class:`SeriesSkipped` with a reason a person can act on;
 :func:`load_study` turns that into an entry of its ``skipped`` dict and carries on with the other series.
 """
+
 from __future__ import annotations
 
 import logging
@@ -147,10 +148,7 @@ def _has_pixels(ds: Dataset) -> bool:
 
 
 def _sop_class_name(uid: str) -> str:
-    try:
-        return UID(uid).name or uid
-    except Exception:  # a malformed UID is still worth naming in the reason
-        return uid
+    return UID(uid).name or uid
 
 
 def _read_series_datasets(paths: Sequence[Path]) -> tuple[list[tuple[Path, Dataset]], list[str]]:
@@ -256,7 +254,9 @@ def load_series(
     # Most images first; on a tie the larger matrix, so the choice never depends on file order.
     (rows, columns), _ = max(size_counts.items(), key=lambda item: (item[1], item[0]))
     if len(size_counts) > 1:
-        notes.append(f"kept {size_counts[(rows, columns)]} of {len(kept)} images with matrix {rows}x{columns}")
+        notes.append(
+            f"kept {size_counts[(rows, columns)]} of {len(kept)} images with matrix {rows}x{columns}"
+        )
     kept = [h for h in kept if (h.rows, h.columns) == (rows, columns)]
 
     missing = [h for h in kept if h.image_position is None or h.row_cosine is None or h.pixel_spacing is None]
@@ -310,7 +310,9 @@ def load_series(
         frames = decoded[header.path]
         frame = frames[header.frame_index or 0]
         if frame.shape != (rows, columns):
-            raise skip(f"{header.path.name}: pixel data {frame.shape} do not match Rows/Columns {rows}x{columns}")
+            raise skip(
+                f"{header.path.name}: pixel data {frame.shape} do not match Rows/Columns {rows}x{columns}"
+            )
         stored.append(frame)
     integer_dtype = _integer_dtype(stored, kept)
     stack = np.stack(
@@ -377,7 +379,7 @@ def load_study(
         except SeriesSkipped as skipped_series:
             skipped[series_uid] = skipped_series.reason
             log.info("series %s skipped: %s", series_uid, skipped_series.reason)
-        except Exception as error:  # noqa: BLE001 - one bad series must not cost the study
+        except Exception as error:  # one bad series must not cost the study
             skipped[series_uid] = f"failed: {type(error).__name__}: {error}"
             log.exception("series %s failed to load", series_uid)
     return volumes, skipped

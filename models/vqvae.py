@@ -8,6 +8,7 @@ for an (8, 32, 32) patch, so the token width (289) does not depend on the size.
 The ViT reads the encoder's output *before* quantisation (``VQVAE.encode``); the quantiser and decoder are kept so
 that checkpoints load strictly and the model can be trained.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -17,19 +18,19 @@ import torch
 from monai.networks.nets import VQVAE
 
 #: Shared by every size: these fix the latent shape and therefore the token layout.
-VQVAE_STRUCTURE: dict[str, Any] = dict(
-    spatial_dims=3,
-    in_channels=1,
-    out_channels=1,
-    num_res_layers=2,
-    downsample_parameters=((2, 4, 1, 1), (2, 2, 1, 0)),  # (stride, kernel, dilation, padding)
-    upsample_parameters=((2, 4, 1, 1, 0), (2, 2, 1, 0, 0)),  # (+ output padding)
-    embedding_dim=2,
-)
+VQVAE_STRUCTURE: dict[str, Any] = {
+    "spatial_dims": 3,
+    "in_channels": 1,
+    "out_channels": 1,
+    "num_res_layers": 2,
+    "downsample_parameters": ((2, 4, 1, 1), (2, 2, 1, 0)),  # (stride, kernel, dilation, padding)
+    "upsample_parameters": ((2, 4, 1, 1, 0), (2, 2, 1, 0, 0)),  # (+ output padding)
+    "embedding_dim": 2,
+}
 
 VQVAE_CONFIGS: dict[str, dict[str, Any]] = {
-    "full": dict(channels=(256, 256), num_res_channels=(256, 256), num_embeddings=8192),
-    "tiny": dict(channels=(8, 8), num_res_channels=(8, 8), num_embeddings=64),  # CPU-fast
+    "full": {"channels": (256, 256), "num_res_channels": (256, 256), "num_embeddings": 8192},
+    "tiny": {"channels": (8, 8), "num_res_channels": (8, 8), "num_embeddings": 64},  # fast on CPU
 }
 
 #: Latent of one (8, 32, 32) patch: 2 channels x (2, 8, 8).

@@ -1,4 +1,5 @@
 """Model bundles: manifest, checksums, safe loading (models.bundle)."""
+
 from __future__ import annotations
 
 import json
@@ -59,7 +60,7 @@ def test_manifest_describes_the_bundle(saved_bundle) -> None:
 
 
 def test_changed_weight_file_is_refused_naming_the_file(saved_bundle, tmp_path: Path) -> None:
-    folder, original = saved_bundle
+    _, original = saved_bundle
     copy = save_bundle(tmp_path / "copy", original.vqvae, original.prima, {"version": "x"})
     data = bytearray((copy / "prima.pt").read_bytes())
     data[-100] ^= 0xFF
@@ -70,7 +71,7 @@ def test_changed_weight_file_is_refused_naming_the_file(saved_bundle, tmp_path: 
 
 
 def test_pickled_objects_are_refused_even_with_a_matching_checksum(saved_bundle, tmp_path: Path) -> None:
-    folder, original = saved_bundle
+    _, original = saved_bundle
     copy = save_bundle(tmp_path / "evil", original.vqvae, original.prima, {"version": "x"})
     torch.save({"weight": NotATensor()}, copy / "vqvae.pt")
     manifest = json.loads((copy / "manifest.json").read_text())
@@ -95,5 +96,7 @@ def test_random_bundles_are_reproducible_and_leave_the_global_seed_alone() -> No
     torch.manual_seed(123)
     a, b = random_bundle(seed=5), random_bundle(seed=5)
     assert torch.equal(torch.rand(1), expected_next)
-    assert all(torch.equal(x, y) for x, y in zip(a.prima.state_dict().values(), b.prima.state_dict().values()))
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.prima.state_dict().values(), b.prima.state_dict().values())
+    )
     assert a.version == "random-tiny-seed5"

@@ -1,4 +1,5 @@
 """StudyPredictor end to end on synthetic DICOM in the tiny configuration (models.inference)."""
+
 from __future__ import annotations
 
 import math
@@ -73,7 +74,9 @@ def test_probability_is_one_half_at_the_head_threshold(study_files) -> None:
     shifted = StudyPredictor(bundle, device="cpu").predict(volumes)
 
     assert shifted.diagnosis_probs["tumor_adult_glioma"] == pytest.approx(0.5, abs=1e-5)
-    assert shifted.diagnosis_probs["cyst_colloid_cyst"] == pytest.approx(plain.diagnosis_probs["cyst_colloid_cyst"])
+    assert shifted.diagnosis_probs["cyst_colloid_cyst"] == pytest.approx(
+        plain.diagnosis_probs["cyst_colloid_cyst"]
+    )
 
 
 def test_platt_calibration_from_the_manifest_moves_probability_and_threshold_together(study_files) -> None:
@@ -84,9 +87,13 @@ def test_platt_calibration_from_the_manifest_moves_probability_and_threshold_tog
     calibrated = StudyPredictor(bundle, device="cpu").predict(volumes)
 
     margin = torch.logit(torch.tensor(plain.diagnosis_probs["structural_edema"], dtype=torch.float64)).item()
-    assert calibrated.diagnosis_probs["structural_edema"] == pytest.approx(1 / (1 + math.exp(-(2 * margin - 1))), abs=1e-5)
+    assert calibrated.diagnosis_probs["structural_edema"] == pytest.approx(
+        1 / (1 + math.exp(-(2 * margin - 1))), abs=1e-5
+    )
     assert calibrated.thresholds["structural_edema"] == pytest.approx(1 / (1 + math.e))
-    assert (calibrated.diagnosis_probs["structural_edema"] >= calibrated.thresholds["structural_edema"]) == (margin >= 0)
+    assert (calibrated.diagnosis_probs["structural_edema"] >= calibrated.thresholds["structural_edema"]) == (
+        margin >= 0
+    )
 
 
 def test_series_the_tokenizer_refuses_are_reported_and_a_study_without_any_raises(study_files) -> None:

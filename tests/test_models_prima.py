@@ -1,4 +1,5 @@
 """Study encoder and heads (models.prima, models.heads, models.transformer, models.text_encoder)."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -57,7 +58,9 @@ def test_full_hiervit_has_the_reference_keys_and_shapes() -> None:
     assert "outerViT.transformer.layers.4.0.norm.weight" not in state  # depth 4
     assert not any("to_qkv.bias" in k for k in state)
     # The reference's 56,584,305 parameters less the training-only patdisnet (5780->500->128).
-    assert sum(torch.Size(s).numel() for s in state.values()) == 56_584_305 - (5780 * 500 + 500 + 500 * 128 + 128)
+    assert sum(torch.Size(s).numel() for s in state.values()) == 56_584_305 - (
+        5780 * 500 + 500 + 500 * 128 + 128
+    )
 
 
 def test_series_name_encoder_variant_b_has_its_own_key_layout() -> None:
@@ -105,15 +108,15 @@ def test_batched_heads_equal_evaluating_each_head_on_its_own() -> None:
     stacked.set_columns_and_thresholds(columns, thresholds)
 
     x = torch.randn(5, 40)
-    expected = torch.stack(
-        [reference[k](x)[:, columns[k]] - thresholds[k] for k in range(7)], dim=1
-    )
+    expected = torch.stack([reference[k](x)[:, columns[k]] - thresholds[k] for k in range(7)], dim=1)
     assert torch.allclose(stacked(x), expected, atol=1e-6)
     assert torch.allclose(stacked.all_outputs(x)[:, 2], reference[2](x), atol=1e-6)
 
     round_trip = independent_heads(7, (40, 30, 20, 9))
     round_trip.load_state_dict(stacked.state_dict())  # per-head layout out
-    assert all(torch.equal(a, b) for a, b in zip(round_trip.state_dict().values(), reference.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(round_trip.state_dict().values(), reference.state_dict().values())
+    )
 
 
 def test_heads_refuse_a_state_dict_with_missing_or_misshapen_heads() -> None:
@@ -189,10 +192,14 @@ def test_reference_state_dict_converts_to_ours() -> None:
     ours = model.state_dict()
     renamed = {}
     for key, value in ours.items():
-        for new, old in (("visual.", "clipvisualmodel."), ("diagnosis_heads.", "m1."), ("referral_heads.", "m2."),
-                         ("priority_head.", "priorityhead.")):
+        for new, old in (
+            ("visual.", "clipvisualmodel."),
+            ("diagnosis_heads.", "m1."),
+            ("referral_heads.", "m2."),
+            ("priority_head.", "priorityhead."),
+        ):
             if key.startswith(new):
-                renamed[old + key[len(new):]] = value
+                renamed[old + key[len(new) :]] = value
     renamed["clipmodel.visual_model.innerViT.cls_token"] = torch.zeros(1)  # the duplicate view
     renamed["clipvisualmodel.patdisnet.0.weight"] = torch.zeros(1)
     renamed["clipvisualmodel.dummy_param"] = torch.zeros(0)

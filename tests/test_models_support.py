@@ -3,6 +3,7 @@
 Helpers live in a test module (this project keeps conftest.py for shared fixtures owned elsewhere); the one test
 here checks that what the helper writes is what it says.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -27,7 +28,9 @@ def oblique(degrees: float) -> tuple[float, ...]:
     return tuple(rotation[:, 0]) + tuple(rotation[:, 1])
 
 
-def base_dataset(series_uid: str, study_uid: str, description: str, sop_class: str = MRImageStorage) -> Dataset:
+def base_dataset(
+    series_uid: str, study_uid: str, description: str, sop_class: str = MRImageStorage
+) -> Dataset:
     ds = Dataset()
     ds.SOPClassUID = sop_class
     ds.StudyInstanceUID = study_uid
@@ -168,7 +171,12 @@ def write_enhanced_series(
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.compress(transfer_syntax, frames.astype(np.int16))
-    return save(ds, path, transfer_syntax), positions, images, [stored_order.index(p) for p in range(n_frames)]
+    return (
+        save(ds, path, transfer_syntax),
+        positions,
+        images,
+        [stored_order.index(p) for p in range(n_frames)],
+    )
 
 
 def test_written_series_reads_back_with_the_geometry_asked_for(tmp_path: Path) -> None:
@@ -176,7 +184,7 @@ def test_written_series_reads_back_with_the_geometry_asked_for(tmp_path: Path) -
     ds = pydicom.dcmread(paths[1])
     assert np.allclose([float(v) for v in ds.ImagePositionPatient], positions[1])
     assert np.array_equal(ds.pixel_array, images[1])
-    assert paths[0].name != sorted(p.name for p in paths)[0]  # names are not in position order
+    assert paths[0].name != min(p.name for p in paths)  # names are not in position order
 
 
 def head_slice(rows: int = 64, columns: int = 64, radius: float = 0.4) -> np.ndarray:
@@ -190,10 +198,17 @@ def write_head_study(folder: Path, n_slices: Sequence[int] = (12, 10, 8)) -> dic
     """An axial, a coronal and a sagittal head-like series of one study: {series uid: paths}."""
     study_uid = generate_uid()
     series = {}
-    for (name, orientation), n in zip((("AX T2", AXIAL), ("COR T1+C", CORONAL), ("SAG T1", SAGITTAL)), n_slices):
+    for (name, orientation), n in zip(
+        (("AX T2", AXIAL), ("COR T1+C", CORONAL), ("SAG T1", SAGITTAL)), n_slices
+    ):
         uid = generate_uid()
         series[uid] = write_series(
-            folder / name.replace(" ", "_"), orientation=orientation, n_slices=n, description=name,
-            pixels=lambda k: head_slice(), series_uid=uid, study_uid=study_uid,
+            folder / name.replace(" ", "_"),
+            orientation=orientation,
+            n_slices=n,
+            description=name,
+            pixels=lambda k: head_slice(),
+            series_uid=uid,
+            study_uid=study_uid,
         )[0]
     return series

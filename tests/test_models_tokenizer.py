@@ -1,4 +1,5 @@
 """Volume -> tokens: padding, background filter, infill, VQ-VAE input, token features (models.tokenizer)."""
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,8 @@ def patch_values(grid: np.ndarray, patch=(4, 32, 32)) -> np.ndarray:
 
 
 def test_padding_splits_the_remainder_and_padding_voxels_count_as_background() -> None:
-    tokens = tokenize_volume(volume_of(np.full((6, 256, 256), 100.0)))  # 6 slices -> 8: one zero slice each side
+    # 6 slices -> 8: one zero slice on each side.
+    tokens = tokenize_volume(volume_of(np.full((6, 256, 256), 100.0)))
 
     assert tokens.total_patches == 2 * 8 * 8 and tokens.n_tokens == 128
     assert np.allclose(tokens.foreground, 75.0)  # 3 of 4 slices are foreground in every patch

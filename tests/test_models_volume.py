@@ -1,4 +1,5 @@
 """Series -> volume: geometry, slice order, orientation, skipping with reasons (models.volume)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -99,7 +100,9 @@ def test_each_orientation_lands_in_lps_array_order_with_voxels_from_the_right_pi
     assert_voxels_come_from_their_source_pixels(volume, images_by_sop(paths))
 
 
-def test_in_plane_resampling_keeps_integer_values_and_zeroes_samples_past_the_last_pixel(tmp_path: Path) -> None:
+def test_in_plane_resampling_keeps_integer_values_and_zeroes_samples_past_the_last_pixel(
+    tmp_path: Path,
+) -> None:
     ramp = np.tile(np.arange(64, dtype=np.int16) * 10, (64, 1))  # value = 10 * column
     paths, _, _ = write_series(tmp_path, n_slices=2, pixels=lambda k: ramp)
     row = load_series(paths).array[0, 100]
@@ -120,7 +123,12 @@ def test_files_with_a_minority_matrix_size_are_dropped(tmp_path: Path) -> None:
 def test_256_slice_series_keeps_its_slice_axis_from_geometry(tmp_path: Path) -> None:
     # Defect D2: with 256 slices no axis differs from 256, so the reference cannot find the thin axis.
     paths, _, _ = write_series(
-        tmp_path, orientation=CORONAL, n_slices=256, rows=16, columns=16, slice_spacing=1.0,
+        tmp_path,
+        orientation=CORONAL,
+        n_slices=256,
+        rows=16,
+        columns=16,
+        slice_spacing=1.0,
         pixels=lambda k: np.full((16, 16), k, np.int16),
     )
     volume = load_series(paths)
@@ -212,7 +220,9 @@ def _pydicom_test_file(name: str) -> str:
     return path
 
 
-@pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm"])
+@pytest.mark.parametrize(
+    "name", ["MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm"]
+)
 def test_pydicom_compressed_mr_files_load_like_the_uncompressed_original(name: str) -> None:
     original = load_series([_pydicom_test_file("MR_small.dcm")])
     compressed = load_series([_pydicom_test_file(name)])
@@ -230,7 +240,9 @@ def test_pydicom_enhanced_mr_without_functional_groups_is_skipped_for_missing_ge
 
 def test_a_failing_series_does_not_stop_the_study(tmp_path: Path) -> None:
     good, _, _ = write_series(tmp_path / "good", n_slices=3)
-    scout, _, _ = write_series(tmp_path / "scout", n_slices=2, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    scout, _, _ = write_series(
+        tmp_path / "scout", n_slices=2, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")
+    )
     junk = tmp_path / "junk" / "not-dicom.dcm"
     junk.parent.mkdir()
     junk.write_bytes(b"hello")
@@ -238,7 +250,9 @@ def test_a_failing_series_does_not_stop_the_study(tmp_path: Path) -> None:
     volumes, skipped = load_study({"good": good, "scout": scout, "junk": [junk], "empty": []})
     assert [v.series_instance_uid for v in volumes] == [str(pydicom.dcmread(good[0]).SeriesInstanceUID)]
     assert set(skipped) == {"scout", "junk", "empty"}
-    assert "LOCALIZER" in skipped["scout"] and "readable" in skipped["junk"] and skipped["empty"] == "no files"
+    assert (
+        "LOCALIZER" in skipped["scout"] and "readable" in skipped["junk"] and skipped["empty"] == "no files"
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
 """The VQ-VAE tokenizer network (models.vqvae): published key layout and latent shapes."""
+
 from __future__ import annotations
 
 import torch
@@ -32,5 +33,9 @@ def test_tiny_vqvae_has_the_same_keys_and_latent_shape_for_every_orientation() -
     assert set(tiny.state_dict()) == full_keys
 
     with torch.inference_mode():
-        for shape, latent in (((8, 32, 32), (2, 2, 8, 8)), ((32, 8, 32), (2, 8, 2, 8)), ((32, 32, 8), (2, 8, 8, 2))):
+        for shape, latent in (
+            ((8, 32, 32), (2, 2, 8, 8)),
+            ((32, 8, 32), (2, 8, 2, 8)),
+            ((32, 32, 8), (2, 8, 8, 2)),
+        ):
             assert encode_patches(tiny, torch.rand(3, 1, *shape)).shape == (3, *latent)
