@@ -14,7 +14,9 @@ FEATURE_COMMANDS: tuple[str, ...] = ()
 
 #: ``triage bench NAME``: each benchmark is "module:function"; the function takes the remaining arguments and
 #: prints a JSON line last.
-BENCHMARKS: dict[str, str] = {}
+BENCHMARKS: dict[str, str] = {
+    "labeller": "train.labeller_eval:bench",
+}
 
 
 def _serve(args: argparse.Namespace) -> int:
