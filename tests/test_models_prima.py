@@ -210,3 +210,14 @@ def test_reference_state_dict_converts_to_ours() -> None:
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in ours.items())
     assert series_name_variant(converted) == "A"
     assert len(DIAGNOSIS_NAMES) == fresh.diagnosis_heads.n_heads
+
+
+def test_full_size_encoder_produces_the_published_embedding_width() -> None:
+    """Full HierViT (53.6 M parameters, no heads) on a small study: 10 registers x 1024 = 10240."""
+    torch.manual_seed(0)
+    visual = HierViT(PRIMA_CONFIGS["full"]).eval()
+    with torch.inference_mode():
+        embedding = visual(
+            PrimaBatch.from_studies([tiny_study(0, [30, 26])], ["MRI BRAIN WO AND W CONTRAST"])
+        )
+    assert embedding.shape == (1, 10240) and torch.isfinite(embedding).all()

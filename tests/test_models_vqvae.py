@@ -39,3 +39,15 @@ def test_tiny_vqvae_has_the_same_keys_and_latent_shape_for_every_orientation() -
             ((32, 32, 8), (2, 8, 8, 2)),
         ):
             assert encode_patches(tiny, torch.rand(3, 1, *shape)).shape == (3, *latent)
+
+
+def test_full_vqvae_encodes_a_patch_to_its_pre_quantisation_latent() -> None:
+    torch.manual_seed(0)
+    full = build_vqvae("full").eval()
+    with torch.inference_mode():
+        latent = encode_patches(full, torch.rand(2, 1, 8, 32, 32))
+    assert latent.shape == (2, 2, 2, 8, 8)
+    # encode() is the encoder alone: no snapping to the codebook.
+    codebook = full.quantizer.quantizer.embedding.weight
+    distances = torch.cdist(latent.permute(0, 2, 3, 4, 1).reshape(-1, 2), codebook)
+    assert distances.min(dim=1).values.max() > 0
