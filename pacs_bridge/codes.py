@@ -3,18 +3,19 @@
 Every term the SR (:mod:`pacs_bridge.sr`) puts in a CODE item or a concept name comes from here, so that the
 vocabulary is reviewed in one place (dicom-results.md §3).
 
-Order of preference for a diagnosis: a SNOMED CT concept where one names the model's label (confirm the FSN and
-active status in a SNOMED browser before a clinical release), else a code of the private scheme ``99PRIMA``,
-whose Code Values are short ids (Code Value is SH, 16 characters at most) and whose Code Meaning is the model's
-own label. The scheme is declared in the SR header's Coding Scheme Identification Sequence (0008,0110) by
-:func:`coding_scheme_identification`, with :data:`CODE_TABLE_VERSION` as its Coding Scheme Version.
+Order of preference for a diagnosis: a SNOMED CT concept where one names the model's label (confirm the FSN
+and active status in a SNOMED browser before a clinical release), else a code of the private scheme
+``99PRIMA``, whose Code Values are short ids (Code Value is SH, 16 characters at most) and whose Code Meaning
+is the model's own label. The scheme is declared in the SR header's Coding Scheme Identification Sequence
+(0008,0110) by :func:`coding_scheme_identification`, with :data:`CODE_TABLE_VERSION` as its Coding Scheme
+Version.
 
 Rules for changing the table, so that SRs already in a PACS still read back:
 
 * never reuse a code value for a different label; retire it instead;
 * a new label, a new code or a new referral service raises :data:`CODE_TABLE_VERSION`;
-* a label moved from ``99PRIMA`` to SNOMED CT keeps its private code in :data:`RETIRED_DIAGNOSIS_CODES`, so that
-  :func:`label_for_code` still resolves SRs written with the old table.
+* a label moved from ``99PRIMA`` to SNOMED CT keeps its private code in :data:`RETIRED_DIAGNOSIS_CODES`, so
+  that :func:`label_for_code` still resolves SRs written with the old table.
 """
 from __future__ import annotations
 
@@ -77,7 +78,8 @@ DIAGNOSIS_CODES: Mapping[str, _Row] = {
     "tumor_adult_meningioma": ("SCT", "302820008", "Intracranial meningioma"),
     "tumor_adult_pineal_tumor": (PRIVATE_SCHEME, "TUMOR-PINEAL", "tumor_adult_pineal_tumor"),
     "tumor_adult_schwannoma": ("SCT", "985004", "Schwannoma"),
-    "tumor_pediatric_brainstem_glioma": (PRIVATE_SCHEME, "PEDS-BS-GLIOMA", "tumor_pediatric_brainstem_glioma"),
+    "tumor_pediatric_brainstem_glioma": (
+        PRIVATE_SCHEME, "PEDS-BS-GLIOMA", "tumor_pediatric_brainstem_glioma"),
     "tumor_pediatric_ependymoma": (PRIVATE_SCHEME, "PEDS-EPENDYMOMA", "tumor_pediatric_ependymoma"),
     "tumor_pediatric_germ_cell_tumor": (PRIVATE_SCHEME, "PEDS-GERMCELL", "tumor_pediatric_germ_cell_tumor"),
     "tumor_pediatric_medulloblastoma": ("SCT", "443333004", "Medulloblastoma"),
@@ -134,8 +136,15 @@ PRIORITY_CODES: Mapping[str, _Row] = {
 }
 
 # Concept names and fixed values of the SR (dicom-results.md §2).
-#: TID 1500 "Procedure reported" (a CID 100 member; "MR Brain" is not, it goes in the header).
+#: TID 1500 "Procedure reported" by the evidence's Modality: CID 100 members ("MR Brain" is not one; it goes
+#: in the header's Performed Procedure Code Sequence instead).
 PROCEDURE_MRI = Code("25056-3", "LN", "MRI unspecified body region")
+PROCEDURES_REPORTED: Mapping[str, Code] = {
+    "MR": PROCEDURE_MRI,
+    "CT": Code("25045-6", "LN", "CT unspecified body region"),
+}
+#: "Procedure reported" for evidence of any other modality.
+PROCEDURE_IMAGING = Code("363679005", "SCT", "Imaging procedure")
 #: Performed Procedure Code Sequence (0040,A372) entry for a brain MR study.
 PERFORMED_PROCEDURE_MR_BRAIN = Code("24590-2", "LN", "MR Brain")
 #: TID 1500 row 12 container of study-level evaluations.
@@ -170,7 +179,8 @@ def _reverse(table: Mapping[str, _Row], what: str) -> dict[tuple[str, str], str]
     reverse: dict[tuple[str, str], str] = {}
     for name, (scheme, value, _meaning) in table.items():
         if (scheme, value) in reverse:
-            raise ValueError(f"{what} table gives {scheme} {value} to both {reverse[(scheme, value)]!r} and {name!r}")
+            raise ValueError(
+                f"{what} table gives {scheme} {value} to both {reverse[(scheme, value)]!r} and {name!r}")
         reverse[(scheme, value)] = name
     return reverse
 
@@ -222,8 +232,8 @@ def referral_for_code(code: Code | CodedConcept) -> str:
         return _REFERRAL_BY_CODE[_key(code)]
     except KeyError:
         raise ValueError(
-            f"code ({code.value}, {code.scheme_designator}, {code.meaning!r}) is not a referral service of the "
-            f"code table (version {CODE_TABLE_VERSION})"
+            f"code ({code.value}, {code.scheme_designator}, {code.meaning!r}) is not a referral service of "
+            f"the code table (version {CODE_TABLE_VERSION})"
         ) from None
 
 
