@@ -165,11 +165,11 @@ class RunProcessor:
             raise RunFailed("the study has no image instances")
 
         predictor = self.predictor()
-        manifest = self._bundle.manifest
+        model_name, model_version = self._bundle.manifest["family"], self._bundle.version
         t0 = time.perf_counter()
         volumes, skipped = load_study(dict(image_paths))
         timings["load_s"] = time.perf_counter() - t0
-        self._stamp(run_id, "loaded_at", model_name=manifest.family, model_version=manifest.version)
+        self._stamp(run_id, "loaded_at", model_name=model_name, model_version=model_version)
         if skipped:
             with self.engine.begin() as connection:
                 connection.execute(insert(events), [
@@ -186,7 +186,7 @@ class RunProcessor:
         timings.update({f"model_{k}": float(v) for k, v in prediction.timings_s.items()})
         self._stamp(run_id, "inferred_at")
 
-        result = make_result(prediction, self.settings, study_uid, manifest.family, manifest.version)
+        result = make_result(prediction, self.settings, study_uid, model_name, model_version)
         t0 = time.perf_counter()
         sr_path, sr = self._write_sr(run_id, study_id, study_uid, version, result,
                                      [p for paths in image_paths.values() for p in paths])
