@@ -92,6 +92,52 @@ DEFAULTS: dict[str, Any] = {
         "task_time_limit_s": 1800,
         "max_attempts": 3,
     },
+    # Turnaround and fairness (train/fairness) and final-report intake (pacs_bridge/hl7_intake, POST /reports).
+    "fairness": {
+        # A radiologist turnaround (examination to final report) longer than each of these is "long"; the report
+        # gives the odds of a long turnaround per group against its reference group, for each threshold.
+        "long_turnaround_days": [3, 7],
+        # Groups with fewer studies than this are listed but not tested (odds ratios).
+        "min_group_size": 30,
+        # Groups with fewer units than this (positives for TPR, negatives for FPR) are not tested.
+        "min_group_units": 20,
+        # Sensitive attributes analysed one by one, and the pairs analysed as intersectional groups.
+        "attributes": ["sex", "age_band", "ethnic_group", "region", "density_quartile", "scheduling",
+                       "scanner_manufacturer", "scanner_model", "insurance_class"],
+        "intersections": [["sex", "age_band"], ["region", "scheduling"]],
+        # attribute -> reference group for the odds ratios, e.g. {region: south}. Unset: the largest known group.
+        "reference_groups": {},
+        # Lower edges of the age bands after the first, in years: 0-17, 18-39, 40-64, 65-79, 80+.
+        "age_band_edges": [18, 40, 65, 80],
+        # CSV postcode_prefix,region,density_quartile. Empty: the fictional example in pacs_bridge/data.
+        "postcode_table": "",
+        # Public holidays (YYYY-MM-DD): examinations on them are scheduled "holiday" rather than weekday/weekend.
+        "holidays": [],
+        # Time zone of HL7 and DICOM times written without an offset, and of the weekday/weekend calendar.
+        "timezone": "UTC",
+        # TPR/FPR disparity bootstrap: units drawn per iteration from the group (and as many diagnosis-matched from
+        # the population), iterations, and the seed that makes a refresh reproducible.
+        "bootstrap": {"sample_size": 200, "iterations": 20, "seed": 20240601},
+        "alpha": 0.05,
+        # Multiple-testing correction within each family of tests: holm (family-wise), bh (false discovery rate).
+        "correction": "holm",
+        # A TPR/FPR disparity smaller than this is not flagged, however small its p-value.
+        "min_disparity": 0.05,
+        # Seconds between scheduled refreshes (`triage fairness refresh --every`); 0: once and exit.
+        "refresh_interval_s": 3600,
+        # Port for Prometheus metrics of the scheduled refresh; 0: not served.
+        "metrics_port": 0,
+        # Where the scheduled refresh writes the HTML report. Empty: <var_dir>/fairness/report.html.
+        "report_path": "",
+        # HL7 v2 ORU^R01 final-report listener (MLLP). 2575 is the registered HL7 port.
+        "mllp_host": "127.0.0.1",
+        "mllp_port": 2575,
+        # MSH-3/MSH-4 of our acknowledgements.
+        "mllp_application": "TRIAGE",
+        "mllp_facility": "",
+        # Kept rejected and failed HL7 messages. Empty: <var_dir>/hl7.
+        "hl7_kept_dir": "",
+    },
 }
 
 
