@@ -11,7 +11,10 @@ from celery import Celery
 from worker.config import Settings, load_settings
 
 PROCESS_STUDY = "triage.process_study"
+DELIVER = "triage.deliver"
 PIPELINE_QUEUES = ("neuro_mri", "slice_knn")
+#: Deliveries wait on remote peers, not GPUs: their own queue, served by CPU workers (or any worker).
+DELIVERY_QUEUE = "delivery"
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
@@ -41,7 +44,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_time_limit=hard_limit,
         task_soft_time_limit=hard_limit * 0.9,
         task_default_queue=PIPELINE_QUEUES[0],
-        task_routes={PROCESS_STUDY: {"queue": PIPELINE_QUEUES[0]}},
+        task_routes={PROCESS_STUDY: {"queue": PIPELINE_QUEUES[0]}, DELIVER: {"queue": DELIVERY_QUEUE}},
         worker_hijack_root_logger=False,
     )
     app.conf.triage_settings = settings

@@ -10,7 +10,7 @@ import threading
 from worker.config import load_settings
 
 #: Modules that add their own subcommands: each has ``register(subparsers)``, setting ``func`` on its parsers.
-FEATURE_COMMANDS: tuple[str, ...] = ()
+FEATURE_COMMANDS: tuple[str, ...] = ("worker.delivery", "worker.fairness_commands", "worker.report_commands")
 
 #: ``triage bench NAME``: each benchmark is "module:function"; the function takes the remaining arguments and
 #: prints a JSON line last.
@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("worker", help="run a Celery worker that processes studies")
-    p.add_argument("--queues", default="neuro_mri", help="comma-separated queues (default: neuro_mri)")
+    p.add_argument("--queues", default="neuro_mri,delivery",
+                   help="comma-separated queues (default: neuro_mri,delivery)")
     p.add_argument("--hostname", help="Celery node name, e.g. gpu0@%%h")
     p.add_argument("--loglevel", default="INFO")
     p.set_defaults(func=_worker)

@@ -3,7 +3,8 @@
 Each step's timestamp is written to the run, so the AI turnaround (last image to SR delivered) and where the
 time went can be read from the database. The run is idempotent: a redelivered task for a finished run does
 nothing, and a re-attempt after a crash writes the same SR (its UIDs derive from the study version) instead
-of a second one.
+of a second one. Delivery is a task of its own (:mod:`worker.delivery`): a PACS that is down delays the SR's
+arrival, never the processing of the next study.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import logging
 import socket
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +21,11 @@ from pydicom.uid import generate_uid
 from sqlalchemy import and_, insert, select, update
 from sqlalchemy.engine import Engine
 
-from pacs_bridge.dicom_send import DicomDestination, DeliveryError, c_store_with_retries
 from pacs_bridge.results import Finding, TriageResult
 from pacs_bridge.routing import is_derived_object
-from pacs_bridge.schema import deliveries, events, instances, predictions, processing_runs, series, studies, utcnow
+from pacs_bridge.schema import events, instances, predictions, processing_runs, series, studies, utcnow
 from worker.config import Settings
+from worker.delivery import DeliveryBook
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +74,12 @@ def make_result(prediction, settings: Settings, study_uid: str, model_name: str,
 class RunProcessor:
     """Holds what is expensive to set up (engine, loaded model) across the runs a worker process handles."""
 
-    def __init__(self, settings: Settings, engine: Engine) -> None:
+    def __init__(self, settings: Settings, engine: Engine, enqueue_delivery: Callable[[int], None]) -> None:
         self.settings = settings
         self.engine = engine
+        self.deliveries = DeliveryBook(settings, engine)
+        #: Hands a delivery id to the delivery queue (a Celery task in the service).
+        self.enqueue_delivery = enqueue_delivery
         self._predictor = None
         self._bundle = None
         self.host = socket.gethostname()
@@ -195,14 +200,17 @@ class RunProcessor:
                     priority=result.priority)
         self._record_predictions(run_id, prediction, result)
 
-        t0 = time.perf_counter()
-        delivered_all = self._deliver(run_id, study_uid, sr_path, sr)
-        timings["deliver_s"] = time.perf_counter() - t0
+        delivery_ids = self.deliveries.create(run_id, str(sr.SOPInstanceUID), sr_path)
+        # Queued before the run is marked done: a crash in between redoes the run (same SR, same delivery rows;
+        # a delivered row is never sent again), where the other order could leave a delivery never queued.
+        for delivery_id in delivery_ids:
+            self.enqueue_delivery(delivery_id)
         finished = utcnow()
         with self.engine.begin() as connection:
             connection.execute(update(processing_runs).where(processing_runs.c.id == run_id).values(
                 status="done", finished_at=finished, timings=timings,
-                delivered_at=finished if delivered_all else None))
+                # With nowhere to send it, the SR written to the outbox is the delivery.
+                delivered_at=None if delivery_ids else finished))
             connection.execute(update(studies).where(and_(studies.c.id == study_id, studies.c.version == version))
                                .values(status="done"))
         log.info("run %d study %s v%d: priority %s, %d findings, %.2fs", run_id, study_uid, version,
@@ -262,39 +270,3 @@ class RunProcessor:
         with self.engine.begin() as connection:
             connection.execute(predictions.delete().where(predictions.c.run_id == run_id))
             connection.execute(insert(predictions), rows)
-
-    def _deliver(self, run_id: int, study_uid: str, sr_path: Path, sr) -> bool:
-        destinations = [DicomDestination(d["name"], d["host"], int(d["port"]), d["ae_title"])
-                        for d in self.settings["destinations"] if d.get("kind", "dicom") == "dicom"]
-        delivery = self.settings["delivery"]
-        all_ok = True
-        for destination in destinations:
-            with self.engine.begin() as connection:
-                existing = connection.execute(select(deliveries.c.id, deliveries.c.status).where(and_(
-                    deliveries.c.run_id == run_id, deliveries.c.destination == destination.name))).first()
-                if existing is not None and existing.status == "delivered":
-                    continue
-                if existing is None:
-                    delivery_id = connection.execute(insert(deliveries).values(
-                        run_id=run_id, destination=destination.name, sop_instance_uid=str(sr.SOPInstanceUID),
-                        path=str(sr_path), status="pending", attempts=0, created_at=utcnow(),
-                    )).inserted_primary_key[0]
-                else:
-                    delivery_id = existing.id
-            try:
-                attempts = c_store_with_retries(destination, [sr], attempts=int(delivery["attempts"]),
-                                                backoff_s=float(delivery["backoff_s"]),
-                                                calling_aet=delivery["ae_title"])
-                values = {"status": "delivered", "attempts": attempts, "delivered_at": utcnow(), "last_error": None}
-            except DeliveryError as exc:
-                all_ok = False
-                values = {"status": "failed", "attempts": int(delivery["attempts"]), "last_error": str(exc)}
-            with self.engine.begin() as connection:
-                connection.execute(update(deliveries).where(deliveries.c.id == delivery_id).values(**values))
-                connection.execute(insert(events).values(
-                    at=utcnow(), kind="delivery", study_instance_uid=study_uid,
-                    sop_instance_uid=str(sr.SOPInstanceUID),
-                    reason=f"{destination.name}: {values['status']}"
-                           + (f" ({values['last_error']})" if values.get("last_error") else "")))
-        return all_ok
-

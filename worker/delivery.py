@@ -1,0 +1,194 @@
+"""Reliable delivery of results: one ``deliveries`` row per (run, destination), attempts with backoff, then a
+dead-letter state that an operator lists and retries (``triage deliveries``).
+
+A delivery is retried by Celery (the ``triage.deliver`` task re-queues itself with exponential backoff) and, after
+``delivery.attempts`` failures, is marked ``failed``: the dead-letter list. Nothing is lost: the SR stays in the
+outbox and the row keeps the last error. Each attempt is one association or one STOW-RS request; a destination
+that refuses is never hammered (backoff, bounded attempts).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import and_, insert, select, update
+from sqlalchemy.engine import Engine
+
+from pacs_bridge.dicom_send import DeliveryError, DicomDestination, c_store
+from pacs_bridge.dicomweb_send import DicomwebDestination, stow_rs
+from pacs_bridge.schema import deliveries, events, processing_runs, utcnow
+from worker.config import Settings
+
+log = logging.getLogger(__name__)
+
+Destination = DicomDestination | DicomwebDestination
+
+
+def configured_destinations(settings: Settings) -> dict[str, Destination]:
+    """The destinations of the configuration by name; a malformed entry raises naming it."""
+    found: dict[str, Destination] = {}
+    for entry in settings["destinations"]:
+        name, kind = entry.get("name"), entry.get("kind", "dicom")
+        if not name:
+            raise ValueError(f"destination {entry!r} has no name")
+        if kind == "dicom":
+            found[name] = DicomDestination(name, entry["host"], int(entry["port"]), entry["ae_title"])
+        elif kind == "dicomweb":
+            found[name] = DicomwebDestination(name, entry["url"].rstrip("/"))
+        else:
+            raise ValueError(f"destination {name!r}: kind must be dicom or dicomweb, not {kind!r}")
+    return found
+
+
+def send(destination: Destination, paths: list[Path], calling_aet: str) -> None:
+    if isinstance(destination, DicomwebDestination):
+        stow_rs(destination, paths)
+    else:
+        c_store(destination, paths, calling_aet=calling_aet)
+
+
+@dataclass(frozen=True)
+class AttemptOutcome:
+    delivered: bool
+    error: str | None = None
+    unknown_destination: bool = False
+
+
+class DeliveryBook:
+    """The ``deliveries`` table: creating deliveries, attempting one, dead-lettering, listing and retrying."""
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+
+    @property
+    def max_attempts(self) -> int:
+        return max(int(self.settings["delivery"]["attempts"]), 1)
+
+    def create(self, run_id: int, sop_instance_uid: str, path: Path) -> list[int]:
+        """One pending delivery per configured destination (existing ones are kept: idempotent per run)."""
+        ids = []
+        with self.engine.begin() as connection:
+            for name in configured_destinations(self.settings):
+                row = connection.execute(select(deliveries.c.id).where(and_(
+                    deliveries.c.run_id == run_id, deliveries.c.destination == name))).first()
+                if row is None:
+                    row_id = connection.execute(insert(deliveries).values(
+                        run_id=run_id, destination=name, sop_instance_uid=sop_instance_uid, path=str(path),
+                        status="pending", attempts=0, created_at=utcnow())).inserted_primary_key[0]
+                else:
+                    row_id = row.id
+                ids.append(row_id)
+        return ids
+
+    def attempt(self, delivery_id: int) -> AttemptOutcome:
+        """One try. Delivered rows are left alone (a redelivered task does not send twice)."""
+        with self.engine.connect() as connection:
+            row = connection.execute(select(deliveries).where(deliveries.c.id == delivery_id)).first()
+        if row is None or row.status == "delivered":
+            return AttemptOutcome(True)
+        destination = configured_destinations(self.settings).get(row.destination)
+        if destination is None:
+            error = f"destination {row.destination!r} is no longer configured"
+            self._record(row, "failed", error)
+            return AttemptOutcome(False, error, unknown_destination=True)
+        try:
+            send(destination, [Path(row.path)], self.settings["delivery"]["ae_title"])
+        except (DeliveryError, OSError) as exc:
+            self._record(row, "pending", str(exc))
+            return AttemptOutcome(False, str(exc))
+        self._record(row, "delivered", None)
+        return AttemptOutcome(True)
+
+    def dead_letter(self, delivery_id: int) -> None:
+        with self.engine.begin() as connection:
+            row = connection.execute(select(deliveries).where(deliveries.c.id == delivery_id)).first()
+            connection.execute(update(deliveries).where(deliveries.c.id == delivery_id).values(status="failed"))
+            connection.execute(insert(events).values(
+                at=utcnow(), kind="dead_letter", sop_instance_uid=row.sop_instance_uid,
+                reason=f"delivery {delivery_id} to {row.destination} failed {row.attempts} times: {row.last_error}",
+                detail={"delivery_id": delivery_id, "destination": row.destination}))
+
+    def _record(self, row, status: str, error: str | None) -> None:
+        now = utcnow()
+        values = {"attempts": row.attempts + 1, "last_error": error, "status": status}
+        if status == "delivered":
+            values["delivered_at"] = now
+        with self.engine.begin() as connection:
+            connection.execute(update(deliveries).where(deliveries.c.id == row.id).values(**values))
+            connection.execute(insert(events).values(
+                at=now, kind="delivery", sop_instance_uid=row.sop_instance_uid,
+                reason=f"{row.destination}: attempt {row.attempts + 1} " + ("delivered" if error is None else
+                                                                            f"failed: {error}"),
+                detail={"delivery_id": row.id, "run_id": row.run_id}))
+            if status == "delivered":
+                remaining = connection.execute(select(deliveries.c.id).where(and_(
+                    deliveries.c.run_id == row.run_id, deliveries.c.status != "delivered"))).first()
+                if remaining is None:
+                    connection.execute(update(processing_runs).where(and_(
+                        processing_runs.c.id == row.run_id, processing_runs.c.delivered_at.is_(None)))
+                        .values(delivered_at=now))
+
+    def undelivered(self) -> list:
+        with self.engine.connect() as connection:
+            return connection.execute(select(deliveries).where(deliveries.c.status != "delivered")
+                                      .order_by(deliveries.c.id)).all()
+
+    def retry_dead(self, delivery_ids: list[int] | None = None) -> dict[int, AttemptOutcome]:
+        """Attempt each dead-lettered delivery (or the given ones) once more, now; returns the outcomes."""
+        with self.engine.connect() as connection:
+            query = select(deliveries.c.id).where(deliveries.c.status == "failed")
+            if delivery_ids:
+                query = query.where(deliveries.c.id.in_(delivery_ids))
+            ids = connection.execute(query.order_by(deliveries.c.id)).scalars().all()
+        outcomes = {}
+        for delivery_id in ids:
+            with self.engine.begin() as connection:
+                connection.execute(update(deliveries).where(deliveries.c.id == delivery_id).values(status="pending"))
+            outcome = self.attempt(delivery_id)
+            if not outcome.delivered:
+                self.dead_letter(delivery_id)
+            outcomes[delivery_id] = outcome
+        return outcomes
+
+
+def register(subparsers) -> None:
+    """``triage deliveries [list]`` and ``triage deliveries retry [ID ...]``."""
+    parser = subparsers.add_parser("deliveries", help="list undelivered results; retry dead-lettered ones")
+    sub = parser.add_subparsers(dest="deliveries_command")
+    parser.set_defaults(func=_list)
+    sub.add_parser("list", help="undelivered and dead-lettered deliveries").set_defaults(func=_list)
+    retry = sub.add_parser("retry", help="deliver dead-lettered results again, now")
+    retry.add_argument("ids", nargs="*", type=int, help="delivery ids (default: all dead-lettered)")
+    retry.set_defaults(func=_retry)
+
+
+def _book(args) -> DeliveryBook:
+    from pacs_bridge.schema import make_engine
+    from worker.config import load_settings
+
+    settings = load_settings(args.config)
+    return DeliveryBook(settings, make_engine(settings.database_url))
+
+
+def _list(args) -> int:
+    rows = _book(args).undelivered()
+    if not rows:
+        print("all results delivered")
+        return 0
+    print(f"{'id':>5}  {'run':>5}  {'destination':<16} {'status':<9} {'tries':>5}  last error")
+    for r in rows:
+        state = "dead" if r.status == "failed" else r.status
+        print(f"{r.id:>5}  {r.run_id:>5}  {r.destination:<16} {state:<9} {r.attempts:>5}  {r.last_error or ''}")
+    return 0
+
+
+def _retry(args) -> int:
+    outcomes = _book(args).retry_dead(args.ids or None)
+    if not outcomes:
+        print("nothing dead-lettered to retry")
+        return 0
+    for delivery_id, outcome in outcomes.items():
+        print(f"delivery {delivery_id}: " + ("delivered" if outcome.delivered else f"failed again: {outcome.error}"))
+    return 0 if all(o.delivered for o in outcomes.values()) else 1
