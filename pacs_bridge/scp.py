@@ -7,6 +7,7 @@ Rejected input is quarantined with its reason and answered with a failure status
 """
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -113,8 +114,9 @@ class StorageSCP:
         self.store = store
         self.bookkeeper = bookkeeper
         self.active = ActiveStudies()
+        # Counts for the metrics endpoint (read by the service's Prometheus collector).
         self.received = 0
-        self.rejected = 0
+        self.rejected_by_status: collections.Counter[int] = collections.Counter()
         self._server = None
 
         ae = AE(ae_title=settings.ae_title)
@@ -188,7 +190,7 @@ class StorageSCP:
         return STATUS_SUCCESS
 
     def _reject(self, data: bytes, reason: str, status: int, context: dict[str, str]) -> int:
-        self.rejected += 1
+        self.rejected_by_status[status] += 1
         path = None
         try:
             path = self.store.quarantine(data, reason, {**context, "status": f"0x{status:04X}"})

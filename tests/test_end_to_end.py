@@ -6,11 +6,13 @@ dcmtk's storescu. The model is a tiny bundle with random weights: this test is a
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import highdicom as hd
@@ -64,12 +66,13 @@ def test_study_sent_by_storescu_comes_back_as_a_valid_sr_in_orthanc(
 ):
     if shutil.which("storescu") is None:
         pytest.skip("dcmtk is not installed (run ops/setup.sh)")
-    scp_port = free_port()
+    scp_port, serve_metrics, worker_metrics = free_port(), free_port(), free_port()
     config = {
         "var_dir": str(tmp_path / "var"),
         "database": {"url": postgres_url},
         "broker": {"url": redis_url},
         "scp": {"port": scp_port, "allowed_calling_aets": ["MODALITY"]},
+        "metrics": {"serve_port": serve_metrics},
         "assembly": {"quiet_period_s": 2, "poll_interval_s": 0.5},
         "model": {"bundle": str(tiny_bundle), "device": "cpu"},
         "destinations": [{"name": "orthanc", "kind": "dicom", "host": "127.0.0.1", "port": orthanc.dicom_port,
@@ -79,7 +82,8 @@ def test_study_sent_by_storescu_comes_back_as_a_valid_sr_in_orthanc(
     config_path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "TRIAGE_CONFIG": str(config_path)}
     serve = _start(["serve"], env, tmp_path / "serve.log")
-    worker = _start(["worker", "--hostname", "e2e@localhost", "--loglevel", "INFO"], env, tmp_path / "worker.log")
+    worker = _start(["worker", "--hostname", "e2e@localhost", "--loglevel", "INFO", "--metrics-port",
+                     str(worker_metrics)], env, tmp_path / "worker.log")
     try:
         wait_for(lambda: b"listening" in (tmp_path / "serve.log").read_bytes() or serve.poll() is not None, 60,
                  what="the SCP to listen")
@@ -98,6 +102,19 @@ def test_study_sent_by_storescu_comes_back_as_a_valid_sr_in_orthanc(
         found = wait_for(sr_in_orthanc, 300, interval=1, what="the SR to arrive in Orthanc")
         assert len(found) == 1
         sr_bytes = orthanc.get(f"/instances/{found[0]}/file")
+
+        # What operations sees: both processes ready, the receiver's and the worker's counts in /metrics.
+        for port in (serve_metrics, worker_metrics):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as response:
+                assert json.loads(response.read())["ready"] is True
+        with urllib.request.urlopen(f"http://127.0.0.1:{serve_metrics}/metrics", timeout=10) as response:
+            scraped = response.read().decode()
+        assert f"triage_images_received_total {float(len(phantom_study.files))}" in scraped
+        assert 'triage_queue_depth{queue="neuro_mri"}' in scraped
+        with urllib.request.urlopen(f"http://127.0.0.1:{worker_metrics}/metrics", timeout=10) as response:
+            scraped = response.read().decode()
+        assert 'triage_runs_total{outcome="done",pipeline="neuro_mri"} 1.0' in scraped
+        assert phantom_study.study_instance_uid not in scraped
     finally:
         _stop(serve)
         _stop(worker)

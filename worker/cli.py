@@ -38,10 +38,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    if args.config:
-        import os
+    import os
 
+    # The Celery app reads the settings when worker.tasks is imported: set them first.
+    if args.config:
         os.environ["TRIAGE_CONFIG"] = args.config
+    if args.metrics_port is not None:
+        os.environ["TRIAGE_METRICS__WORKER_PORT"] = str(args.metrics_port)
     from worker.tasks import app
 
     argv = ["worker", "--pool", "solo", "--concurrency", "1", "--queues", args.queues, "--loglevel", args.loglevel,
@@ -99,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="triage", description="PACS-integrated AI triage worker")
     parser.add_argument("--config", help="YAML configuration (default: $TRIAGE_CONFIG or ./triage.yaml)")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="json: one JSON object per line, for log shippers")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the DICOM receiver (C-STORE/C-ECHO SCP) and the study assembler")
@@ -109,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated queues (default: neuro_mri,delivery)")
     p.add_argument("--hostname", help="Celery node name, e.g. gpu0@%%h")
     p.add_argument("--loglevel", default="INFO")
+    p.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz, /readyz on this port")
     p.set_defaults(func=_worker)
 
     db = sub.add_parser("db", help="database administration").add_subparsers(dest="db_command", required=True)
@@ -147,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_format == "json":
+        from worker.metrics import JsonLogFormatter
+
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLogFormatter())
     return int(args.func(args) or 0)
 
 

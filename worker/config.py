@@ -76,6 +76,12 @@ DEFAULTS: dict[str, Any] = {
         # Our calling AE title when sending.
         "ae_title": "TRIAGE",
     },
+    "metrics": {
+        # /metrics, /healthz and /readyz of `triage serve` and of each `triage worker` (0 = not served).
+        "host": "127.0.0.1",
+        "serve_port": 9101,
+        "worker_port": 0,
+    },
     "api": {
         "host": "127.0.0.1",
         "port": 8080,

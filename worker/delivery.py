@@ -19,6 +19,7 @@ from pacs_bridge.dicom_send import DeliveryError, DicomDestination, c_store
 from pacs_bridge.dicomweb_send import DicomwebDestination, stow_rs
 from pacs_bridge.schema import deliveries, events, processing_runs, utcnow
 from worker.config import Settings
+from worker.metrics import DEAD_LETTERS, DELIVERIES
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +97,15 @@ class DeliveryBook:
         try:
             send(destination, [Path(row.path)], self.settings["delivery"]["ae_title"])
         except (DeliveryError, OSError) as exc:
+            DELIVERIES.labels(outcome="failed").inc()
             self._record(row, "pending", str(exc))
             return AttemptOutcome(False, str(exc))
+        DELIVERIES.labels(outcome="delivered").inc()
         self._record(row, "delivered", None)
         return AttemptOutcome(True)
 
     def dead_letter(self, delivery_id: int) -> None:
+        DEAD_LETTERS.inc()
         with self.engine.begin() as connection:
             row = connection.execute(select(deliveries).where(deliveries.c.id == delivery_id)).first()
             connection.execute(update(deliveries).where(deliveries.c.id == delivery_id).values(status="failed"))

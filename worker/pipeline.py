@@ -26,8 +26,16 @@ from pacs_bridge.routing import is_derived_object
 from pacs_bridge.schema import events, instances, predictions, processing_runs, series, studies, utcnow
 from worker.config import Settings
 from worker.delivery import DeliveryBook
+from worker.metrics import RUNS, STAGE_SECONDS, TURNAROUND_SECONDS
 
 log = logging.getLogger(__name__)
+
+
+def _aware(value):
+    # SQLite gives naive datetimes back; everything stored is UTC.
+    from datetime import timezone
+
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 class RunFailed(Exception):
@@ -123,6 +131,7 @@ class RunProcessor:
                                    .values(status="failed"))
                 connection.execute(insert(events).values(at=utcnow(), kind="error", study_instance_uid=study_uid,
                                                          reason=f"run {run_id} failed: {reason}"))
+            RUNS.labels(pipeline="neuro_mri", outcome="failed").inc()
             return RunOutcome(run_id, "failed")
 
     def _claim(self, run_id: int) -> tuple[int, str, int] | None:
@@ -213,6 +222,16 @@ class RunProcessor:
                 delivered_at=None if delivery_ids else finished))
             connection.execute(update(studies).where(and_(studies.c.id == study_id, studies.c.version == version))
                                .values(status="done"))
+        RUNS.labels(pipeline="neuro_mri", outcome="done").inc()
+        for stage, seconds in timings.items():
+            if stage.endswith("_s"):
+                STAGE_SECONDS.labels(stage=stage[:-2]).observe(seconds)
+        with self.engine.connect() as connection:
+            stamps = connection.execute(select(processing_runs.c.last_image_at, processing_runs.c.sr_created_at)
+                                        .where(processing_runs.c.id == run_id)).one()
+        if stamps.last_image_at is not None and stamps.sr_created_at is not None:
+            TURNAROUND_SECONDS.labels(pipeline="neuro_mri").observe(
+                (_aware(stamps.sr_created_at) - _aware(stamps.last_image_at)).total_seconds())
         log.info("run %d study %s v%d: priority %s, %d findings, %.2fs", run_id, study_uid, version,
                  result.priority, len(result.findings), sum(v for k, v in timings.items() if k.endswith("_s")))
         return RunOutcome(run_id, "done", sr_path, result)

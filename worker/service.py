@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from prometheus_client import REGISTRY
+
 from pacs_bridge.assembly import CompletionPolicy, StudyAssembler
 from pacs_bridge.bookkeeping import Bookkeeper
 from pacs_bridge.schema import make_engine
@@ -11,25 +13,91 @@ from pacs_bridge.scp import ScpSettings, StorageSCP
 from pacs_bridge.storage import InstanceStore
 from worker.celery_app import dispatcher, make_celery
 from worker.config import Settings
+from worker.metrics import HealthServer
 
 log = logging.getLogger(__name__)
 
 
+class ReceiverCollector:
+    """Exposes the SCP's and bookkeeper's own counts at scrape time (pacs_bridge does not know Prometheus)."""
+
+    def __init__(self, service: "ReceivingService") -> None:
+        self.service = service
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        received = CounterMetricFamily("triage_images_received", "Instances accepted by the SCP")
+        received.add_metric([], self.service.scp.received)
+        yield received
+        rejected = CounterMetricFamily("triage_images_rejected", "Instances refused and quarantined", labels=["status"])
+        for status, count in sorted(self.service.scp.rejected_by_status.items()):
+            rejected.add_metric([f"0x{status:04X}"], count)
+        yield rejected
+        backlog = GaugeMetricFamily("triage_bookkeeping_backlog", "Received instances not yet in the database")
+        backlog.add_metric([], self.service.bookkeeper.backlog)
+        yield backlog
+        yield from queue_depths(self.service.settings)
+
+
+def queue_depths(settings: Settings):
+    """Depth of each pipeline and delivery queue, read from Redis (the embedded broker has no cheap count)."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    if not settings.broker_url.startswith("redis"):
+        return
+    import redis
+
+    from worker.celery_app import DELIVERY_QUEUE, PIPELINE_QUEUES
+
+    family = GaugeMetricFamily("triage_queue_depth", "Messages waiting in a broker queue", labels=["queue"])
+    try:
+        client = redis.Redis.from_url(settings.broker_url, socket_timeout=2)
+        for queue in (*PIPELINE_QUEUES, DELIVERY_QUEUE):
+            family.add_metric([queue], client.llen(queue))
+    except redis.RedisError:
+        return
+    yield family
+
+
 @dataclass
 class ReceivingService:
+    settings: Settings
     scp: StorageSCP
     bookkeeper: Bookkeeper
     assembler: StudyAssembler
+    health: HealthServer | None = None
+    _collector: ReceiverCollector | None = None
 
     def start(self) -> None:
         self.bookkeeper.start()
         self.scp.start()
         self.assembler.start()
+        port = int(self.settings["metrics"]["serve_port"])
+        if port:
+            try:
+                self.health = HealthServer(self.settings["metrics"]["host"], port,
+                                           checks=readiness_checks(self)).start()
+                self._collector = ReceiverCollector(self)
+                REGISTRY.register(self._collector)
+            except OSError as exc:  # metrics are an aid, never a reason not to receive images
+                log.warning("metrics endpoint on port %d not started: %s", port, exc)
 
     def stop(self) -> None:
+        if self.health is not None:
+            self.health.stop()
+            REGISTRY.unregister(self._collector)
         self.scp.stop()
         self.assembler.stop()
         self.bookkeeper.stop()
+
+
+def readiness_checks(service: "ReceivingService") -> dict:
+    """Ready = the database takes writes (the bookkeeper's last batch went through) and the SCP listens."""
+    return {
+        "database": lambda: service.bookkeeper.last_error is None,
+        "scp": lambda: service.scp.port > 0,
+    }
 
 
 def build_receiving_service(settings: Settings) -> ReceivingService:
@@ -54,4 +122,4 @@ def build_receiving_service(settings: Settings) -> ReceivingService:
         active_studies=scp.active.current,
         poll_interval_s=float(assembly["poll_interval_s"]),
     )
-    return ReceivingService(scp, bookkeeper, assembler)
+    return ReceivingService(settings, scp, bookkeeper, assembler)

@@ -1,7 +1,11 @@
 """Celery tasks. Small and idempotent: the work itself is in :mod:`worker.pipeline`."""
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
+
+from celery.signals import worker_ready
+from sqlalchemy import text
 
 from pacs_bridge.schema import make_engine
 from worker.celery_app import DELIVER, DELIVERY_QUEUE, PROCESS_STUDY, make_celery
@@ -9,6 +13,35 @@ from worker.delivery import DeliveryBook
 from worker.pipeline import RunProcessor
 
 app = make_celery()
+log = logging.getLogger(__name__)
+
+
+@worker_ready.connect
+def _serve_health(**_) -> None:
+    """/metrics, /healthz, /readyz of this worker process, when metrics.worker_port is set."""
+    from worker.metrics import HealthServer, sample_gpu_utilisation
+
+    settings = app.conf.triage_settings
+    port = int(settings["metrics"]["worker_port"])
+    if not port:
+        return
+    engine = processor().engine
+
+    def database_ready() -> bool:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        return True
+
+    def broker_ready() -> bool:
+        with app.connection_for_read() as connection:
+            connection.ensure_connection(max_retries=1)
+        return True
+
+    try:
+        HealthServer(settings["metrics"]["host"], port, checks={"database": database_ready, "broker": broker_ready},
+                     before_scrape=sample_gpu_utilisation).start()
+    except OSError as exc:
+        log.warning("worker metrics endpoint on port %d not started: %s", port, exc)
 
 
 @lru_cache(maxsize=1)
