@@ -11,7 +11,13 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import insert, select
 
-from pacs_bridge.hl7_intake import MllpReportListener, ReportIntake, decode_message, parse_message, report_from_oru
+from pacs_bridge.hl7_intake import (
+    MllpReportListener,
+    ReportIntake,
+    decode_message,
+    parse_message,
+    report_from_oru,
+)
 from pacs_bridge.report_schema import ground_truth_labels, hl7_messages, reports, study_attributes
 from pacs_bridge.schema import events, make_engine, studies
 from pacs_bridge.study_attributes import DEFAULT_POSTCODE_TABLE, AttributePolicy, PostcodeTable
@@ -30,12 +36,12 @@ def oru(control_id: str = "MSG0001", accession: str = "ACC1001", text: str | Non
                     "Possible small contusion in the left temporal lobe.")
     segments = [
         f"MSH|^~\\&|RIS|GENERAL|TRIAGE|GENERAL|{reported}||ORU^R01^ORU_R01|{control_id}|P|2.5|||||||UNICODE UTF-8",
-        "PID|1||MRN123^^^GENERAL^MR||DOE^JANE||19580304|F|||1 High St^^Northtown^^QN1 2AB^GBR"
-        "|||||||||||W^White^HL70189",
+        ("PID|1||MRN123^^^GENERAL^MR||DOE^JANE||19580304|F|||1 High St^^Northtown^^QN1 2AB^GBR"
+         "|||||||||||W^White^HL70189"),
         "PV1|1|O|MRI^^^GENERAL|||||||||||||||||PUBLIC",
         f"ORC|RE|ORD1001|{accession}",
-        f"OBR|1|ORD1001|{accession}|70553^MRI BRAIN WO AND W CONTRAST^CPT|||{observed}|||||||||||{accession}"
-        f"||||{reported}|||{status}",
+        (f"OBR|1|ORD1001|{accession}|70553^MRI BRAIN WO AND W CONTRAST^CPT|||{observed}|||||||||||{accession}"
+         f"||||{reported}|||{status}"),
         f"OBX|1|TX|18782-3^Radiology Study observation^LN||{text}||||||{status}",
     ]
     return "\r".join(segments + ([extra] if extra else [])) + "\r"

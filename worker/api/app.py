@@ -19,7 +19,7 @@ from worker.config import Settings, load_settings
 
 ROLES = ("radiologist", "admin")
 #: Modules under worker/api/ that expose a FastAPI ``router``; each feature adds its own.
-FEATURE_ROUTERS: tuple[str, ...] = ()
+FEATURE_ROUTERS: tuple[str, ...] = ("reports", "fairness")
 _bearer = HTTPBearer(auto_error=False)
 
 
