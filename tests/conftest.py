@@ -81,7 +81,7 @@ class Orthanc:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def start(self) -> "Orthanc":
+    def start(self) -> Orthanc:
         binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
         if not Path(binary).exists():
             pytest.skip("Orthanc is not installed (run ops/setup.sh)")
@@ -141,3 +141,14 @@ def orthanc(tmp_path_factory):
     instance = Orthanc(tmp_path_factory.mktemp("orthanc")).start()
     yield instance
     instance.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A tiny Prima bundle with random weights: for tests of the service, where accuracy is not the point."""
+    from models.bundle import random_bundle, save_bundle
+
+    folder = tmp_path_factory.mktemp("bundle")
+    bundle = random_bundle("tiny", seed=0)
+    save_bundle(folder, bundle.vqvae, bundle.prima, bundle.manifest)
+    return folder

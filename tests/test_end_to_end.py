@@ -31,16 +31,6 @@ DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
 @pytest.fixture
-def tiny_bundle(tmp_path_factory) -> Path:
-    from models.bundle import random_bundle, save_bundle
-
-    folder = tmp_path_factory.mktemp("bundle")
-    bundle = random_bundle("tiny", seed=0)
-    save_bundle(folder, bundle.vqvae, bundle.prima, bundle.manifest)
-    return folder
-
-
-@pytest.fixture
 def phantom_study(tmp_path_factory):
     from train.phantoms import write_phantom_study
 

@@ -21,8 +21,14 @@ def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or load_settings()
     app = Celery("triage", broker=settings.broker_url, include=["worker.tasks"])
     hard_limit = float(settings["worker"]["task_time_limit_s"])
+    # A message taken by a worker that then dies is redelivered once the visibility timeout has passed; it
+    # must outlast the longest run (twice the hard limit), and the sweep for such messages runs a few times
+    # within it rather than kombu's default of every 100 s.
+    visibility = max(float(settings["broker"]["visibility_timeout_s"]), hard_limit * 2)
     transport_options: dict[str, object] = {
-        "visibility_timeout": max(float(settings["broker"]["visibility_timeout_s"]), hard_limit * 2),
+        "visibility_timeout": visibility,
+        "unacked_restore_interval": max(visibility / 5, 1.0),
+        "unacked_restore_throttle": 1,
     }
     if settings.broker_url.startswith("filesystem"):
         # The embedded broker: one local folder, no server (verified with Celery 5.7 in performance.md).

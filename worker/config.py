@@ -42,8 +42,18 @@ DEFAULTS: dict[str, Any] = {
         "allowed_calling_aets": [],
         "max_pdu": 131072,
         "max_associations": 10,
-        # Seconds without any PDU after which an idle association is aborted.
+        # Seconds without any PDU after which an idle association is aborted; also the most a peer may stay silent
+        # while connecting, negotiating TLS or sending one PDU (slow senders are cut off, not waited for).
         "network_timeout_s": 60,
+        # Calling AE title -> the IP addresses or CIDR networks it may connect from, e.g. {PACS: [10.1.2.3],
+        # MR1: [10.20.0.0/24]}. A title listed here is allowed (as if in allowed_calling_aets) but only from these
+        # addresses; titles not listed are governed by allowed_calling_aets alone.
+        "ae_hosts": {},
+        # Objects larger than this many bytes are refused with 0xA700 (Out of Resources); 0: no limit.
+        "max_object_bytes": 2147483648,
+        # DICOM TLS (PS3.15 B.1) on the listener. PEM paths; no cert: plain TCP. require_client_cert: senders must
+        # present a certificate signed by ca (mutual TLS).
+        "tls": {"cert": "", "key": "", "ca": "", "require_client_cert": True},
     },
     "assembly": {
         # A study is complete when no instance has arrived for this many seconds and no association is still
@@ -68,7 +78,9 @@ DEFAULTS: dict[str, Any] = {
         # Referral heads whose probability reaches this value are reported.
         "referral_threshold": 0.5,
     },
-    # Where SRs go. Each: {name, kind: dicom, host, port, ae_title}. Empty: SRs stay in <var_dir>/outbox only.
+    # Where SRs go. Each: {name, kind: dicom, host, port, ae_title, tls}. Empty: SRs stay in <var_dir>/outbox only.
+    # tls (optional, DICOM TLS): {ca: PEM that signs the peer, cert/key: our client certificate if the peer wants
+    # one, server_name: the name in the peer's certificate if not its host}.
     "destinations": [],
     "delivery": {
         "attempts": 3,
@@ -88,6 +100,9 @@ DEFAULTS: dict[str, Any] = {
         # Bearer tokens: each {token_file | token_env, name, role}. Roles: radiologist (read), admin (everything).
         # Tokens are read from files or the environment, never written in this file.
         "tokens": [],
+        # HTTPS: PEM certificate and key (no cert: plain HTTP, for loopback only). ca + require_client_cert: clients
+        # must also present a certificate signed by ca.
+        "tls": {"cert": "", "key": "", "ca": "", "require_client_cert": False},
     },
     "worker": {
         # A stable identifier of this deployment's device, written as the SR's Device Observer UID.
@@ -97,6 +112,53 @@ DEFAULTS: dict[str, Any] = {
         # Hard time limit for one study's processing; the soft limit is 90 % of it.
         "task_time_limit_s": 1800,
         "max_attempts": 3,
+        # A run queued this long without a worker starting it, or a delivery pending this long, is handed to the
+        # broker again (its message may have been lost, e.g. Redis restarted without persistence).
+        "redispatch_after_s": 900,
+    },
+    # Worklist publishers (pacs_bridge/publishers): where each study's AI priority is pushed. They only ever raise a
+    # priority, never lower one, and record the value they found and why (`triage publications`). Each entry:
+    #   {name, kind: ups_rs, url: <DICOMweb base>, match: accession|study, create_if_missing: false}
+    #   {name, kind: hl7v2, host, port, message: ORM^O01|OMI^O23, version: "2.5.1", receiving_application, ...}
+    #   {name, kind: fhir, url: <FHIR base>, resource: ServiceRequest|Task, identifier_system, method: patch|put}
+    #   {name, kind: webhook, url, min_priority: stat, secret_env | secret_file}
+    # and optionally levels/ranks (overriding the scales below), timeout_s, token_env | token_file (bearer).
+    "publishers": [],
+    "publishing": {
+        # AI priority (routine/urgent/stat) -> each system's value, and the rank of every value a system may hold
+        # (a clinician's value the scale does not rank counts as possibly higher). A clinical configuration.
+        "scales": {
+            "ups_rs": {"levels": {"routine": "LOW", "urgent": "MEDIUM", "stat": "HIGH"},
+                       "ranks": {"LOW": 0, "MEDIUM": 1, "HIGH": 2}},
+            "hl7v2": {"levels": {"routine": "R", "urgent": "A", "stat": "S"},
+                      "ranks": {"PRN": 0, "R": 0, "P": 1, "C": 1, "T": 2, "A": 2, "S": 3}},
+            "fhir": {"levels": {"routine": "routine", "urgent": "urgent", "stat": "stat"},
+                     "ranks": {"routine": 0, "urgent": 1, "asap": 2, "stat": 3}},
+        },
+        # When the current priority cannot be read (HL7 v2 with nothing recorded yet): top_only sends only the
+        # highest value (which cannot lower anything), always sends, never skips.
+        "when_current_unknown": "top_only",
+        # Seconds per request: publishing runs inside the study's processing task.
+        "timeout_s": 5.0,
+        # Webhooks notify at this AI priority and above (per entry: min_priority).
+        "webhook_min_priority": "stat",
+        # Public base URL of the worklist page (e.g. https://triage.example.org/worklist), for links in messages.
+        "worklist_url": "",
+    },
+    # The worklist page served by `triage api` at /worklist.
+    "worklist": {
+        # How often the open page asks for changes.
+        "poll_interval_s": 5.0,
+        # At most this many studies are listed (highest priority and longest waiting first).
+        "max_rows": 500,
+        # Studies with a final report (HL7 ORU or POST /reports) leave the worklist.
+        "hide_reported": True,
+        # Link to open a study in the viewer, with {study_uid} and {accession}; empty: no viewer link.
+        "viewer_url": "",
+        # token: a bearer token typed on the login page. oidc: the page gets a token from the identity provider
+        # below (the API must then accept that provider's tokens).
+        "login": "token",
+        "oidc": {"issuer": "", "client_id": "", "scopes": "openid profile"},
     },
     # Turnaround and fairness (train/fairness) and final-report intake (pacs_bridge/hl7_intake, POST /reports).
     "fairness": {
@@ -204,6 +266,15 @@ def _environment_overrides(environ: dict[str, str]) -> dict[str, Any]:
         if not name.startswith("TRIAGE_") or name == "TRIAGE_CONFIG":
             continue
         path = name[len("TRIAGE_"):].lower().split("__")
+        if path[-1].endswith("_file") and len(path) > 1:
+            # TRIAGE_DATABASE__URL_FILE=/run/secrets/db: the value is the file's content (Docker and Kubernetes
+            # secrets), so a password is neither in the configuration file nor in the process environment.
+            path[-1] = path[-1][: -len("_file")]
+            node = overrides
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = Path(text).read_text().strip()
+            continue
         node = overrides
         for part in path[:-1]:
             node = node.setdefault(part, {})

@@ -9,16 +9,18 @@ arrival, never the processing of the next study.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pydicom
 from pydicom.uid import generate_uid
-from sqlalchemy import and_, insert, select, update
+from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.engine import Engine
 
 from pacs_bridge.results import Finding, TriageResult
@@ -26,6 +28,7 @@ from pacs_bridge.routing import is_derived_object
 from pacs_bridge.schema import events, instances, predictions, processing_runs, series, studies, utcnow
 from worker.config import Settings
 from worker.delivery import DeliveryBook
+from worker.publishing import publish_result
 from worker.metrics import RUNS, STAGE_SECONDS, TURNAROUND_SECONDS
 
 log = logging.getLogger(__name__)
@@ -90,7 +93,8 @@ class RunProcessor:
         self.enqueue_delivery = enqueue_delivery
         self._predictor = None
         self._bundle = None
-        self.host = socket.gethostname()
+        # host:pid names the process, so an operator (or a fault test) can tell which worker holds a run.
+        self.host = f"{socket.gethostname()}:{os.getpid()}"
 
     # -- model ---------------------------------------------------------------------------------------------
     def predictor(self):
@@ -135,7 +139,27 @@ class RunProcessor:
             return RunOutcome(run_id, "failed")
 
     def _claim(self, run_id: int) -> tuple[int, str, int] | None:
+        """Take the run for this worker, atomically; None when it is finished, taken, or out of attempts.
+
+        A run is claimable when queued, or when 'running' for longer than the task's hard time limit (its
+        worker died: SIGKILL, OOM, power). The conditional UPDATE makes two workers holding duplicate messages
+        for one run race safely: exactly one of them gets it.
+        """
+        now = utcnow()
+        stale_before = now - timedelta(seconds=float(self.settings["worker"]["task_time_limit_s"]))
+        max_attempts = int(self.settings["worker"]["max_attempts"])
         with self.engine.begin() as connection:
+            claimed = connection.execute(
+                update(processing_runs)
+                .where(and_(
+                    processing_runs.c.id == run_id,
+                    processing_runs.c.attempts < max_attempts,
+                    or_(processing_runs.c.status == "queued",
+                        and_(processing_runs.c.status == "running", processing_runs.c.started_at < stale_before)),
+                ))
+                .values(status="running", attempts=processing_runs.c.attempts + 1, started_at=now,
+                        worker_host=self.host)
+            ).rowcount == 1
             row = connection.execute(
                 select(processing_runs.c.status, processing_runs.c.attempts, processing_runs.c.study_id,
                        processing_runs.c.study_version, studies.c.study_instance_uid)
@@ -144,18 +168,14 @@ class RunProcessor:
             ).first()
             if row is None:
                 raise RunFailed(f"processing run {run_id} does not exist")
-            if row.status in ("done", "failed"):
+            if not claimed:
+                if row.status in ("queued", "running") and row.attempts >= max_attempts:
+                    connection.execute(update(processing_runs).where(processing_runs.c.id == run_id).values(
+                        status="failed", error=f"gave up after {row.attempts} attempts", finished_at=now))
+                    connection.execute(insert(events).values(
+                        at=now, kind="error", study_instance_uid=row.study_instance_uid,
+                        reason=f"run {run_id} abandoned after {row.attempts} attempts (worker lost each time?)"))
                 return None
-            max_attempts = int(self.settings["worker"]["max_attempts"])
-            if row.attempts >= max_attempts:
-                connection.execute(update(processing_runs).where(processing_runs.c.id == run_id).values(
-                    status="failed", error=f"gave up after {row.attempts} attempts", finished_at=utcnow()))
-                connection.execute(insert(events).values(
-                    at=utcnow(), kind="error", study_instance_uid=row.study_instance_uid,
-                    reason=f"run {run_id} abandoned after {row.attempts} attempts (worker lost each time?)"))
-                return None
-            connection.execute(update(processing_runs).where(processing_runs.c.id == run_id).values(
-                status="running", attempts=row.attempts + 1, started_at=utcnow(), worker_host=self.host))
             connection.execute(update(studies).where(and_(studies.c.id == row.study_id,
                                                           studies.c.version == row.study_version))
                                .values(status="processing"))
@@ -208,6 +228,7 @@ class RunProcessor:
         self._stamp(run_id, "sr_created_at", sr_sop_instance_uid=str(sr.SOPInstanceUID), sr_path=str(sr_path),
                     priority=result.priority)
         self._record_predictions(run_id, prediction, result)
+        publish_result(self.settings, self.engine, run_id, result)  # worklist priority; never raises
 
         delivery_ids = self.deliveries.create(run_id, str(sr.SOPInstanceUID), sr_path)
         # Queued before the run is marked done: a crash in between redoes the run (same SR, same delivery rows;

@@ -8,12 +8,14 @@ from prometheus_client import REGISTRY
 
 from pacs_bridge.assembly import CompletionPolicy, StudyAssembler
 from pacs_bridge.bookkeeping import Bookkeeper
+from pacs_bridge.dicom_tls import TlsFiles
 from pacs_bridge.schema import make_engine
 from pacs_bridge.scp import ScpSettings, StorageSCP
 from pacs_bridge.storage import InstanceStore
-from worker.celery_app import dispatcher, make_celery
+from worker.celery_app import DELIVER, DELIVERY_QUEUE, dispatcher, make_celery
 from worker.config import Settings
 from worker.metrics import HealthServer
+from worker.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ class ReceivingService:
     scp: StorageSCP
     bookkeeper: Bookkeeper
     assembler: StudyAssembler
+    sweeper: Sweeper | None = None
     health: HealthServer | None = None
     _collector: ReceiverCollector | None = None
 
@@ -73,6 +76,8 @@ class ReceivingService:
         self.bookkeeper.start()
         self.scp.start()
         self.assembler.start()
+        if self.sweeper is not None:
+            self.sweeper.start()
         port = int(self.settings["metrics"]["serve_port"])
         if port:
             try:
@@ -89,6 +94,8 @@ class ReceivingService:
             REGISTRY.unregister(self._collector)
         self.scp.stop()
         self.assembler.stop()
+        if self.sweeper is not None:
+            self.sweeper.stop()
         self.bookkeeper.stop()
 
 
@@ -111,15 +118,26 @@ def build_receiving_service(settings: Settings) -> ReceivingService:
             allowed_calling_aets=list(scp_settings["allowed_calling_aets"] or []),
             max_pdu=int(scp_settings["max_pdu"]), max_associations=int(scp_settings["max_associations"]),
             network_timeout_s=float(scp_settings["network_timeout_s"]),
+            ae_hosts=dict(scp_settings["ae_hosts"] or {}), tls=TlsFiles.from_config(scp_settings["tls"]),
+            max_object_bytes=int(scp_settings["max_object_bytes"] or 0),
         ),
         store, bookkeeper,
     )
     assembly = settings["assembly"]
+    celery_app = make_celery(settings)
+    dispatch_run = dispatcher(celery_app)
+    sweeper = Sweeper(
+        engine, dispatch_run,
+        lambda delivery_id: celery_app.send_task(DELIVER, args=[delivery_id], queue=DELIVERY_QUEUE),
+        redispatch_after_s=float(settings["worker"]["redispatch_after_s"]),
+        stale_running_s=float(settings["worker"]["task_time_limit_s"]),
+        interval_s=max(float(assembly["poll_interval_s"]), 1.0),
+    )
     assembler = StudyAssembler(
         engine,
-        dispatch=dispatcher(make_celery(settings)),
+        dispatch=dispatch_run,
         policy=CompletionPolicy(float(assembly["quiet_period_s"]), float(assembly["max_wait_s"])),
         active_studies=scp.active.current,
         poll_interval_s=float(assembly["poll_interval_s"]),
     )
-    return ReceivingService(settings, scp, bookkeeper, assembler)
+    return ReceivingService(settings, scp, bookkeeper, assembler, sweeper)
