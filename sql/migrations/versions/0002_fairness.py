@@ -1,7 +1,7 @@
 """Final reports, ground truth labels, sensitive attributes, HL7 message log, fairness results; reporting views.
 
-The views are the files under ``sql/views`` (applied in name order). They are written once for both databases:
-``SECONDS_BETWEEN(a, b)`` stands for the seconds from ``a`` to ``b`` and is replaced here by each dialect's form.
+The views are the files under ``sql/views/0002`` (applied in name order, see ``pacs_bridge.reporting_views``). A later
+migration that makes SQLite rebuild a table these views read must drop the views first and create them after.
 
 Revision ID: 0002
 Revises: 0001
@@ -9,64 +9,18 @@ Create Date: 2026-12-03 09:00:00
 """
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import sqlalchemy as sa
 from alembic import op
+
+from pacs_bridge.reporting_views import create_views, drop_views
 
 revision = "0002"
 down_revision = "0001"
 branch_labels = None
 depends_on = None
 
-VIEWS_DIR = Path(__file__).resolve().parents[2] / "views"
 ATTRIBUTES = ("sex", "age_band", "ethnic_group", "region", "density_quartile", "scheduling",
               "scanner_manufacturer", "scanner_model", "insurance_class")
-
-
-def _seconds_between(dialect: str, start: str, end: str) -> str:
-    if dialect == "postgresql":
-        return f"CAST(EXTRACT(EPOCH FROM (({end}) - ({start}))) AS DOUBLE PRECISION)"
-    if dialect == "sqlite":
-        return f"((julianday({end}) - julianday({start})) * 86400.0)"
-    raise NotImplementedError(f"reporting views: no SECONDS_BETWEEN for the {dialect!r} database")
-
-
-def _expand_macros(sql: str, dialect: str) -> str:
-    """Replace every ``SECONDS_BETWEEN(a, b)`` (arguments may hold parentheses and commas inside them)."""
-    marker = "SECONDS_BETWEEN("
-    while (start := sql.find(marker)) >= 0:
-        depth, position, arguments, argument_start = 1, start + len(marker), [], start + len(marker)
-        while depth:
-            char = sql[position]
-            if char == "(":
-                depth += 1
-            elif char == ")":
-                depth -= 1
-            elif char == "," and depth == 1:
-                arguments.append(sql[argument_start:position].strip())
-                argument_start = position + 1
-            position += 1
-        arguments.append(sql[argument_start:position - 1].strip())
-        if len(arguments) != 2:
-            raise ValueError(f"SECONDS_BETWEEN takes two arguments, got {arguments}")
-        sql = sql[:start] + _seconds_between(dialect, *arguments) + sql[position:]
-    return sql
-
-
-def view_statements(dialect: str) -> list[tuple[str, str]]:
-    """(view name, CREATE VIEW statement) for every view under sql/views, in order."""
-    statements = []
-    for path in sorted(VIEWS_DIR.glob("*.sql")):
-        text = re.sub(r"--[^\n]*", "", path.read_text())
-        for statement in (s.strip() for s in text.split(";")):
-            if statement:
-                name = re.match(r"CREATE\s+VIEW\s+(\w+)", statement, re.IGNORECASE)
-                if name is None:
-                    raise ValueError(f"{path}: only CREATE VIEW statements belong here, found {statement[:60]!r}")
-                statements.append((name.group(1), _expand_macros(statement, dialect)))
-    return statements
 
 
 def upgrade() -> None:
@@ -218,15 +172,11 @@ def upgrade() -> None:
     op.create_index(op.f("ix_fairness_turnaround_summary_refresh_id"), "fairness_turnaround_summary",
                     ["refresh_id"])
 
-    dialect = op.get_bind().dialect.name
-    for _name, statement in view_statements(dialect):
-        op.execute(statement)
+    create_views(op, revision)
 
 
 def downgrade() -> None:
-    dialect = op.get_bind().dialect.name
-    for name, _statement in reversed(view_statements(dialect)):
-        op.execute(f"DROP VIEW IF EXISTS {name}")
+    drop_views(op, revision)
     for table in ("fairness_turnaround_summary", "fairness_rate_disparities", "fairness_turnaround_odds",
                   "fairness_refreshes", "hl7_messages", "ground_truth_labels", "reports", "study_attributes"):
         op.drop_table(table)
