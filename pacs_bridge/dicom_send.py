@@ -9,6 +9,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 
+from pacs_bridge.dicom_tls import TlsFiles, client_context
 from pacs_bridge.intake import STATUS_SUCCESS
 
 
@@ -18,6 +19,8 @@ class DicomDestination:
     host: str
     port: int
     ae_title: str
+    #: DICOM TLS to this destination; None: plain TCP.
+    tls: TlsFiles | None = None
 
 
 class DeliveryError(Exception):
@@ -33,7 +36,10 @@ def c_store(destination: DicomDestination, datasets: list[Dataset | Path], calli
     ae.connection_timeout = min(timeout_s, 10.0)
     for sop_class, syntax in {(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in loaded}:
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    tls_args = None
+    if destination.tls is not None:
+        tls_args = (client_context(destination.tls), destination.tls.server_name or destination.host)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         raise DeliveryError(f"{destination.name}: association with {destination.ae_title}@"
                             f"{destination.host}:{destination.port} was not established "

@@ -31,6 +31,7 @@ from pydicom.uid import (
 )
 
 from pacs_bridge.bookkeeping import Bookkeeper, ReceivedInstance
+from pacs_bridge.dicom_tls import DeferredHandshakeContext, PeerBindings, TlsFiles, server_context
 from pacs_bridge.intake import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, RejectedInstance, check_received
 from pacs_bridge.storage import InstanceStore
 
@@ -84,6 +85,16 @@ class ScpSettings:
     max_pdu: int = 131072
     max_associations: int = 10
     network_timeout_s: float = 60.0
+    #: Calling AE title -> IP addresses/CIDR networks it may connect from (see :class:`PeerBindings`).
+    ae_hosts: dict[str, list[str]] = field(default_factory=dict)
+    #: DICOM TLS on the listener; None: plain TCP.
+    tls: TlsFiles | None = None
+    #: Datasets larger than this many bytes are refused (Out of Resources); 0: no limit.
+    max_object_bytes: int = 0
+
+
+#: How much of a refused oversized object is kept in quarantine (enough to identify it; the rest is not stored).
+OVERSIZED_QUARANTINE_BYTES = 64 * 1024
 
 
 class ActiveStudies:
@@ -123,8 +134,13 @@ class StorageSCP:
         ae.maximum_pdu_size = settings.max_pdu
         ae.maximum_associations = settings.max_associations
         ae.network_timeout = settings.network_timeout_s
-        if settings.allowed_calling_aets:
-            ae.require_calling_aet = list(settings.allowed_calling_aets)
+        # A peer that connects and never asks for an association is dropped as soon as an idle one would be.
+        ae.acse_timeout = settings.network_timeout_s
+        self.bindings = PeerBindings(settings.ae_hosts)
+        allowed = list(dict.fromkeys([*settings.allowed_calling_aets, *self.bindings.ae_titles]))
+        if allowed:
+            ae.require_calling_aet = allowed
+        self.refused_associations = 0
         ae.add_supported_context(Verification)
         for uid in STORAGE_SOP_CLASSES.values():
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)
@@ -137,9 +153,13 @@ class StorageSCP:
             (evt.EVT_RELEASED, self._on_association_closed),
             (evt.EVT_ABORTED, self._on_association_closed),
             (evt.EVT_CONN_CLOSE, self._on_association_closed),
+            (evt.EVT_CONN_OPEN, self._on_connection_opened),
+            (evt.EVT_REQUESTED, self._on_association_requested),
         ]
+        tls = self.settings.tls
         self._server = self.ae.start_server(
-            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
+            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers,
+            ssl_context=DeferredHandshakeContext(server_context(tls)) if tls else None,
         )
         log.info("SCP %s listening on %s:%d", self.settings.ae_title, self.settings.host, self.port)
 
@@ -160,6 +180,24 @@ class StorageSCP:
     def _on_association_closed(self, event: evt.Event) -> None:
         self.active.close(id(event.assoc))
 
+    def _on_connection_opened(self, event: evt.Event) -> None:
+        # pynetdicom leaves accepted sockets blocking: a peer that stalls mid-PDU (or mid-TLS-handshake) would hold
+        # an association slot for ever. With a timeout every read gives up after network_timeout_s of silence.
+        event.assoc.dul.socket.socket.settimeout(self.settings.network_timeout_s)
+
+    def _on_association_requested(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        calling_aet = requestor.primitive.calling_ae_title.strip()
+        if self.bindings.permits(calling_aet, requestor.address):
+            return
+        self.refused_associations += 1
+        reason = f"calling AE title {calling_aet} is not allowed from {requestor.address}"
+        log.warning("refused association: %s", reason)
+        self.bookkeeper.event("association_refused", reason,
+                              detail={"calling_aet": calling_aet, "peer": requestor.address})
+        # Rejected permanent, service user, calling AE title not recognised (PS3.8 9.3.4).
+        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+
     def _on_c_store(self, event: evt.Event) -> int:
         calling_aet = event.assoc.requestor.ae_title.strip()
         request = event.request
@@ -171,6 +209,12 @@ class StorageSCP:
         }
         data = b""
         try:
+            size = _dataset_size(request.DataSet)
+            limit = self.settings.max_object_bytes
+            if limit and size > limit:
+                data = _dataset_head(request.DataSet, OVERSIZED_QUARANTINE_BYTES)
+                raise RejectedInstance(f"dataset of {size} bytes exceeds scp.max_object_bytes ({limit}); only its "
+                                       f"first {len(data)} bytes (no file meta) are kept", STATUS_OUT_OF_RESOURCES)
             data = event.encoded_dataset(include_meta=True)
             header = check_received(data, request.AffectedSOPClassUID, request.AffectedSOPInstanceUID)
             stored = self.store.store(
@@ -185,7 +229,10 @@ class StorageSCP:
             return self._reject(data, f"internal error: {type(exc).__name__}: {exc}", STATUS_OUT_OF_RESOURCES,
                                 context)
         self.active.add(id(event.assoc), header.study_instance_uid)
-        self.bookkeeper.add(ReceivedInstance(header=header, stored=stored, calling_aet=calling_aet))
+        # The called AE title as the sender addressed it (routing rules may test it), not ours.
+        called_aet = str(getattr(event.assoc.requestor.primitive, "called_ae_title", "") or "").strip()
+        self.bookkeeper.add(ReceivedInstance(header=header, stored=stored, calling_aet=calling_aet,
+                                             called_aet=called_aet, peer_address=event.assoc.requestor.address))
         self.received += 1
         return STATUS_SUCCESS
 
@@ -202,3 +249,25 @@ class StorageSCP:
             detail={**context, "status": status, "path": str(path) if path else None},
         )
         return status
+
+
+def _dataset_size(dataset: object) -> int:
+    """Bytes of a received dataset: an in-memory buffer, or a file when pynetdicom receives to disk."""
+    if hasattr(dataset, "getbuffer"):
+        return dataset.getbuffer().nbytes
+    if hasattr(dataset, "seek") and hasattr(dataset, "tell"):
+        position = dataset.tell()
+        size = dataset.seek(0, 2)
+        dataset.seek(position)
+        return size
+    return 0
+
+
+def _dataset_head(dataset: object, limit: int) -> bytes:
+    if hasattr(dataset, "getbuffer"):
+        return bytes(dataset.getbuffer()[:limit])
+    position = dataset.tell()  # type: ignore[attr-defined]
+    dataset.seek(0)  # type: ignore[attr-defined]
+    head = dataset.read(limit)  # type: ignore[attr-defined]
+    dataset.seek(position)  # type: ignore[attr-defined]
+    return head

@@ -16,6 +16,7 @@ from sqlalchemy import and_, insert, select, update
 from sqlalchemy.engine import Engine
 
 from pacs_bridge.dicom_send import DeliveryError, DicomDestination, c_store
+from pacs_bridge.dicom_tls import TlsFiles
 from pacs_bridge.dicomweb_send import DicomwebDestination, stow_rs
 from pacs_bridge.schema import deliveries, events, processing_runs, utcnow
 from worker.config import Settings
@@ -34,7 +35,8 @@ def configured_destinations(settings: Settings) -> dict[str, Destination]:
         if not name:
             raise ValueError(f"destination {entry!r} has no name")
         if kind == "dicom":
-            found[name] = DicomDestination(name, entry["host"], int(entry["port"]), entry["ae_title"])
+            found[name] = DicomDestination(name, entry["host"], int(entry["port"]), entry["ae_title"],
+                                           tls=TlsFiles.from_config(entry.get("tls")))
         elif kind == "dicomweb":
             found[name] = DicomwebDestination(name, entry["url"].rstrip("/"))
         else:
