@@ -33,8 +33,14 @@ _DISPATCHED_STATES = ("queued", "processing", "done", "failed", "ignored")
 class ReceivedInstance:
     header: InstanceHeader
     stored: StoredInstance
-    calling_aet: str
+    #: The sender's AE title (for C-MOVE and C-GET, the PACS's); None where there is no association (STOW-RS).
+    calling_aet: str | None
     received_at: datetime = field(default_factory=utcnow)
+    #: The AE title the sender addressed, the sender's IP address, and how the instance arrived (routing rules
+    #: test these): c-store | stow-rs | c-get | wado-rs.
+    called_aet: str | None = None
+    peer_address: str | None = None
+    source: str = "c-store"
 
 
 @dataclass(frozen=True)
@@ -193,7 +199,8 @@ def _record_instance(connection: Connection, item: ReceivedInstance) -> None:
             insert(series).values(
                 study_id=study_id, series_instance_uid=header.series_instance_uid, modality=header.modality or None,
                 series_description=header.series_description or None, series_number=header.series_number,
-                instance_count=0,
+                instance_count=0, calling_aet=item.calling_aet or None, called_aet=item.called_aet or None,
+                peer_address=(item.peer_address or "")[:64] or None, source=item.source,
             )
         ).inserted_primary_key[0]
     else:

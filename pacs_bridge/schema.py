@@ -68,6 +68,12 @@ series = Table(
     Column("series_description", String(128)),
     Column("series_number", Integer),
     Column("instance_count", Integer, nullable=False, default=0),
+    # How the series arrived (routing rules test these): the first instance's sender and transport.
+    Column("calling_aet", String(16)),
+    Column("called_aet", String(16)),
+    Column("peer_address", String(64)),
+    # c-store | stow-rs | c-get | wado-rs
+    Column("source", String(16)),
 )
 
 instances = Table(
@@ -112,6 +118,9 @@ processing_runs = Table(
     Column("priority", String(16)),
     Column("sr_sop_instance_uid", UID),
     Column("sr_path", Text),
+    # The routing decision the run was created by: lane (urgent | routine), rule, and forwards after processing.
+    Column("lane", String(16)),
+    Column("routing", JSON),
     # One run per study version: a re-sent study or a redelivered task never makes a second one.
     UniqueConstraint("study_id", "study_version", name="uq_run_study_version"),
 )
@@ -134,10 +143,21 @@ deliveries = Table(
     "deliveries",
     metadata,
     Column("id", Integer, primary_key=True),
-    Column("run_id", Integer, ForeignKey("processing_runs.id", ondelete="CASCADE"), nullable=False, index=True),
+    # An SR delivery belongs to a run; a forward of the study's images (kind "images") to a study version.
+    Column("run_id", Integer, ForeignKey("processing_runs.id", ondelete="CASCADE"), index=True),
     Column("destination", String(64), nullable=False),
-    Column("sop_instance_uid", UID, nullable=False),
+    # sr: the run's SR (path); images: the study's images as received (files), forwarded by a routing rule.
+    Column("kind", String(16), nullable=False, default="sr", server_default="sr"),
+    # images only: before | after processing.
+    Column("stage", String(16)),
+    Column("study_id", Integer, ForeignKey("studies.id", ondelete="CASCADE"), index=True),
+    Column("study_version", Integer),
+    Column("sop_instance_uid", UID),
+    # The SR, or the study's folder for a set of images.
     Column("path", Text, nullable=False),
+    Column("files", JSON),
+    # When the delivery was handed to the delivery queue (forwards on routing are queued by the assembler).
+    Column("queued_at", DateTime(timezone=True)),
     # pending -> delivered | failed (dead letter)
     Column("status", String(16), nullable=False, default="pending"),
     Column("attempts", Integer, nullable=False, default=0),
@@ -145,6 +165,7 @@ deliveries = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("delivered_at", DateTime(timezone=True)),
     UniqueConstraint("run_id", "destination", name="uq_delivery"),
+    UniqueConstraint("study_id", "study_version", "destination", "kind", name="uq_delivery_files"),
 )
 
 events = Table(
@@ -152,7 +173,7 @@ events = Table(
     metadata,
     Column("id", Integer, primary_key=True),
     Column("at", DateTime(timezone=True), nullable=False, index=True),
-    # received | quarantine | completion | routing | dispatch | error | delivery
+    # received | quarantine | completion | routing | forward | dispatch | error | delivery | pull
     Column("kind", String(32), nullable=False, index=True),
     Column("study_instance_uid", String(128)),
     Column("sop_instance_uid", String(128)),
@@ -180,3 +201,4 @@ def make_engine(url: str) -> Engine:
 # Final reports, ground truth, sensitive attributes and fairness results are declared in their own module on this
 # same metadata; importing it here means every user of ``metadata`` (migrations, the schema test) sees them.
 from pacs_bridge import report_schema as _report_schema  # noqa: E402,F401
+from pacs_bridge import pull_schema as _pull_schema  # noqa: E402,F401
