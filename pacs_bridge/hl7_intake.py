@@ -77,7 +77,8 @@ def decode_message(raw: bytes) -> str:
 
 def parse_message(text: str) -> hl7.Message:
     if not text.startswith("MSH"):
-        raise MalformedMessage(f"the message does not begin with an MSH segment (it begins {text[:12]!r})")
+        # Only the first three characters: a misframed message may begin with a segment holding identifiers.
+        raise MalformedMessage(f"the message does not begin with an MSH segment (it begins {text[:3]!r})")
     try:
         message = hl7.parse(text)
     except Exception as exc:  # python-hl7 raises ParseException and, for odd separators, IndexError and others

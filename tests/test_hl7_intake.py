@@ -6,6 +6,8 @@ and are kept on disk and in the database with the reason; a resend is acknowledg
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from datetime import UTC, datetime
 
 import pytest
@@ -220,3 +222,11 @@ def test_oru_fields_study_uid_escapes_and_status():
     assert report.text == "Findings: meningioma&edema \n No hydrocephalus."
     assert report.status == "C" and report.accession_number == "ACC1001"
     assert report.exam_at == datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+
+
+def test_the_dicom_edge_intake_imports_no_model_code():
+    code = ("import sys, pacs_bridge.hl7_intake, pacs_bridge.report_intake; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'models', 'train', 'worker')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
