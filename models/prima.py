@@ -177,15 +177,27 @@ class HierViT(nn.Module):
         sequences = torch.cat([names[:, None, :], batch.tokens], dim=1)
         return self.innerViT.head(self.innerViT(sequences, batch.token_counts + 1))
 
+    def study_embeddings(
+        self,
+        series: torch.Tensor,
+        series_study: torch.Tensor,
+        series_slot: torch.Tensor,
+        description_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """(S, inner out_dim) series embeddings, each placed in its study and slot -> (B, embedding) studies."""
+        n_studies = description_ids.shape[0]
+        description = self.studyencoder(description_ids).to(series.dtype)
+        counts = torch.bincount(series_study, minlength=n_studies)
+        sequences = series.new_zeros(n_studies, 1 + int(counts.max()), series.shape[1])
+        sequences[:, 0] = description
+        sequences[series_study, 1 + series_slot] = series
+        return self.outerViT(sequences, counts + 1)
+
     def forward(self, batch: PrimaBatch) -> torch.Tensor:
         """(B, outer registers * outer dim) study embeddings."""
-        series = self.series_embeddings(batch)
-        description = self.studyencoder(batch.description_ids).to(series.dtype)
-        counts = torch.bincount(batch.series_study, minlength=batch.n_studies)
-        sequences = series.new_zeros(batch.n_studies, 1 + int(counts.max()), series.shape[1])
-        sequences[:, 0] = description
-        sequences[batch.series_study, 1 + batch.series_slot] = series
-        return self.outerViT(sequences, counts + 1)
+        return self.study_embeddings(
+            self.series_embeddings(batch), batch.series_study, batch.series_slot, batch.description_ids
+        )
 
 
 def _register_vit(config: ViTConfig) -> RegisterViT:
