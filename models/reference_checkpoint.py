@@ -367,19 +367,24 @@ def _all_classes(obj: Any, seen: set[int], found: set[str]) -> None:
 def load_reference_prima(path: str | PathLike[str]) -> ReferenceCheckpoint:
     """Read a published ``FullMRIModel`` pickle safely; raises :class:`ReferenceCheckpointError` with the reason."""
     path = Path(path)
-    root = _unwrap(read_whole_module_checkpoint(path))
+    pickled = read_whole_module_checkpoint(path)
+    classes: set[str] = set()
+    _all_classes(pickled, set(), classes)
+    root = _unwrap(pickled)
     if _class_name(root) != "FullMRIModel":
         raise ReferenceCheckpointError(
             f"{path}: the pickled object is a {_class_name(root)}, not a FullMRIModel"
         )
     try:
-        return _reference_checkpoint(root)
+        checkpoint = _reference_checkpoint(root)
     except ReferenceCheckpointError as error:
         raise ReferenceCheckpointError(f"{path}: {error}") from None
     except (KeyError, TypeError, AttributeError, ValueError) as error:
         raise ReferenceCheckpointError(
             f"{path}: unexpected content ({type(error).__name__}: {error})"
         ) from None
+    checkpoint.reference_classes = sorted(classes)
+    return checkpoint
 
 
 def _reference_checkpoint(root: InertObject) -> ReferenceCheckpoint:
@@ -433,9 +438,7 @@ def _reference_checkpoint(root: InertObject) -> ReferenceCheckpoint:
         referral_hidden=referral.hidden or diagnosis.hidden,
         priority_hidden=tuple(priority_widths[1:-1]),
     )
-    classes: set[str] = set()
-    _all_classes(root, set(), classes)
-    return ReferenceCheckpoint(config, state, diagnosis, referral, priority_classes, sorted(classes))
+    return ReferenceCheckpoint(config, state, diagnosis, referral, priority_classes)
 
 
 # --- VQ-VAE --------------------------------------------------------------------------------------------------
