@@ -120,7 +120,10 @@ class AttributePolicy:
 
 @dataclass
 class StudyAttributes:
-    """One study's groups; ``sources`` says where each known value came from (dicom, hl7, http, ...)."""
+    """One study's groups; ``sources`` says where each known value came from (dicom, hl7, http, ...).
+
+    ``sources`` may also hold bookkeeping entries that are not attribute names, such as ``dicom_header``.
+    """
 
     study_instance_uid: str | None = None
     accession_number: str | None = None
@@ -238,6 +241,8 @@ def save_attributes(connection: Connection, attrs: StudyAttributes) -> int | Non
             if getattr(row, name) != new:
                 changes[name] = new
             sources[name] = attrs.sources[name]
+    # Bookkeeping entries beside the attribute names (e.g. "dicom_header": "read") are kept as given.
+    sources.update({key: value for key, value in attrs.sources.items() if key not in ATTRIBUTES})
     if attrs.study_instance_uid and not row.study_instance_uid:
         changes["study_instance_uid"] = attrs.study_instance_uid
     if attrs.accession_number and not row.accession_number:

@@ -150,12 +150,20 @@ def test_refresh_reads_attributes_of_received_studies_from_their_dicom_headers(e
         connection.execute(insert(instances).values(
             series_id=series_id, sop_instance_uid=dataset.SOPInstanceUID, sop_class_uid=dataset.SOPClassUID,
             path=str(path), size_bytes=path.stat().st_size, sha256="0" * 64, received_at=now))
+        # The report came first: HL7 already said the patient is a woman from the north, aged 65-79.
+        connection.execute(insert(study_attributes).values(
+            study_instance_uid=study_uid, sex="F", age_band="65-79", region="north", density_quartile="Q2",
+            sources={"sex": "hl7", "age_band": "hl7", "region": "hl7", "density_quartile": "hl7"}, updated_at=now))
     policy = AttributePolicy(postcodes=PostcodeTable.load(DEFAULT_POSTCODE_TABLE))
 
     refresh(engine, FairnessConfig(), policy)
+    refresh(engine, FairnessConfig(), policy)  # the header is read once, not on every refresh
 
     with engine.connect() as connection:
         row = connection.execute(select(study_attributes)).one()
-    assert (row.sex, row.age_band, row.scheduling) == ("F", "40-64", "weekend")
-    assert (row.scanner_manufacturer, row.scanner_model, row.region) == ("Contoso Medical", "CM Vega 3T", "unknown")
+    assert (row.sex, row.age_band, row.region, row.scheduling) == ("F", "65-79", "north", "weekend")
+    assert (row.scanner_manufacturer, row.scanner_model) == ("Contoso Medical", "CM Vega 3T")
     assert row.exam_at == datetime(2026, 1, 3, 10, 15, tzinfo=UTC)
+    assert row.sources == {"sex": "hl7", "age_band": "hl7", "region": "hl7", "density_quartile": "hl7",
+                           "scheduling": "dicom", "scanner_manufacturer": "dicom", "scanner_model": "dicom",
+                           "dicom_header": "read"}

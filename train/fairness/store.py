@@ -67,25 +67,31 @@ def link_reports_to_studies(connection: Connection) -> int:
 
 
 def fill_attributes_from_dicom(connection: Connection, policy: AttributePolicy, limit: int = 500) -> int:
-    """Read one stored instance header per study whose attributes have no DICOM values yet, and save them."""
+    """Read one stored instance header of each study whose DICOM header has not been read yet, and merge it in.
+
+    A study whose attributes came from HL7 first still gets its scanner (and anything else HL7 lacked) this way.
+    ``sources["dicom_header"]`` records that the header was read (read | unreadable | no instance), so each study
+    is read once.
+    """
     done = 0
     missing = connection.execute(text(
         "SELECT s.id, s.study_instance_uid FROM studies s LEFT JOIN study_attributes a "
-        "ON a.study_instance_uid = s.study_instance_uid WHERE a.id IS NULL ORDER BY s.id LIMIT :limit"),
-        {"limit": limit}).all()
+        "ON a.study_instance_uid = s.study_instance_uid "
+        "WHERE a.id IS NULL OR a.sources IS NULL OR CAST(a.sources AS TEXT) NOT LIKE '%dicom_header%' "
+        "ORDER BY s.id LIMIT :limit"), {"limit": limit}).all()
     for study_id, uid in missing:
         path = connection.execute(
             select(instances.c.path).join(series, series.c.id == instances.c.series_id)
             .where(series.c.study_id == study_id).order_by(instances.c.id).limit(1)).scalar()
-        attrs = None
+        attrs, outcome = StudyAttributes(), "no instance"
         if path and Path(path).exists():
             try:
-                attrs = attributes_from_dicom(pydicom.dcmread(path, stop_before_pixels=True), policy)
+                attrs, outcome = attributes_from_dicom(pydicom.dcmread(path, stop_before_pixels=True), policy), "read"
             except Exception as exc:  # noqa: BLE001 - a bad header costs the study its attributes, not the refresh
                 log.warning("fairness: cannot read attributes of study %s from %s: %s", uid, path, exc)
-        if attrs is None:
-            attrs = StudyAttributes()
+                outcome = "unreadable"
         attrs.study_instance_uid = uid
+        attrs.sources["dicom_header"] = outcome
         save_attributes(connection, attrs)
         done += 1
     return done
