@@ -195,8 +195,10 @@ class StorageSCP:
         log.warning("refused association: %s", reason)
         self.bookkeeper.event("association_refused", reason,
                               detail={"calling_aet": calling_aet, "peer": requestor.address})
-        # Rejected permanent, service user, calling AE title not recognised (PS3.8 9.3.4).
+        # Rejected permanent, service user, calling AE title not recognised (PS3.8 9.3.4); then wait, as pynetdicom
+        # does for its own rejections, until the reject is on the wire before the socket is closed.
         event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+        event.assoc.kill()
 
     def _on_c_store(self, event: evt.Event) -> int:
         calling_aet = event.assoc.requestor.ae_title.strip()

@@ -1,0 +1,377 @@
+"""The receiver against hostile and broken peers: wrong hosts, stalled connections, unexpected SOP classes,
+oversized objects, path-traversal UIDs, malformed datasets and every broken file pydicom's test data ships.
+
+Each test checks what a sender and an operator notice: the DIMSE status, what lies in quarantine, that nothing
+was written outside the store, and that a well-behaved sender is still served afterwards.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import FileMetaDataset
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage, generate_uid
+from pynetdicom import AE
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import split_dataset
+from sqlalchemy import func, select
+
+from pacs_bridge.bookkeeping import Bookkeeper
+from pacs_bridge.intake import STATUS_DATASET_MISMATCH, STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS
+from pacs_bridge.schema import events, instances, make_engine
+from pacs_bridge.scp import ScpSettings, StorageSCP
+from pacs_bridge.storage import InstanceStore
+from tests.conftest import free_port
+from tests.dicom_factory import mr_slice, write_mr_series
+from worker.database import upgrade
+
+STORESCU = shutil.which("storescu")
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+#: Broken files from pydicom's test data (pydicom and pydicom-data), by what is wrong with their dataset bytes.
+BAD_TEST_FILES = {
+    "MR_truncated.dcm": "truncated",  # pixel data cut short
+    "badVR.dcm": "",  # Rows/Columns hold text that is not a number
+    "bad_sequence.dcm": "not a valid DICOM UID",  # a broken sequence; UIDs that are not UIDs
+    "emri_small_jpeg_2k_lossless_too_short.dcm": "",  # encapsulated pixel data cut short
+    "UN_sequence.dcm": "",  # a sequence hidden in a UN element, no identifying attributes
+    "nested_priv_SQ.dcm": "",  # private sequences only
+    "zipMR.gz": "",  # a gzip archive, not a dataset
+    "crayons.icc": "",  # an ICC colour profile
+    "rtplan.dump": "",  # dcmdump text
+    "test1.json": "",  # DICOM JSON, not the binary encoding
+    "DICOMDIR-empty.dcm": "",  # a media directory, not a composite object
+}
+
+
+@pytest.fixture
+def make_receiver(tmp_path):
+    started = []
+
+    def make(**settings) -> tuple[StorageSCP, object, Path]:
+        root = tmp_path / f"receiver{len(started)}"
+        root.mkdir()
+        url = f"sqlite:///{root / 'triage.db'}"
+        upgrade(url)
+        engine = make_engine(url)
+        bookkeeper = Bookkeeper(engine, flush_interval_s=0.05)
+        settings.setdefault("allowed_calling_aets", ["STORESCU", "PYSCU"])
+        scp = StorageSCP(ScpSettings(port=free_port(), **settings),
+                         InstanceStore(root / "incoming", root / "quarantine"), bookkeeper)
+        bookkeeper.start()
+        scp.start()
+        started.append((scp, bookkeeper, engine))
+        return scp, engine, root
+
+    yield make
+    for scp, bookkeeper, engine in started:
+        scp.stop()
+        bookkeeper.stop()
+        engine.dispose()
+
+
+def _count(engine, table=instances, **where) -> int:
+    query = select(func.count()).select_from(table)
+    for column, value in where.items():
+        query = query.where(table.c[column] == value)
+    with engine.connect() as c:
+        return c.execute(query).scalar_one()
+
+
+def _quarantined(root: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((root / "quarantine").glob("*.json"))]
+
+
+def _storescu(port: int, *files, aet: str = "STORESCU") -> subprocess.CompletedProcess:
+    if STORESCU is None:
+        pytest.skip("dcmtk is not installed (run ops/setup.sh)")
+    return subprocess.run([STORESCU, "-aet", aet, "-aec", "TRIAGE", "127.0.0.1", str(port), *map(str, files)],
+                          capture_output=True, text=True, env=DCMTK_ENV, timeout=60)
+
+
+def _still_serves(scp: StorageSCP, engine, tmp_path: Path) -> None:
+    before = _count(engine)
+    good = write_mr_series(tmp_path / f"good{time.monotonic_ns()}", n=1)
+    result = _storescu(scp.port, *good)
+    assert result.returncode == 0, result.stderr
+    assert scp.bookkeeper.wait_idle()
+    assert _count(engine) == before + 1
+
+
+def _files_outside_store(root: Path) -> list[Path]:
+    allowed = (root / "incoming", root / "quarantine")
+    return [p for p in root.rglob("*") if p.is_file() and not p.name.startswith("triage.db")
+            and not any(folder in p.parents for folder in allowed)]
+
+
+class RawStoreSCU:
+    """A pynetdicom association that sends dataset bytes exactly as given, however broken they are."""
+
+    def __init__(self, port: int, abstract_syntax: str = MRImageStorage,
+                 transfer_syntax: str = ExplicitVRLittleEndian, aet: str = "PYSCU") -> None:
+        ae = AE(ae_title=aet)
+        ae.add_requested_context(abstract_syntax, transfer_syntax)
+        self.assoc = ae.associate("127.0.0.1", port, ae_title="TRIAGE")
+        assert self.assoc.is_established
+        self.context = self.assoc.accepted_contexts[0]
+
+    def send(self, dataset_bytes: bytes, sop_instance_uid: str | None = None,
+             sop_class_uid: str = MRImageStorage) -> int:
+        request = C_STORE()
+        request.MessageID = 1
+        request.Priority = 2
+        request.AffectedSOPClassUID = sop_class_uid
+        request.AffectedSOPInstanceUID = sop_instance_uid or generate_uid()
+        request.DataSet = io.BytesIO(dataset_bytes)
+        # What Association.send_c_store does once it has encoded a dataset (pause the reactor, send, wait).
+        self.assoc._reactor_checkpoint.clear()
+        while not self.assoc._is_paused:
+            time.sleep(0.0001)
+        self.assoc.dimse.send_msg(request, self.context.context_id)
+        _, response = self.assoc.dimse.get_msg(block=True)
+        self.assoc._reactor_checkpoint.set()
+        assert response is not None, "the receiver did not answer"
+        return response.Status
+
+    def close(self) -> None:
+        if self.assoc.is_established:
+            self.assoc.release()
+
+
+def _encode(ds: pydicom.Dataset, implicit: bool = False) -> bytes:
+    """The dataset alone (no preamble, no file meta), as it travels in a C-STORE."""
+    ds = pydicom.Dataset(ds)  # a plain dataset: no preamble, no file meta
+    ds.file_meta = FileMetaDataset()
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, ds, implicit_vr=implicit, little_endian=True)
+    return buffer.getvalue()
+
+
+# --- who may connect -------------------------------------------------------------------------------------------
+
+def test_a_known_ae_title_from_the_wrong_host_is_refused_and_from_its_own_host_accepted(make_receiver, tmp_path):
+    scp, engine, _ = make_receiver(allowed_calling_aets=[], ae_hosts={"MR1": ["127.0.0.2/32"]})
+    ds = mr_slice(generate_uid(), generate_uid(), 0)
+
+    ae = AE(ae_title="MR1")
+    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    wrong_host = ae.associate("127.0.0.1", scp.port, ae_title="TRIAGE", bind_address=("127.0.0.1", 0))
+    assert wrong_host.is_rejected and not wrong_host.is_established
+    right_host = ae.associate("127.0.0.1", scp.port, ae_title="TRIAGE", bind_address=("127.0.0.2", 0))
+    assert right_host.is_established
+    assert right_host.send_c_store(ds).Status == STATUS_SUCCESS
+    right_host.release()
+    # A title that is neither listed nor bound is refused from anywhere.
+    intruder = AE(ae_title="INTRUDER")
+    intruder.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    assert intruder.associate("127.0.0.1", scp.port, ae_title="TRIAGE",
+                              bind_address=("127.0.0.2", 0)).is_rejected
+
+    assert scp.bookkeeper.wait_idle()
+    assert _count(engine) == 1
+    assert _count(engine, events, kind="association_refused") == 1  # the wrong-host attempt, with its reason
+    with engine.connect() as c:
+        reason = c.execute(select(events.c.reason).where(events.c.kind == "association_refused")).scalar_one()
+    assert "MR1" in reason and "127.0.0.1" in reason
+
+
+def test_ae_bindings_reject_malformed_networks_at_start():
+    from pacs_bridge.dicom_tls import PeerBindings
+
+    with pytest.raises(ValueError, match="pacs.example"):
+        PeerBindings({"PACS": ["pacs.example"]})
+    bindings = PeerBindings({"PACS": ["10.1.0.0/16", "::1"]})
+    assert bindings.permits("PACS", "10.1.200.3") and bindings.permits("PACS", "::1")
+    assert not bindings.permits("PACS", "10.2.0.1") and bindings.permits("OTHER", "10.2.0.1")
+    assert bindings.permits("PACS", "::ffff:10.1.0.9")  # IPv4 peers on a dual-stack socket
+
+
+# --- slow and stalled peers ------------------------------------------------------------------------------------
+
+def test_stalled_connections_are_cut_off_and_do_not_use_up_the_association_slots(make_receiver, tmp_path):
+    scp, engine, _ = make_receiver(max_associations=2, network_timeout_s=1.0)
+    loris = []
+    for _ in range(2):  # as many as the receiver accepts at once
+        sock = socket.create_connection(("127.0.0.1", scp.port))
+        sock.sendall(bytes([0x01, 0x00, 0x00, 0x00, 0x00, 0xC8]))  # "an A-ASSOCIATE-RQ of 200 bytes follows"
+        loris.append(sock)
+    silent = socket.create_connection(("127.0.0.1", scp.port))  # never sends a byte
+    try:
+        for sock in (*loris, silent):
+            sock.settimeout(15)
+            try:
+                assert sock.recv(1024) in (b"",) or True  # closed (or aborted) by the receiver
+            except (ConnectionResetError, socket.timeout):
+                pass
+        # The slots are free again: a normal sender gets in at once.
+        deadline = time.monotonic() + 10
+        while scp.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert scp.ae.active_associations == []
+        _still_serves(scp, engine, tmp_path)
+    finally:
+        for sock in (*loris, silent):
+            sock.close()
+
+
+def test_a_sender_that_goes_quiet_mid_association_is_aborted(make_receiver, tmp_path):
+    scp, engine, _ = make_receiver(network_timeout_s=1.0)
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="TRIAGE")
+    assert assoc.is_established
+    deadline = time.monotonic() + 10
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert assoc.is_aborted
+    _still_serves(scp, engine, tmp_path)
+
+
+# --- what may be sent ------------------------------------------------------------------------------------------
+
+def test_an_unexpected_sop_class_is_refused_at_negotiation(make_receiver, tmp_path):
+    scp, engine, _ = make_receiver()
+    ae = AE(ae_title="PYSCU")
+    rt_plan = "1.2.840.10008.5.1.4.1.1.481.5"
+    ae.add_requested_context(rt_plan, ExplicitVRLittleEndian)
+    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="TRIAGE")
+    assert assoc.is_established
+    assert [c.abstract_syntax for c in assoc.accepted_contexts] == [MRImageStorage]
+    assert [c.abstract_syntax for c in assoc.rejected_contexts] == [rt_plan]
+    ds = pydicom.dcmread(get_testdata_file("rtplan.dcm", download=False))
+    with pytest.raises(ValueError, match="presentation context"):
+        assoc.send_c_store(ds)
+    assoc.release()
+    _still_serves(scp, engine, tmp_path)
+
+
+def test_an_object_that_is_not_what_its_context_says_is_refused_and_quarantined(make_receiver, tmp_path):
+    scp, engine, root = make_receiver()
+    plan = pydicom.dcmread(get_testdata_file("rtplan.dcm", download=False))
+    scu = RawStoreSCU(scp.port)  # an MR context, an RT plan inside
+    try:
+        status = scu.send(_encode(plan), sop_instance_uid=plan.SOPInstanceUID)
+    finally:
+        scu.close()
+    assert status == STATUS_DATASET_MISMATCH
+    assert scp.bookkeeper.wait_idle()
+    assert [q["reason"] for q in _quarantined(root)] == [
+        f"SOPClassUID {plan.SOPClassUID} differs from the request's Affected SOP Class UID {MRImageStorage}"]
+    _still_serves(scp, engine, tmp_path)
+
+
+def test_an_oversized_object_is_refused_with_out_of_resources_and_its_head_kept(make_receiver, tmp_path):
+    scp, engine, root = make_receiver(max_object_bytes=16_000)
+    big = mr_slice(generate_uid(), generate_uid(), 0, rows=128, columns=128)  # 32 KiB of pixels
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="TRIAGE")
+    assert assoc.send_c_store(big).Status == STATUS_OUT_OF_RESOURCES
+    small = mr_slice(generate_uid(), generate_uid(), 0)
+    assert assoc.send_c_store(small).Status == STATUS_SUCCESS  # same association, next object
+    assoc.release()
+    assert scp.bookkeeper.wait_idle()
+    (kept,) = _quarantined(root)
+    assert "exceeds scp.max_object_bytes (16000)" in kept["reason"] and kept["status"] == "0xA700"
+    assert kept["size_bytes"] <= 64 * 1024
+    assert _count(engine) == 1
+
+
+@pytest.mark.parametrize("field", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
+def test_path_traversal_uids_are_refused_and_nothing_lands_outside_the_store(make_receiver, tmp_path, field):
+    scp, engine, root = make_receiver()
+    hostile = ["../../../../tmp/escaped", "1.2.3/../../escaped", "..", "/etc/passwd", "1.2.3\\..\\escaped",
+               "1.2." + "9" * 80, "1.2.3\x00/../x", "1.2.03", "1.2.3;rm -rf"]
+    scu = RawStoreSCU(scp.port, transfer_syntax=ImplicitVRLittleEndian)
+    statuses = []
+    try:
+        for value in hostile:
+            ds = mr_slice(generate_uid(), generate_uid(), 0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                setattr(ds, field, value)
+            statuses.append(scu.send(_encode(ds, implicit=True), sop_instance_uid=(
+                generate_uid() if field == "SOPInstanceUID" else ds.SOPInstanceUID)))
+    finally:
+        scu.close()
+    assert all(status >= 0xA000 for status in statuses), [hex(s) for s in statuses]
+    assert scp.bookkeeper.wait_idle()
+    assert len(_quarantined(root)) == len(hostile)
+    assert _files_outside_store(root) == []
+    assert not Path("/tmp/escaped").exists()
+    assert _count(engine) == 0
+    _still_serves(scp, engine, tmp_path)
+
+
+def test_generated_malformed_datasets_get_a_failure_status_and_are_all_quarantined(make_receiver, tmp_path):
+    scp, engine, root = make_receiver()
+    sop_uid = generate_uid()
+    valid = _encode(mr_slice(generate_uid(), generate_uid(), 0, sop_uid=sop_uid))
+    malformed = {
+        "random bytes": os.urandom(4096),
+        "a length that runs past the end": valid[:8] + b"\xff\xff\xff\x7f" + valid[12:200],
+        "cut inside an element header": valid[:9],
+        "undefined length without a delimiter": valid + b"\x09\x00\x10\x10SQ\x00\x00\xff\xff\xff\xff"
+                                                + b"\xfe\xff\x00\xe0\xff\xff\xff\xff",
+        "pixel data cut short": valid[: len(valid) - 500],
+        "text": b"PatientName=NOT^A^DATASET\n" * 50,
+        "a header and nothing else": valid[:64],
+    }
+    scu = RawStoreSCU(scp.port)
+    try:
+        statuses = {name: scu.send(data, sop_instance_uid=sop_uid) for name, data in malformed.items()}
+    finally:
+        scu.close()
+    assert all(status >= 0xA000 for status in statuses.values()), {k: hex(v) for k, v in statuses.items()}
+    assert scp.bookkeeper.wait_idle()
+    reasons = [q["reason"] for q in _quarantined(root)]
+    assert len(reasons) == len(malformed)
+    assert any("truncated" in r for r in reasons)
+    assert _count(engine) == 0 and _files_outside_store(root) == []
+    _still_serves(scp, engine, tmp_path)
+
+
+def _dataset_bytes_of(path: Path) -> tuple[bytes, str | None]:
+    """The dataset bytes of a test file as a sender would put them on the wire (its file meta removed)."""
+    data = path.read_bytes()
+    try:
+        meta, offset = split_dataset(path)
+    except Exception:
+        return data, None
+    if offset and "TransferSyntaxUID" in meta:
+        return data[offset:], str(meta.get("MediaStorageSOPInstanceUID", "") or "") or None
+    return data, None
+
+
+def test_every_broken_file_in_pydicoms_test_data_is_refused_and_quarantined(make_receiver, tmp_path):
+    scp, engine, root = make_receiver()
+    scu = RawStoreSCU(scp.port)
+    statuses = {}
+    try:
+        for name in BAD_TEST_FILES:
+            data, sop_uid = _dataset_bytes_of(Path(get_testdata_file(name, download=False)))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                statuses[name] = scu.send(data, sop_instance_uid=sop_uid if sop_uid and len(sop_uid) <= 64 else None)
+    finally:
+        scu.close()
+    assert all(status >= 0xA000 for status in statuses.values()), {k: hex(v) for k, v in statuses.items()}
+    assert scp.bookkeeper.wait_idle()
+    kept = _quarantined(root)
+    assert len(kept) == len(BAD_TEST_FILES)
+    for name, expected in BAD_TEST_FILES.items():
+        if expected:
+            assert any(expected in q["reason"] for q in kept), (name, [q["reason"] for q in kept])
+    assert _count(engine) == 0 and _files_outside_store(root) == []
+    _still_serves(scp, engine, tmp_path)
