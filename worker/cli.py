@@ -10,11 +10,16 @@ import threading
 from worker.config import load_settings
 
 #: Modules that add their own subcommands: each has ``register(subparsers)``, setting ``func`` on its parsers.
-FEATURE_COMMANDS: tuple[str, ...] = ("worker.delivery", "worker.fairness_commands", "worker.report_commands")
+FEATURE_COMMANDS: tuple[str, ...] = ("worker.delivery", "worker.fairness_commands", "worker.report_commands",
+                                     "worker.publishing")
+
+#: Intake beyond C-STORE: `triage rules test`, `triage pull`, `triage backfill`, `triage pulls`.
+FEATURE_COMMANDS += ("worker.rules_commands", "worker.pull_commands")
 
 #: ``triage bench NAME``: each benchmark is "module:function"; the function takes the remaining arguments and
 #: prints a JSON line last.
 BENCHMARKS: dict[str, str] = {
+    "ingest": "worker.bench_ingest:main",
     "labeller": "train.labeller_eval:bench",
 }
 

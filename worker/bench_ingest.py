@@ -1,0 +1,224 @@
+"""``triage bench ingest``: our receiver against dcmtk's storescp and Orthanc, with the same files, same sender.
+
+dcmtk's storescu sends the same MR files (256×256, 16-bit, as in shared/reference/performance.md §1) over loopback
+to each receiver in turn, on one association, ``--repeats`` times; the median is reported. For our receiver the
+clock stops when every image is both acknowledged and recorded in the database (what completion waits for), and
+its CPU time per image is read from /proc. Every DCMTK-based process runs with ``TCP_NODELAY=1``: Debian's dcmtk
+otherwise leaves Nagle's algorithm on and all figures become latency-bound.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def write_files(folder: Path, count: int, size: int = 256) -> list[Path]:
+    """``count`` single-slice MR files of one series (distinct SOP Instance UIDs, same pixel payload size)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 4096, (size, size), dtype=np.uint16).tobytes()
+    paths = []
+    for index in range(count):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.Modality, ds.SeriesDescription, ds.SeriesNumber, ds.InstanceNumber = "MR", "AX T2", 1, index + 1
+        ds.PatientName, ds.PatientID = "BENCH^INGEST", "BENCH"
+        ds.ImageOrientationPatient, ds.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0, 0, float(index)]
+        ds.PixelSpacing, ds.SliceThickness = [1, 1], 1
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = pixels
+        path = folder / f"{index:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def _send(folder: Path, port: int, called: str) -> float:
+    start = time.perf_counter()
+    result = subprocess.run(["storescu", "-aet", "BENCH", "-aec", called, "+sd", "127.0.0.1", str(port),
+                             str(folder)], capture_output=True, text=True, env=DCMTK_ENV, timeout=1800)
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"storescu to {called} failed: {result.stderr[-500:]}")
+    return elapsed
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def bench_dcmtk(folder: Path, work: Path) -> float:
+    port = _free_port()
+    out = work / "storescp"
+    out.mkdir()
+    process = subprocess.Popen(["storescp", "-aet", "STORESCP", "+B", "-od", str(out), str(port)], env=DCMTK_ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait(lambda: _port_open(port), 30, "storescp")
+        return _send(folder, port, "STORESCP")
+    finally:
+        _stop(process)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def bench_orthanc(folder: Path, work: Path) -> float:
+    http_port, dicom_port = _free_port(), _free_port()
+    storage = work / "orthanc"
+    config = {"Name": "bench", "StorageDirectory": str(storage), "IndexDirectory": str(storage),
+              "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+              "AuthenticationEnabled": False, "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False,
+              "Plugins": []}
+    config_path = work / "orthanc.json"
+    config_path.write_text(json.dumps(config))
+    process = subprocess.Popen([shutil.which("Orthanc") or "/usr/sbin/Orthanc", str(config_path)], env=DCMTK_ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        def alive() -> bool:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{http_port}/system", timeout=2).read()
+                return True
+            except OSError:
+                return False
+
+        _wait(alive, 60, "Orthanc")
+        return _send(folder, dicom_port, "ORTHANC")
+    finally:
+        _stop(process)
+        shutil.rmtree(storage, ignore_errors=True)
+
+
+def bench_ours(folder: Path, work: Path, count: int, database_url: str | None) -> tuple[float, float]:
+    """Seconds until all images are acknowledged and in the database, and the receiver's CPU seconds."""
+    from sqlalchemy import create_engine, func, select
+
+    from pacs_bridge.schema import instances
+    from worker.database import upgrade
+
+    var = work / "ours"
+    url = database_url or f"sqlite:///{var / 'triage.db'}"
+    upgrade(url)
+    port = _free_port()
+    config = {"var_dir": str(var), "database": {"url": url}, "scp": {"port": port},
+              "metrics": {"serve_port": 0}, "assembly": {"quiet_period_s": 3600, "max_wait_s": 36000}}
+    config_path = work / "triage.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    process = subprocess.Popen([sys.executable, "-m", "worker.cli", "serve"], cwd=REPO,
+                               env={**os.environ, "TRIAGE_CONFIG": str(config_path)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    engine = create_engine(url)
+    try:
+        _wait(lambda: _port_open(port), 120, "our SCP")
+        cpu_before = _cpu_seconds(process.pid)
+        start = time.perf_counter()
+        _send(folder, port, "TRIAGE")
+
+        def recorded() -> bool:
+            with engine.connect() as c:
+                return c.execute(select(func.count()).select_from(instances)).scalar_one() >= count
+
+        _wait(recorded, 600, "the images to be recorded")
+        elapsed = time.perf_counter() - start
+        return elapsed, _cpu_seconds(process.pid) - cpu_before
+    finally:
+        engine.dispose()
+        _stop(process)
+        shutil.rmtree(var, ignore_errors=True)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="triage bench ingest")
+    parser.add_argument("--images", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--database-url", help="record into this database (default: a fresh SQLite file)")
+    args = parser.parse_args(argv)
+    for tool in ("storescu", "storescp"):
+        if shutil.which(tool) is None:
+            print(f"{tool} is not installed (run ops/setup.sh)", file=sys.stderr)
+            return 2
+    with tempfile.TemporaryDirectory(prefix="triage-bench-ingest-") as tmp:
+        work = Path(tmp)
+        files = write_files(work / "files", args.images)
+        size_mb = sum(p.stat().st_size for p in files) / 1e6
+        ours, ours_cpu, dcmtk, orthanc = [], [], [], []
+        for repeat in range(args.repeats):
+            for name, run in (("dcmtk", lambda: dcmtk.append(bench_dcmtk(work / "files", work))),
+                              ("orthanc", lambda: orthanc.append(bench_orthanc(work / "files", work))),
+                              ("ours", lambda: _ours(ours, ours_cpu, work, args))):
+                run()
+                print(f"repeat {repeat + 1}/{args.repeats} {name}: done", file=sys.stderr)
+    n = args.images
+    result = {
+        "images": n, "megabytes": round(size_mb, 1), "repeats": args.repeats, "associations": 1,
+        "ours_images_per_s": round(n / statistics.median(ours), 1),
+        "dcmtk_images_per_s": round(n / statistics.median(dcmtk), 1),
+        "orthanc_images_per_s": round(n / statistics.median(orthanc), 1),
+        "ours_cpu_ms_per_image": round(1000 * statistics.median(ours_cpu) / n, 2),
+    }
+    result["ratio_vs_orthanc"] = round(result["ours_images_per_s"] / result["orthanc_images_per_s"], 3)
+    result["ratio_vs_dcmtk"] = round(result["ours_images_per_s"] / result["dcmtk_images_per_s"], 3)
+    print(json.dumps(result))
+    return 0
+
+
+def _ours(times: list, cpu: list, work: Path, args) -> None:
+    elapsed, cpu_seconds = bench_ours(work / "files", work, args.images, args.database_url)
+    times.append(elapsed)
+    cpu.append(cpu_seconds)
