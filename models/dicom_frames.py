@@ -39,6 +39,11 @@ class FrameHeader:
     image_type: tuple[str, ...]  # ImageType, or the frame's FrameType in an enhanced image
     slice_thickness: float | None
     spacing_between_slices: float | None
+    # What tells apart images of a 4-D series that share a slice position (DWI b-values, echoes, time points).
+    b_value: float | None = None  # DiffusionBValue (0018,9087)
+    gradient: Vector3 | None = None  # DiffusionGradientOrientation (0018,9089)
+    echo: float | None = None  # EchoNumbers (0018,0086), else the echo time
+    temporal_position: int | None = None  # TemporalPositionIdentifier (0020,0100) / TemporalPositionIndex
 
     @property
     def frame_number(self) -> int | None:
@@ -61,6 +66,16 @@ def _float(value: object) -> float | None:
         return None if value is None or value == "" else float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
+
+
+def _integer(value: object) -> int | None:
+    number = _float(value)
+    return None if number is None else int(number)
+
+
+def _gradient(sequence: object) -> Vector3 | None:
+    items = sequence or []
+    return _floats(items[0].get("DiffusionGradientOrientation"), 3) if items else None  # type: ignore[return-value, index]
 
 
 def _first_item(group: Dataset | None, sequence_keyword: str) -> Dataset | None:
@@ -109,6 +124,10 @@ def frame_headers(ds: Dataset, path: Path) -> list[FrameHeader]:
                 image_type=image_type,
                 slice_thickness=_float(ds.get("SliceThickness")),
                 spacing_between_slices=_float(ds.get("SpacingBetweenSlices")),
+                b_value=_float(ds.get("DiffusionBValue")),
+                gradient=_floats(ds.get("DiffusionGradientOrientation"), 3),  # type: ignore[arg-type]
+                echo=_float(ds.get("EchoNumbers")) or _float(ds.get("EchoTime")),
+                temporal_position=_integer(ds.get("TemporalPositionIdentifier")),
                 **common,  # type: ignore[arg-type]
             )
         ]
@@ -147,6 +166,10 @@ def frame_headers(ds: Dataset, path: Path) -> list[FrameHeader]:
                 image_type=tuple(str(v).upper() for v in frame_type) if frame_type else image_type,
                 slice_thickness=_float(attribute("PixelMeasuresSequence", "SliceThickness")),
                 spacing_between_slices=_float(attribute("PixelMeasuresSequence", "SpacingBetweenSlices")),
+                b_value=_float(attribute("MRDiffusionSequence", "DiffusionBValue")),
+                gradient=_gradient(attribute("MRDiffusionSequence", "DiffusionGradientDirectionSequence")),
+                echo=_float(attribute("MREchoSequence", "EffectiveEchoTime")),
+                temporal_position=_integer(attribute("FrameContentSequence", "TemporalPositionIndex")),
                 **common,  # type: ignore[arg-type]
             )
         )

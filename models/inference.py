@@ -52,8 +52,8 @@ class StudyPrediction:
     priority_probs: dict[str, float]  # softmax over the priority classes
     referral_probs: dict[str, float]
     embedding: np.ndarray  # study embedding (float32, embedding_dim)
-    series_used: list[str]
-    tokens_per_series: dict[str, int]
+    series_used: list[str]  # SeriesInstanceUIDs, each once (a 4-D series may give several volumes)
+    tokens_per_series: dict[str, int]  # by SeriesVolume.volume_id
     timings_s: dict[str, float]  # load/tokenize/vqvae/vit/heads/total; batch stages are for the whole batch
     series_skipped: dict[str, str] = field(default_factory=dict)
     referral_thresholds: dict[str, float] = field(default_factory=dict)
@@ -143,7 +143,7 @@ class StudyPredictor:
                 try:
                     kept.append(tokenize_volume(volume, self.tokenizer))
                 except SeriesSkipped as skip:
-                    reasons[volume.series_instance_uid] = skip.reason
+                    reasons[volume.volume_id] = skip.reason
             if not kept:
                 raise NoUsableSeries(index, reasons)
             tokenized.append(kept)
@@ -219,8 +219,8 @@ class StudyPredictor:
             priority_probs=dict(zip(prima.priority_classes, priority.tolist())),
             referral_probs=dict(zip(prima.referral_names, referral.tolist())),
             embedding=output.embedding[b].numpy().astype(np.float32),
-            series_used=[s.series_instance_uid for s in series],
-            tokens_per_series={s.series_instance_uid: s.n_tokens for s in series},
+            series_used=list(dict.fromkeys(s.series_instance_uid for s in series)),
+            tokens_per_series={s.volume_id or s.series_instance_uid: s.n_tokens for s in series},
             timings_s=timings,
             series_skipped=dict(skipped),
             referral_thresholds=dict(zip(prima.referral_names, torch.sigmoid(referral_intercept).tolist())),

@@ -72,6 +72,7 @@ class SeriesTokens:
     foreground: np.ndarray  # (K,) foreground value (0-100) of each token
     percent: int  # the background percent that was accepted
     total_patches: int  # patches in the padded volume (what the reference would encode)
+    volume_id: str = ""  # SeriesVolume.volume_id: the series UID, plus "#label" for a volume of a 4-D series
 
     @property
     def n_tokens(self) -> int:
@@ -164,6 +165,7 @@ def tokenize_volume(volume: SeriesVolume, config: TokenizerConfig = TokenizerCon
         foreground=values.ravel()[kept],
         percent=percent,
         total_patches=total,
+        volume_id=volume.volume_id,
     )
 
 

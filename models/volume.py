@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 
 #: ImageType / FrameType values that mark images which are not part of a diagnostic volume.
 SKIP_IMAGE_TYPES: frozenset[str] = frozenset({"LOCALIZER", "SCOUT", "PROJECTION IMAGE", "MIP", "SCREEN SAVE"})
+#: SOP classes of secondary captures (screenshots, scanned documents): never an acquired volume.
+SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 #: A series with at most this many images in more than one orientation is taken for a multi-plane localizer.
 LOCALIZER_MAX_IMAGES = 12
 #: Orientation cosines may differ by this much between images of one stack (DS rounding, table drift).
@@ -107,6 +110,12 @@ class SeriesVolume:
     series_description: str = ""
     modality: str = ""
     notes: list[str] = field(default_factory=list)  # tolerated oddities (dropped files, uneven spacing)
+    label: str = ""  # which volume of a 4-D series ("b1000", "e2", "t3"); "" for an ordinary series
+
+    @property
+    def volume_id(self) -> str:
+        """Unique within a study: the SeriesInstanceUID, with the label of a 4-D series' volume after a '#'."""
+        return f"{self.series_instance_uid}#{self.label}" if self.label else self.series_instance_uid
 
     @property
     def spacing(self) -> np.ndarray:
@@ -191,18 +200,35 @@ def _integer_dtype(stored: Iterable[np.ndarray], headers: Sequence[FrameHeader])
     return None
 
 
-def load_series(
+def load_series(paths: Iterable[str | PathLike[str]], **options: Any) -> SeriesVolume:
+    """The one volume of a series; raises :class:`SeriesSkipped` with the reason if unusable, ValueError if the
+    series holds several volumes (a 4-D series: use :func:`load_series_volumes`). Options as there."""
+    volumes = load_series_volumes(paths, **options)
+    if len(volumes) > 1:
+        raise ValueError(
+            f"series {volumes[0].series_instance_uid} holds {len(volumes)} volumes "
+            f"({', '.join(v.label for v in volumes)}); use load_series_volumes"
+        )
+    return volumes[0]
+
+
+def load_series_volumes(
     paths: Iterable[str | PathLike[str]],
     *,
     allowed_modalities: Sequence[str] | None = ("MR",),
     skip_image_types: Iterable[str] = SKIP_IMAGE_TYPES,
     min_slices: int = 1,
     in_plane_size: int = TARGET_IN_PLANE,
-) -> SeriesVolume:
-    """Build the volume of one series from its files; raises :class:`SeriesSkipped` with the reason if unusable.
+    min_slice_spacing_mm: float | None = None,
+) -> list[SeriesVolume]:
+    """Build the volume(s) of one series from its files; raises :class:`SeriesSkipped` with the reason if unusable.
 
-    ``allowed_modalities``: None accepts any modality. ``min_slices``: fewer images than this skip the series
-    (1 by default: the tokenizer pads a single slice to one 4-slice patch, as the reference does).
+    A 4-D series (images sharing slice positions, told apart by DiffusionBValue, diffusion direction, echo or
+    temporal position) gives one volume per b-value/direction/echo/time point, each named after the series
+    with a suffix (``AX_DWI_b1000``). ``allowed_modalities``: None accepts any modality. ``min_slices``: fewer
+    images than this skip the series (1 by default: the tokenizer pads a single slice to one 4-slice patch, as
+    the reference does). ``min_slice_spacing_mm``: resample thinner slices to this spacing along the slice axis
+    (the paper's ">= 4 mm"; the reference never does it, defect D5, so it is off by default).
     """
     paths = [Path(p) for p in paths]
     if not paths:
@@ -228,6 +254,9 @@ def load_series(
     if not with_pixels:
         sop_class = _sop_class_name(str(first.get("SOPClassUID", "")))
         raise skip(f"no pixel data: {sop_class} is not an image")
+    sop_class = str(first.get("SOPClassUID", ""))
+    if sop_class.startswith(SECONDARY_CAPTURE_PREFIX):
+        raise skip(f"{_sop_class_name(sop_class)}: a secondary capture is not an acquired volume")
     if any(int(ds.get("SamplesPerPixel", 1) or 1) != 1 for _, ds in with_pixels):
         raise skip("colour images (SamplesPerPixel > 1) are not a grey-scale MR volume")
 
@@ -278,19 +307,114 @@ def load_series(
     if not 0.99 < np.linalg.norm(normal) < 1.01:
         raise skip("ImageOrientationPatient does not hold two orthogonal unit vectors")
     normal /= np.linalg.norm(normal)
+
+    first_header_ds = dataset_by_path[kept[0].path]
+    description = str(first_header_ds.get("SeriesDescription", "") or "")
+    protocol = str(first_header_ds.get("ProtocolName", "") or "")
+    name = prima_series_name(description, protocol, series_uid)
+    stacks = _split_4d(kept, normal)
+    if len(stacks) > 1:
+        notes.append(
+            f"4-D series split into {len(stacks)} volumes: {', '.join(label for label, _ in stacks)}"
+        )
+    for note in notes:
+        log.info("series %s: %s", series_uid, note)
+    volumes = []
+    for label, stack in stacks:
+        try:
+            volume = _stack_volume(
+                stack, normal, dataset_by_path, in_plane_size, min_slices, min_slice_spacing_mm, list(notes)
+            )
+        except _StackProblem as problem:
+            where = f" (volume {label})" if label else ""
+            raise skip(f"{problem}{where}") from None
+        volume.series_instance_uid = series_uid
+        volume.name = f"{name}_{label}" if label else name
+        volume.label = label
+        volume.series_description = description
+        volume.modality = modality
+        volumes.append(volume)
+    return volumes
+
+
+class _StackProblem(Exception):
+    """A stack of images that cannot become a volume (turned into SeriesSkipped by the caller)."""
+
+
+def _label_number(value: float) -> str:
+    return f"{value:g}".replace(".", "p").replace("-", "m")
+
+
+def _split_4d(headers: list[FrameHeader], normal: np.ndarray) -> list[tuple[str, list[FrameHeader]]]:
+    """[(label, images)]: one entry ("", all) unless images share slice positions and a 4-D attribute varies."""
+    along = np.round(
+        np.array([np.dot(normal, h.image_position) for h in headers]) / SAME_POSITION_TOLERANCE_MM
+    )
+    if len(np.unique(along)) == len(headers):
+        return [("", headers)]
+    directions: dict[tuple[float, ...], int] = {}
+
+    def key(h: FrameHeader) -> tuple:
+        gradient = None
+        if h.gradient is not None and np.linalg.norm(h.gradient) > 0.5:
+            gradient = tuple(np.round(h.gradient, 3))
+        return (h.b_value, gradient, h.echo, h.temporal_position)
+
+    keys = [key(h) for h in headers]
+    varying = [i for i in range(4) if len({k[i] for k in keys}) > 1]
+    if not varying:
+        return [("", headers)]  # nothing tells the images apart: the caller reports shared positions
+    groups: dict[tuple, list[FrameHeader]] = {}
+    for k, header in zip(keys, headers):
+        groups.setdefault(tuple(k[i] for i in varying), []).append(header)
+    labelled = []
+    for group_key, members in sorted(groups.items(), key=lambda item: tuple(_sortable(v) for v in item[0])):
+        parts = []
+        for i, value in zip(varying, group_key):
+            if i == 0:
+                parts.append(f"b{_label_number(value)}" if value is not None else "bNA")
+            elif i == 1:
+                directions.setdefault(value, len(directions) + 1)
+                parts.append(f"dir{directions[value]}" if value is not None else "trace")
+            elif i == 2:
+                parts.append(f"e{_label_number(value)}" if value is not None else "eNA")
+            else:
+                parts.append(f"t{value}" if value is not None else "tNA")
+        labelled.append(("_".join(parts), members))
+    return labelled
+
+
+def _sortable(value: object) -> tuple:
+    return (1, ()) if value is None else (0, value if isinstance(value, tuple) else (value,))
+
+
+def _stack_volume(
+    kept: list[FrameHeader],
+    normal: np.ndarray,
+    dataset_by_path: Mapping[Path, Dataset],
+    in_plane_size: int,
+    min_slices: int,
+    min_slice_spacing_mm: float | None,
+    notes: list[str],
+) -> SeriesVolume:
+    """One stack of same-orientation images -> a volume (series-level fields are filled in by the caller)."""
+    reference = kept[0]
+    row_cosine = np.asarray(reference.row_cosine, dtype=np.float64)
+    column_cosine = np.asarray(reference.column_cosine, dtype=np.float64)
+    rows, columns = reference.rows, reference.columns
     along_normal = np.array([np.dot(normal, h.image_position) for h in kept])  # type: ignore[arg-type]
     order = np.argsort(along_normal, kind="stable")
     kept = [kept[i] for i in order]
     along_normal = along_normal[order]
 
     if len(kept) < max(min_slices, 1):
-        raise skip(f"{len(kept)} slices, fewer than the {min_slices} required")
+        raise _StackProblem(f"{len(kept)} slices, fewer than the {min_slices} required")
     gaps = np.diff(along_normal)
     if np.any(gaps < SAME_POSITION_TOLERANCE_MM):
         shared = int(np.sum(gaps < SAME_POSITION_TOLERANCE_MM))
-        raise skip(
-            f"{shared + 1} or more images share slice positions (several echoes, b-values or time points "
-            "in one series); 4-D series are not split yet"
+        raise _StackProblem(
+            f"{shared + 1} or more images share slice positions and no b-value, diffusion direction, echo or "
+            "temporal position tells them apart"
         )
     if len(kept) > 1:
         slice_spacing = float((along_normal[-1] - along_normal[0]) / (len(kept) - 1))
@@ -306,11 +430,11 @@ def load_series(
             try:
                 decoded[header.path] = decode_frames(dataset_by_path[header.path])
             except Exception as error:  # a missing codec or corrupt pixel data names the file
-                raise skip(f"cannot decode pixel data of {header.path.name}: {error}") from error
+                raise _StackProblem(f"cannot decode pixel data of {header.path.name}: {error}") from error
         frames = decoded[header.path]
         frame = frames[header.frame_index or 0]
         if frame.shape != (rows, columns):
-            raise skip(
+            raise _StackProblem(
                 f"{header.path.name}: pixel data {frame.shape} do not match Rows/Columns {rows}x{columns}"
             )
         stored.append(frame)
@@ -319,6 +443,16 @@ def load_series(
         [frame.astype(np.float64) * h.rescale_slope + h.rescale_intercept for frame, h in zip(stored, kept)]
     )
     resampled = resample_in_plane(stack, in_plane_size, integer_dtype)
+    slice_index = np.arange(len(kept), dtype=np.float64)  # source slice position of each volume slice
+    if min_slice_spacing_mm is not None and len(kept) > 1 and slice_spacing < min_slice_spacing_mm:
+        resampled, slice_index = resample_slices(
+            resampled, slice_spacing, min_slice_spacing_mm, integer_dtype
+        )
+        notes.append(
+            f"{len(kept)} slices of {slice_spacing:.3g} mm resampled to {len(slice_index)} of "
+            f"{min_slice_spacing_mm:g} mm"
+        )
+        slice_spacing = min_slice_spacing_mm
 
     row_spacing, column_spacing = reference.pixel_spacing  # type: ignore[misc]
     native_affine = np.eye(4)
@@ -340,27 +474,41 @@ def load_series(
             rows=h.rows,
             columns=h.columns,
         )
-        for h in kept
+        for h in (kept[int(np.rint(i))] for i in slice_index)  # resampled slices: the nearest source image
     ]
     if mapping.flipped[0]:
         sources.reverse()
-
-    first_header_ds = dataset_by_path[kept[0].path]
-    description = str(first_header_ds.get("SeriesDescription", "") or "")
-    protocol = str(first_header_ds.get("ProtocolName", "") or "")
-    for note in notes:
-        log.info("series %s: %s", series_uid, note)
     return SeriesVolume(
-        series_instance_uid=series_uid,
-        name=prima_series_name(description, protocol, series_uid),
+        series_instance_uid="",
+        name="",
         array=array,
         affine_lps=affine,
         thin_axis=mapping.target_axis[0],
         source=sources,
-        series_description=description,
-        modality=modality,
         notes=notes,
     )
+
+
+def resample_slices(
+    stack: np.ndarray, spacing: float, new_spacing: float, integer_dtype: np.dtype | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Linear resampling of a (slices, rows, columns) stack along its slice axis to ``new_spacing`` mm.
+
+    The first output slice sits on the first input slice; output slices continue every ``new_spacing`` mm up
+    to the last input slice. Returns the stack (float32; integer images truncated like the in-plane step) and
+    the fractional input slice index of each output slice.
+    """
+    n = stack.shape[0]
+    count = int(np.floor((n - 1) * spacing / new_spacing + 1e-9)) + 1
+    position = np.arange(count) * (new_spacing / spacing)
+    lower = np.minimum(np.floor(position).astype(np.int64), n - 1)
+    upper = np.minimum(lower + 1, n - 1)
+    weight = (position - lower)[:, None, None]
+    values = stack[lower].astype(np.float64) * (1 - weight) + stack[upper].astype(np.float64) * weight
+    if integer_dtype is not None:
+        info = np.iinfo(integer_dtype)
+        values = np.trunc(np.clip(values, info.min, info.max))
+    return values.astype(np.float32), position
 
 
 def load_study(
@@ -375,7 +523,7 @@ def load_study(
     skipped: dict[str, str] = {}
     for series_uid, paths in paths_by_series.items():
         try:
-            volumes.append(load_series(paths, **options))  # type: ignore[arg-type]
+            volumes.extend(load_series_volumes(paths, **options))  # type: ignore[arg-type]
         except SeriesSkipped as skipped_series:
             skipped[series_uid] = skipped_series.reason
             log.info("series %s skipped: %s", series_uid, skipped_series.reason)

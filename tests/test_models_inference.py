@@ -16,9 +16,9 @@ from models.tokenizer import TokenizerConfig
 from models.volume import load_study
 
 try:
-    from test_models_support import write_head_study
+    from test_models_support import head_slice, write_head_study, write_series
 except ImportError:  # tests/ imported as a package
-    from tests.test_models_support import write_head_study
+    from tests.test_models_support import head_slice, write_head_study, write_series
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +106,22 @@ def test_series_the_tokenizer_refuses_are_reported_and_a_study_without_any_raise
     none_fit = StudyPredictor(random_bundle(), device="cpu", tokenizer=TokenizerConfig(max_patches=10))
     with pytest.raises(NoUsableSeries, match="study 0 has no usable series"):
         none_fit.predict(volumes)
+
+
+def test_each_b_value_of_a_dwi_series_is_encoded_as_its_own_series(predictor, tmp_path: Path) -> None:
+    uid = "1.2.3.4.11"
+    paths = []
+    for b_value in (0, 1000):
+        paths += write_series(
+            tmp_path / f"b{b_value}",
+            n_slices=6,
+            series_uid=uid,
+            description="AX DWI",
+            pixels=lambda k: head_slice(),
+            extra={"DiffusionBValue": b_value},
+        )[0]
+    prediction = predictor.predict_files({uid: paths})
+
+    assert prediction.series_used == [uid]
+    assert set(prediction.tokens_per_series) == {f"{uid}#b0", f"{uid}#b1000"}
+    assert not prediction.series_skipped

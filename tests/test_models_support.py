@@ -6,7 +6,7 @@ here checks that what the helper writes is what it says.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -84,13 +84,15 @@ def write_series(
     series_uid: str | None = None,
     study_uid: str | None = None,
     file_order: str = "reversed",
+    sop_class: str = MRImageStorage,
+    extra: Mapping[str, object] | None = None,
 ) -> tuple[list[Path], list[np.ndarray], list[np.ndarray]]:
     """Write a stack of single-frame MR images; returns (paths, true positions, true pixel arrays).
 
     Slice k (0 = first along the slice normal) gets the position origin + k * spacing * normal and pixels
     ``pixels(k)`` (random int16 by default). Files are named so that name order is NOT position order
     (``file_order`` "reversed" or "shuffled"), and InstanceNumber is scrambled too, so a loader that sorts by
-    either gets it wrong.
+    either gets it wrong. ``extra``: further attributes by keyword (DiffusionBValue, EchoNumbers, ...).
     """
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -105,8 +107,10 @@ def write_series(
     instance_numbers = rng.permutation(n_slices) + 1
     paths = []
     for k in range(n_slices):
-        ds = base_dataset(series_uid, study_uid, description)
+        ds = base_dataset(series_uid, study_uid, description, sop_class)
         ds.SOPInstanceUID = generate_uid()
+        for keyword, value in (extra or {}).items():
+            setattr(ds, keyword, value)
         ds.InstanceNumber = int(instance_numbers[k])
         ds.ImageType = list(image_type)
         ds.ImageOrientationPatient = [f"{v:.10g}" for v in orientation]
@@ -115,7 +119,7 @@ def write_series(
         ds.SliceThickness = f"{slice_spacing:.10g}"
         ds.Rows, ds.Columns = images[k].shape
         ds.PixelData = images[k].astype("<i2").tobytes()
-        paths.append(save(ds, folder / f"IM{names[k]:04d}.dcm"))
+        paths.append(save(ds, folder / f"IM{names[k]:04d}_{ds.SOPInstanceUID[-6:]}.dcm"))
     return paths, positions, images
 
 

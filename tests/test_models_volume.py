@@ -10,7 +10,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import RLELossless
 
-from models.volume import SeriesSkipped, load_series, load_study, prima_series_name
+from models.volume import SeriesSkipped, load_series, load_series_volumes, load_study, prima_series_name
 
 try:
     from test_models_support import AXIAL, CORONAL, SAGITTAL, oblique, write_enhanced_series, write_series
@@ -266,3 +266,91 @@ def test_a_failing_series_does_not_stop_the_study(tmp_path: Path) -> None:
 )
 def test_series_name_follows_prima_sanitising(description: str, protocol: str, expected: str) -> None:
     assert prima_series_name(description, protocol, "1.2.3") == expected
+
+
+def test_dwi_series_with_b0_and_b1000_images_splits_into_one_named_volume_per_b_value(tmp_path: Path) -> None:
+    uid = "1.2.3.4.8"
+    stacks = {}
+    for b_value, level in ((1000, 200), (0, 500)):
+        stacks[b_value] = write_series(
+            tmp_path / f"b{b_value}",
+            n_slices=4,
+            series_uid=uid,
+            description="AX DWI",
+            pixels=lambda k, level=level: np.full((64, 64), level + k, np.int16),
+            extra={"DiffusionBValue": b_value},
+        )
+    paths = stacks[0][0] + stacks[1000][0]
+
+    volumes = load_series_volumes(paths)
+
+    assert [v.name for v in volumes] == ["AX_DWI_b0", "AX_DWI_b1000"]
+    assert [v.volume_id for v in volumes] == [f"{uid}#b0", f"{uid}#b1000"]
+    for volume, (b_value, level) in zip(volumes, ((0, 500), (1000, 200))):
+        assert volume.series_instance_uid == uid and volume.array.shape == (4, 256, 256)
+        positions = stacks[b_value][1]
+        for k in range(4):  # geometry from the DICOM positions, pixels from the right b-value
+            assert np.allclose(volume.index_to_patient(np.array([k, 0, 0]))[0], positions[k])
+            assert volume.array[k, 128, 128] == level + k
+    with pytest.raises(ValueError, match="holds 2 volumes"):
+        load_series(paths)
+    study, skipped = load_study({uid: paths})
+    assert len(study) == 2 and not skipped
+
+
+def test_multi_echo_series_splits_by_echo_number(tmp_path: Path) -> None:
+    uid = "1.2.3.4.9"
+    paths = []
+    for echo in (2, 1):
+        paths += write_series(
+            tmp_path / f"e{echo}",
+            n_slices=3,
+            series_uid=uid,
+            description="AX PD T2",
+            extra={"EchoNumbers": echo},
+        )[0]
+    assert [v.label for v in load_series_volumes(paths)] == ["e1", "e2"]
+
+
+def test_images_at_one_position_and_the_same_b_value_are_still_skipped(tmp_path: Path) -> None:
+    uid = "1.2.3.4.10"
+    paths = []
+    for part in ("a", "b"):
+        paths += write_series(tmp_path / part, n_slices=3, series_uid=uid, extra={"DiffusionBValue": 1000})[0]
+    with pytest.raises(SeriesSkipped, match="share slice positions and no b-value"):
+        load_series_volumes(paths)
+
+
+def test_derived_adc_map_loads_and_secondary_capture_is_skipped(tmp_path: Path) -> None:
+    adc, positions, _ = write_series(
+        tmp_path / "adc",
+        n_slices=5,
+        description="AX DWI ADC",
+        image_type=("DERIVED", "PRIMARY", "ADC", "ADC"),
+    )
+    volume = load_series(adc)
+    assert volume.array.shape == (5, 256, 256) and volume.name == "AX_DWI_ADC"
+    assert np.allclose(volume.index_to_patient(np.zeros(3))[0], positions[0])
+
+    capture, _, _ = write_series(tmp_path / "sc", n_slices=2, sop_class="1.2.840.10008.5.1.4.1.1.7")
+    with pytest.raises(SeriesSkipped, match="secondary capture"):
+        load_series(capture)
+
+
+def test_thin_slices_are_resampled_to_4_mm_only_when_asked(tmp_path: Path) -> None:
+    paths, positions, _ = write_series(
+        tmp_path, n_slices=9, slice_spacing=1.0, pixels=lambda k: np.full((64, 64), 10 * k, np.int16)
+    )
+    native = load_series(paths)
+    assert native.array.shape[0] == 9  # off by default: the reference's behaviour (defect D5)
+
+    thick = load_series(paths, min_slice_spacing_mm=4.0)
+    assert thick.array.shape == (3, 256, 256)
+    assert np.allclose(thick.spacing[0], 4.0)
+    assert list(thick.array[:, 100, 100]) == [0, 40, 80]  # slices at 0, 4 and 8 mm
+    for k, source_slice in enumerate((0, 4, 8)):
+        assert np.allclose(thick.index_to_patient(np.array([k, 0, 0]))[0], positions[source_slice])
+        assert np.allclose(thick.source[k].image_position, positions[source_slice])
+
+    coarse = load_series(paths, min_slice_spacing_mm=3.0)  # 0, 3, 6 mm: no sample past the last slice
+    assert list(coarse.array[:, 100, 100]) == [0, 30, 60]
