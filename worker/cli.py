@@ -19,6 +19,8 @@ FEATURE_COMMANDS += ("worker.rules_commands", "worker.pull_commands")
 #: ``triage bench NAME``: each benchmark is "module:function"; the function takes the remaining arguments and
 #: prints a JSON line last.
 BENCHMARKS: dict[str, str] = {
+    "encoder": "models.bench_encoder:bench",
+    "e2e": "worker.bench_e2e:main",
     "ingest": "worker.bench_ingest:main",
     "labeller": "train.labeller_eval:bench",
 }
@@ -158,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # highdicom narrates every attribute it copies at INFO; keep the service's log about the service.
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
     if args.log_format == "json":
         from worker.metrics import JsonLogFormatter
 

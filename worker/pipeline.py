@@ -93,8 +93,8 @@ class RunProcessor:
         self.enqueue_delivery = enqueue_delivery
         self._predictor = None
         self._bundle = None
-        # host:pid names the process, so an operator (or a fault test) can tell which worker holds a run.
-        self.host = f"{socket.gethostname()}:{os.getpid()}"
+        # The run records <worker>:<pid>, so an operator (or a fault test) can tell which process holds it.
+        self.host = socket.gethostname()
 
     # -- model ---------------------------------------------------------------------------------------------
     def predictor(self):
@@ -118,8 +118,9 @@ class RunProcessor:
         return self._predictor
 
     # -- the run -------------------------------------------------------------------------------------------
-    def process(self, run_id: int) -> RunOutcome:
-        claimed = self._claim(run_id)
+    def process(self, run_id: int, worker_name: str | None = None) -> RunOutcome:
+        """Process one run; ``worker_name`` (the Celery node name) is recorded with the pid as who ran it."""
+        claimed = self._claim(run_id, f"{worker_name or self.host}:{os.getpid()}")
         if claimed is None:
             return RunOutcome(run_id, "duplicate")
         study_id, study_uid, version = claimed
@@ -138,7 +139,7 @@ class RunProcessor:
             RUNS.labels(pipeline="neuro_mri", outcome="failed").inc()
             return RunOutcome(run_id, "failed")
 
-    def _claim(self, run_id: int) -> tuple[int, str, int] | None:
+    def _claim(self, run_id: int, worker_host: str) -> tuple[int, str, int] | None:
         """Take the run for this worker, atomically; None when it is finished, taken, or out of attempts.
 
         A run is claimable when queued, or when 'running' for longer than the task's hard time limit (its
@@ -158,7 +159,7 @@ class RunProcessor:
                         and_(processing_runs.c.status == "running", processing_runs.c.started_at < stale_before)),
                 ))
                 .values(status="running", attempts=processing_runs.c.attempts + 1, started_at=now,
-                        worker_host=self.host)
+                        worker_host=worker_host)
             ).rowcount == 1
             row = connection.execute(
                 select(processing_runs.c.status, processing_runs.c.attempts, processing_runs.c.study_id,
@@ -231,9 +232,11 @@ class RunProcessor:
         publish_result(self.settings, self.engine, run_id, result)  # worklist priority; never raises
 
         delivery_ids = self.deliveries.create(run_id, str(sr.SOPInstanceUID), sr_path)
+        # The routing rule's forwards after processing, decided on this result (routing as a router).
+        forward_ids = self.deliveries.create_forwards_after(run_id, result, prediction.diagnosis_probs)
         # Queued before the run is marked done: a crash in between redoes the run (same SR, same delivery rows;
         # a delivered row is never sent again), where the other order could leave a delivery never queued.
-        for delivery_id in delivery_ids:
+        for delivery_id in delivery_ids + forward_ids:
             self.enqueue_delivery(delivery_id)
         finished = utcnow()
         with self.engine.begin() as connection:

@@ -59,10 +59,10 @@ def delivery_book() -> DeliveryBook:
     return DeliveryBook(settings, make_engine(settings.database_url))
 
 
-@app.task(name=PROCESS_STUDY)
-def process_study(run_id: int) -> str:
+@app.task(name=PROCESS_STUDY, bind=True)
+def process_study(self, run_id: int) -> str:
     """Process one study version (a ``processing_runs`` row) into predictions and an SR."""
-    return processor().process(run_id).status
+    return processor().process(run_id, worker_name=self.request.hostname).status
 
 
 @app.task(name=DELIVER, bind=True)
