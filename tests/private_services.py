@@ -9,6 +9,7 @@ import glob
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -56,8 +57,9 @@ def _pings(client) -> bool:
 class PrivatePostgres:
     """A throw-away cluster (initdb) run as the postgres user, trust auth, on a free port."""
 
-    def __init__(self, workdir: Path) -> None:
-        self.datadir = workdir / "pgdata"
+    def __init__(self) -> None:
+        # Not under pytest's tmp folder: that is private to root, and the server runs as postgres.
+        self.datadir = Path(tempfile.mkdtemp(prefix="triage-pg-")) / "pgdata"
         self.port = free_port()
         bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
         if not bins:
@@ -75,7 +77,7 @@ class PrivatePostgres:
         return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
     def init(self) -> "PrivatePostgres":
-        self.datadir.mkdir(parents=True)
+        self.datadir.mkdir()
         if os.geteuid() == 0:
             shutil.chown(self.datadir, "postgres", "postgres")
             shutil.chown(self.datadir.parent, "postgres", "postgres")
@@ -94,4 +96,8 @@ class PrivatePostgres:
 
     def stop(self) -> None:
         self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate", "-w", "stop")
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.datadir.parent, ignore_errors=True)
 

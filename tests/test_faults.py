@@ -104,7 +104,7 @@ def test_redis_restarted_mid_run_loses_nothing(tmp_path, postgres_url, tiny_bund
 def test_postgres_stopped_for_a_minute_scp_keeps_receiving_and_backlog_is_processed(tmp_path, tiny_bundle,
                                                                                     redis_url):
     studies = _phantoms(tmp_path / "studies", [41, 42])
-    postgres = PrivatePostgres(tmp_path / "pg").init()
+    postgres = PrivatePostgres().init()
     upgrade(postgres.url)
     service = Service(tmp_path, postgres.url, redis_url, tiny_bundle, worker={"redispatch_after_s": 10})
     try:
@@ -132,6 +132,6 @@ def test_postgres_stopped_for_a_minute_scp_keeps_receiving_and_backlog_is_proces
         engine.dispose()
     finally:
         service.stop()
-        postgres.stop()
+        postgres.remove()
     assert stored == sum(len(s.files) for s in studies)
     assert len(_sr_files(service)) == 2
