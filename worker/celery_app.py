@@ -57,10 +57,17 @@ def make_celery(settings: Settings | None = None) -> Celery:
     return app
 
 
-def dispatcher(app: Celery):
-    """The :data:`pacs_bridge.assembly.Dispatch` callable: one task per run, on the pipeline's queue."""
+#: Message priority per routing lane. With Redis the lower number is taken first (kombu's priority steps 0, 3,
+#: 6, 9); the embedded filesystem broker ignores priorities.
+LANE_PRIORITY = {"urgent": 0, "routine": 6}
 
-    def dispatch(run_id: int, pipeline: str) -> None:
-        app.send_task(PROCESS_STUDY, args=[run_id], queue=pipeline)
+
+def dispatcher(app: Celery):
+    """The :data:`pacs_bridge.assembly.Dispatch` callable: one task per run, on the pipeline's queue, with the
+    priority of the run's lane."""
+
+    def dispatch(run_id: int, pipeline: str, lane: str = "routine") -> None:
+        app.send_task(PROCESS_STUDY, args=[run_id], queue=pipeline,
+                      priority=LANE_PRIORITY.get(lane, LANE_PRIORITY["routine"]))
 
     return dispatch

@@ -63,6 +63,53 @@ DEFAULTS: dict[str, Any] = {
         "max_wait_s": 900.0,
         # How often the completion check runs.
         "poll_interval_s": 1.0,
+        # When a routing rule's expected series are all present, the study is complete once nothing has arrived for
+        # this long and no association is sending it (so the last series is not cut), without the quiet period.
+        "expected_series_settle_s": 2.0,
+    },
+    # Routing (pacs_bridge/rules.py has the full grammar). Loop prevention always applies first: SRs, key objects,
+    # presentation states and other derived objects are never processed nor forwarded. Then the rules, in order; the
+    # first whose `match` holds decides; else the fallback. `triage rules test FILE...` shows what files would match.
+    "routing": {
+        # Each rule: {name, match, pipeline, lane, quiet_period_s, max_wait_s, expected_series, forward}.
+        #   match: a condition. {all: [...]}, {any: [...]}, {not: ...}, or {tag: NAME, OP: VALUE} where NAME is a DICOM
+        #     keyword (Modality, BodyPartExamined, StudyDescription, SeriesDescription, Manufacturer, ...) or
+        #     calling_aet | called_aet | peer_address | source (c-store, stow-rs, c-get, wado-rs), and OP is
+        #     equals (a value or a list), regex (Python re.search), range ([low, high], null = open; ages in years)
+        #     or present (true/false). A test holds when any image series' value passes it.
+        #   pipeline: neuro_mri | slice_knn | ignore.   lane: urgent | routine (urgent runs are taken first).
+        #   quiet_period_s, max_wait_s: this study's completion timings (default: the assembly section's).
+        #   expected_series: SeriesDescription regexes; the study is complete as soon as each matches a series.
+        #   forward: [{to: [DESTINATION, ...], stage: before | after, if: CONDITION}], sending the study's images
+        #     as received to destinations named under `destinations`: before = on routing; after = once processed,
+        #     if the AI result satisfies `if` ({result: priority | findings | reported | referrals | model_name |
+        #     model_version | probability:LABEL, OP: VALUE}; e.g. {result: priority, equals: stat}, or
+        #     {not: {result: findings, present: true}} for "no finding").
+        "rules": [
+            {"name": "mr-to-neuro", "match": {"tag": "Modality", "equals": "MR"}, "pipeline": "neuro_mri",
+             "lane": "routine"},
+        ],
+        # Applies when no rule matches: the same keys as a rule, without `match`.
+        "fallback": {"name": "fallback", "pipeline": "ignore", "lane": "routine", "quiet_period_s": None,
+                     "max_wait_s": None, "expected_series": [], "forward": []},
+    },
+    # Retrieving studies already in a PACS: `triage pull --study UID` and `triage backfill --from --to`. Pulled
+    # studies are received like any other (C-MOVE sends them to our SCP; C-GET and WADO-RS results are stored by
+    # the command itself) and go through the same completion and routing, in `triage serve`.
+    "pull": {
+        # Where to pull from. Each: {name, kind: dicom, host, port, ae_title, tls} (C-FIND, C-MOVE, C-GET) or
+        # {name, kind: dicomweb, url} (QIDO-RS, WADO-RS). The first of the right kind is used unless --source names one.
+        "sources": [],
+        # Our AE title towards the PACS. Empty: scp.ae_title.
+        "calling_aet": "",
+        # The C-MOVE destination: the AE title under which the PACS knows our SCP. Empty: scp.ae_title.
+        "move_destination": "",
+        # Seconds between two studies of a backfill, so the PACS keeps serving its users.
+        "pause_s": 2.0,
+        # A backfill queries the PACS this many days at a time (PACSs cap the answers to one query).
+        "query_window_days": 7,
+        # Seconds one study's retrieval may take (a C-MOVE, C-GET or WADO-RS request) before it is given up.
+        "timeout_s": 600,
     },
     "model": {
         # Path to a model bundle folder (manifest.json + weights). Required for processing; never downloaded.
@@ -78,7 +125,9 @@ DEFAULTS: dict[str, Any] = {
         # Referral heads whose probability reaches this value are reported.
         "referral_threshold": 0.5,
     },
-    # Where SRs go. Each: {name, kind: dicom, host, port, ae_title, tls}. Empty: SRs stay in <var_dir>/outbox only.
+    # Where SRs go. Each: {name, kind: dicom, host, port, ae_title, tls} or {name, kind: dicomweb, url}. Empty: SRs
+    # stay in <var_dir>/outbox only. results: false makes an entry a destination that routing rules forward images to
+    # (routing.rules[].forward) and that gets no SRs.
     # tls (optional, DICOM TLS): {ca: PEM that signs the peer, cert/key: our client certificate if the peer wants
     # one, server_name: the name in the peer's certificate if not its host}.
     "destinations": [],
@@ -97,7 +146,8 @@ DEFAULTS: dict[str, Any] = {
     "api": {
         "host": "127.0.0.1",
         "port": 8080,
-        # Bearer tokens: each {token_file | token_env, name, role}. Roles: radiologist (read), admin (everything).
+        # Bearer tokens: each {token_file | token_env, name, role}. Roles: radiologist (read), sender (store images
+        # by STOW-RS: POST /dicom-web/studies), admin (everything).
         # Tokens are read from files or the environment, never written in this file.
         "tokens": [],
         # HTTPS: PEM certificate and key (no cert: plain HTTP, for loopback only). ca + require_client_cert: clients

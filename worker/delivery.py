@@ -5,6 +5,10 @@ A delivery is retried by Celery (the ``triage.deliver`` task re-queues itself wi
 ``delivery.attempts`` failures, is marked ``failed``: the dead-letter list. Nothing is lost: the SR stays in the
 outbox and the row keeps the last error. Each attempt is one association or one STOW-RS request; a destination
 that refuses is never hammered (backoff, bounded attempts).
+
+The same rows and task carry forwards: a routing rule that sends the study's images, as received, to a destination
+(kind ``images``, a list of files; :mod:`pacs_bridge.forwarding`), on routing or after processing when the result
+satisfies the rule's condition. Destinations marked ``results: false`` get forwards and no SRs.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from sqlalchemy.engine import Engine
 from pacs_bridge.dicom_send import DeliveryError, DicomDestination, c_store
 from pacs_bridge.dicom_tls import TlsFiles
 from pacs_bridge.dicomweb_send import DicomwebDestination, stow_rs
-from pacs_bridge.schema import deliveries, events, processing_runs, utcnow
+from pacs_bridge.forwarding import send_files
+from pacs_bridge.schema import deliveries, events, processing_runs, studies, utcnow
 from worker.config import Settings
 from worker.metrics import DEAD_LETTERS, DELIVERIES
 
@@ -70,10 +75,10 @@ class DeliveryBook:
         return max(int(self.settings["delivery"]["attempts"]), 1)
 
     def create(self, run_id: int, sop_instance_uid: str, path: Path) -> list[int]:
-        """One pending delivery per configured destination (existing ones are kept: idempotent per run)."""
+        """One pending delivery per destination that takes results (existing ones are kept: idempotent per run)."""
         ids = []
         with self.engine.begin() as connection:
-            for name in configured_destinations(self.settings):
+            for name in result_destinations(self.settings):
                 row = connection.execute(select(deliveries.c.id).where(and_(
                     deliveries.c.run_id == run_id, deliveries.c.destination == name))).first()
                 if row is None:
@@ -84,6 +89,52 @@ class DeliveryBook:
                     row_id = row.id
                 ids.append(row_id)
         return ids
+
+    def create_forwards_after(self, run_id: int, result, probabilities=None) -> list[int]:
+        """The forwards of the run's routing rule that the result satisfies: one pending ``images`` delivery per
+        destination. Each decision, forwarded or not, is recorded as an event with its reason. Returns the ids of
+        the run's undelivered forwards (a re-done run gets the same rows back, none twice)."""
+        from pacs_bridge.forwarding import create_forwards
+        from pacs_bridge.rules import RuleError, forward_from_plan, result_facts
+
+        now = utcnow()
+        facts = result_facts(result, probabilities)
+        with self.engine.begin() as connection:
+            run = connection.execute(
+                select(processing_runs.c.study_id, processing_runs.c.study_version, processing_runs.c.routing,
+                       studies.c.study_instance_uid)
+                .select_from(processing_runs.join(studies, studies.c.id == processing_runs.c.study_id))
+                .where(processing_runs.c.id == run_id)).one()
+            plans = (run.routing or {}).get("forward_after") or []
+            rule = (run.routing or {}).get("rule")
+            for plan in plans:
+                try:
+                    forward = forward_from_plan(plan)
+                except RuleError as exc:
+                    connection.execute(insert(events).values(
+                        at=now, kind="forward", study_instance_uid=run.study_instance_uid,
+                        reason=f"forward of rule {rule!r} not evaluated: {exc}", detail={"run_id": run_id}))
+                    continue
+                verdict = forward.condition.evaluate(facts) if forward.condition else None
+                if verdict is not None and not verdict.holds:
+                    connection.execute(insert(events).values(
+                        at=now, kind="forward", study_instance_uid=run.study_instance_uid,
+                        reason=f"not forwarded to {', '.join(forward.destinations)} after processing (rule "
+                               f"{rule!r}): {verdict.why}",
+                        detail={"run_id": run_id, "destinations": list(forward.destinations), "forwarded": False}))
+                    continue
+                why = f"rule {rule!r} after processing: " + (verdict.why if verdict else "unconditional")
+                create_forwards(connection, study_id=run.study_id, study_version=run.study_version,
+                                study_uid=run.study_instance_uid,
+                                study_folder=self.settings.incoming_dir / run.study_instance_uid,
+                                forward=forward, why=why, now=now, run_id=run_id)
+            ids = connection.execute(select(deliveries.c.id).where(and_(
+                deliveries.c.study_id == run.study_id, deliveries.c.study_version == run.study_version,
+                deliveries.c.kind == "images", deliveries.c.stage == "after",
+                deliveries.c.status != "delivered")).order_by(deliveries.c.id)).scalars().all()
+            if ids:
+                connection.execute(update(deliveries).where(deliveries.c.id.in_(ids)).values(queued_at=now))
+        return list(ids)
 
     def attempt(self, delivery_id: int) -> AttemptOutcome:
         """One try. Delivered rows are left alone (a redelivered task does not send twice)."""
@@ -97,7 +148,10 @@ class DeliveryBook:
             self._record(row, "failed", error)
             return AttemptOutcome(False, error, unknown_destination=True)
         try:
-            send(destination, [Path(row.path)], self.settings["delivery"]["ae_title"])
+            if row.kind == "images":  # a forward: the study's images as received
+                send_files(destination, [Path(p) for p in row.files or []], self.settings["delivery"]["ae_title"])
+            else:
+                send(destination, [Path(row.path)], self.settings["delivery"]["ae_title"])
         except (DeliveryError, OSError) as exc:
             DELIVERIES.labels(outcome="failed").inc()
             self._record(row, "pending", str(exc))
@@ -113,6 +167,7 @@ class DeliveryBook:
             connection.execute(update(deliveries).where(deliveries.c.id == delivery_id).values(status="failed"))
             connection.execute(insert(events).values(
                 at=utcnow(), kind="dead_letter", sop_instance_uid=row.sop_instance_uid,
+                study_instance_uid=_study_uid(connection, row),
                 reason=f"delivery {delivery_id} to {row.destination} failed {row.attempts} times: {row.last_error}",
                 detail={"delivery_id": delivery_id, "destination": row.destination}))
 
@@ -125,10 +180,12 @@ class DeliveryBook:
             connection.execute(update(deliveries).where(deliveries.c.id == row.id).values(**values))
             connection.execute(insert(events).values(
                 at=now, kind="delivery", sop_instance_uid=row.sop_instance_uid,
+                study_instance_uid=_study_uid(connection, row),
                 reason=f"{row.destination}: attempt {row.attempts + 1} " + ("delivered" if error is None else
                                                                             f"failed: {error}"),
-                detail={"delivery_id": row.id, "run_id": row.run_id}))
-            if status == "delivered":
+                detail={"delivery_id": row.id, "run_id": row.run_id, "kind": row.kind}))
+            # The run's turnaround ends with its SR acknowledged; forwarded images are not part of it.
+            if status == "delivered" and row.kind == "sr":
                 remaining = connection.execute(select(deliveries.c.id).where(and_(
                     deliveries.c.run_id == row.run_id, deliveries.c.status != "delivered"))).first()
                 if remaining is None:
@@ -159,6 +216,17 @@ class DeliveryBook:
         return outcomes
 
 
+def result_destinations(settings: Settings) -> list[str]:
+    """The destinations that get SRs (all but those marked ``results: false``, which only receive forwards)."""
+    return [entry["name"] for entry in settings["destinations"] if entry.get("results", True)]
+
+
+def _study_uid(connection, row) -> str | None:
+    if row.study_id is None:
+        return None
+    return connection.execute(select(studies.c.study_instance_uid).where(studies.c.id == row.study_id)).scalar()
+
+
 def register(subparsers) -> None:
     """``triage deliveries [list]`` and ``triage deliveries retry [ID ...]``."""
     parser = subparsers.add_parser("deliveries", help="list undelivered results; retry dead-lettered ones")
@@ -183,10 +251,13 @@ def _list(args) -> int:
     if not rows:
         print("all results delivered")
         return 0
-    print(f"{'id':>5}  {'run':>5}  {'destination':<16} {'status':<9} {'tries':>5}  last error")
+    print(f"{'id':>5}  {'run':>5}  {'what':<13} {'destination':<16} {'status':<9} {'tries':>5}  last error")
     for r in rows:
         state = "dead" if r.status == "failed" else r.status
-        print(f"{r.id:>5}  {r.run_id:>5}  {r.destination:<16} {state:<9} {r.attempts:>5}  {r.last_error or ''}")
+        what = "SR" if r.kind == "sr" else f"{len(r.files or [])} images"
+        run = "-" if r.run_id is None else r.run_id
+        print(f"{r.id:>5}  {run:>5}  {what:<13} {r.destination:<16} {state:<9} {r.attempts:>5}  "
+              f"{r.last_error or ''}")
     return 0
 
 

@@ -9,6 +9,7 @@ from prometheus_client import REGISTRY
 from pacs_bridge.assembly import CompletionPolicy, StudyAssembler
 from pacs_bridge.bookkeeping import Bookkeeper
 from pacs_bridge.dicom_tls import TlsFiles
+from pacs_bridge.rules import RuleSet
 from pacs_bridge.schema import make_engine
 from pacs_bridge.scp import ScpSettings, StorageSCP
 from pacs_bridge.storage import InstanceStore
@@ -107,6 +108,11 @@ def readiness_checks(service: "ReceivingService") -> dict:
     }
 
 
+def routing_rules(settings: Settings) -> RuleSet:
+    """The configured routing rules, checked against the configured destinations (raises naming the problem)."""
+    return RuleSet.from_config(settings["routing"], destinations=[d.get("name") for d in settings["destinations"]])
+
+
 def build_receiving_service(settings: Settings) -> ReceivingService:
     engine = make_engine(settings.database_url)
     scp_settings = settings["scp"]
@@ -136,8 +142,12 @@ def build_receiving_service(settings: Settings) -> ReceivingService:
     assembler = StudyAssembler(
         engine,
         dispatch=dispatch_run,
-        policy=CompletionPolicy(float(assembly["quiet_period_s"]), float(assembly["max_wait_s"])),
+        policy=CompletionPolicy(float(assembly["quiet_period_s"]), float(assembly["max_wait_s"]),
+                                float(assembly["expected_series_settle_s"])),
         active_studies=scp.active.current,
         poll_interval_s=float(assembly["poll_interval_s"]),
+        rules=routing_rules(settings),
+        forward=lambda delivery_id: celery_app.send_task(DELIVER, args=[delivery_id], queue=DELIVERY_QUEUE),
+        store_root=settings.incoming_dir,
     )
     return ReceivingService(settings, scp, bookkeeper, assembler, sweeper)

@@ -1,0 +1,129 @@
+"""Forwarding a study's images, as received, to named destinations: routing as a router.
+
+A routing rule may forward a study on routing (``stage: before``) or after processing, if the AI result satisfies
+a condition (``stage: after``). Each forward is one ``deliveries`` row of kind ``images`` per (study version,
+destination), listing the files it sends, and goes through the same reliable delivery as SRs (a Celery task per
+row, retries with backoff, dead letters, ``triage deliveries retry``). Only image objects are forwarded: SRs and
+other derived objects in the study are never sent on, so a forward can never start a loop.
+
+Files are sent one at a time (C-STORE) or in bounded batches (STOW-RS), so a study of thousands of images never
+has to fit in memory. A destination that already holds an instance simply stores it again, so a retried forward
+that had sent part of the study is harmless.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+import pydicom
+from pynetdicom import AE
+from sqlalchemy import and_, insert, select
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+
+from pacs_bridge.dicom_send import DeliveryError, DicomDestination
+from pacs_bridge.dicom_tls import client_context
+from pacs_bridge.dicomweb_send import DicomwebDestination, stow_rs
+from pacs_bridge.intake import STATUS_SUCCESS
+from pacs_bridge.routing import is_derived_object
+from pacs_bridge.rules import Forward
+from pacs_bridge.schema import deliveries, events, instances, series
+
+#: Instances per STOW-RS request when forwarding a study (bounded memory, bounded request size).
+STOW_BATCH = 50
+#: A DICOM association negotiates at most 128 presentation contexts (PS3.8 9.3.2.2).
+MAX_CONTEXTS = 128
+
+
+def study_image_paths(connection: Connection, study_id: int) -> list[str]:
+    """The files of the study's image objects as received, series by series (derived objects left out)."""
+    rows = connection.execute(
+        select(series.c.modality, instances.c.sop_class_uid, instances.c.path)
+        .select_from(series.join(instances, instances.c.series_id == series.c.id))
+        .where(series.c.study_id == study_id)
+        .order_by(series.c.series_number, series.c.id, instances.c.path)
+    ).all()
+    return [r.path for r in rows if not is_derived_object(r.modality or "", r.sop_class_uid)]
+
+
+def create_forwards(connection: Connection, *, study_id: int, study_version: int, study_uid: str, study_folder: Path,
+                    forward: Forward, why: str, now: datetime, run_id: int | None = None) -> list[int]:
+    """One pending ``images`` delivery per destination of ``forward`` (an existing one is kept: idempotent).
+
+    Returns the ids of the rows created now. The caller's transaction commits them; whoever queues them must set
+    ``queued_at`` (the assembler for forwards on routing; the worker for forwards after processing).
+    """
+    paths = study_image_paths(connection, study_id)
+    created = []
+    for destination in forward.destinations:
+        exists = connection.execute(select(deliveries.c.id).where(and_(
+            deliveries.c.study_id == study_id, deliveries.c.study_version == study_version,
+            deliveries.c.destination == destination, deliveries.c.kind == "images"))).first()
+        if exists is not None:
+            continue
+        try:
+            with connection.begin_nested():
+                delivery_id = connection.execute(insert(deliveries).values(
+                    run_id=None, destination=destination, kind="images", stage=forward.stage, study_id=study_id,
+                    study_version=study_version, path=str(study_folder), files=paths, status="pending",
+                    attempts=0, created_at=now,
+                )).inserted_primary_key[0]
+        except IntegrityError:  # another process planned the same forward a moment ago
+            continue
+        created.append(delivery_id)
+        connection.execute(insert(events).values(
+            at=now, kind="forward", study_instance_uid=study_uid,
+            reason=f"forward {len(paths)} image(s) of version {study_version} to {destination} "
+                   f"({forward.stage} processing): {why}",
+            detail={"delivery_id": delivery_id, "destination": destination, "stage": forward.stage,
+                    "study_version": study_version, "run_id": run_id, "files": len(paths)},
+        ))
+    return created
+
+
+def send_files(destination: DicomDestination | DicomwebDestination, paths: Sequence[Path], calling_aet: str,
+               timeout_s: float = 60.0) -> None:
+    """Send ``paths`` as they are; raise :class:`DeliveryError` naming the first failure (or a missing file)."""
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise DeliveryError(f"{destination.name}: {len(missing)} file(s) to forward are no longer in the store, "
+                            f"e.g. {missing[0]}")
+    if isinstance(destination, DicomwebDestination):
+        for start in range(0, len(paths), STOW_BATCH):
+            stow_rs(destination, [pydicom.dcmread(p) for p in paths[start:start + STOW_BATCH]])
+        return
+    _c_store_files(destination, paths, calling_aet, timeout_s)
+
+
+def _c_store_files(destination: DicomDestination, paths: Sequence[Path], calling_aet: str, timeout_s: float) -> None:
+    contexts = set()
+    for path in paths:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        contexts.add((str(header.SOPClassUID), str(header.file_meta.TransferSyntaxUID)))
+    if len(contexts) > MAX_CONTEXTS:
+        raise DeliveryError(f"{destination.name}: the study needs {len(contexts)} presentation contexts, "
+                            f"more than one association can negotiate ({MAX_CONTEXTS})")
+    ae = AE(ae_title=calling_aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.connection_timeout = min(timeout_s, 10.0)
+    for sop_class, syntax in sorted(contexts):
+        ae.add_requested_context(sop_class, syntax)
+    tls_args = None
+    if destination.tls is not None:
+        tls_args = (client_context(destination.tls), destination.tls.server_name or destination.host)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
+    if not assoc.is_established:
+        raise DeliveryError(f"{destination.name}: association with {destination.ae_title}@{destination.host}:"
+                            f"{destination.port} was not established "
+                            f"({'rejected' if assoc.is_rejected else 'no answer'})")
+    try:
+        for path in paths:
+            status = assoc.send_c_store(Path(path))
+            code = getattr(status, "Status", None)
+            if code is None:
+                raise DeliveryError(f"{destination.name}: no response to C-STORE of {path}")
+            if code != STATUS_SUCCESS and not 0xB000 <= code <= 0xBFFF:  # Bxxx = stored with a warning
+                raise DeliveryError(f"{destination.name}: C-STORE of {path} failed, status 0x{code:04X}")
+    finally:
+        assoc.release()
