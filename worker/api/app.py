@@ -17,9 +17,10 @@ from sqlalchemy.engine import Engine
 from pacs_bridge.schema import make_engine
 from worker.config import Settings, load_settings
 
-ROLES = ("radiologist", "admin")
+#: radiologist: read; sender: store images (STOW-RS); admin: everything.
+ROLES = ("radiologist", "sender", "admin")
 #: Modules under worker/api/ that expose a FastAPI ``router``; each feature adds its own.
-FEATURE_ROUTERS: tuple[str, ...] = ("reports", "fairness")
+FEATURE_ROUTERS: tuple[str, ...] = ("reports", "fairness", "worklist", "stow")
 _bearer = HTTPBearer(auto_error=False)
 
 
