@@ -70,9 +70,12 @@ def redis_url():
 class Orthanc:
     """A real Orthanc (Debian package) with the DICOMweb plugin, on free loopback ports."""
 
-    def __init__(self, workdir: Path, aet: str = "ORTHANC") -> None:
+    def __init__(self, workdir: Path, aet: str = "ORTHANC", modalities: dict[str, tuple[str, str, int]] | None = None
+                 ) -> None:
         self.workdir = workdir
         self.aet = aet
+        #: DICOM nodes Orthanc knows (name -> (AE title, host, port)): C-MOVE destinations, C-FIND/C-GET callers.
+        self.modalities = dict(modalities or {})
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.process: subprocess.Popen | None = None
@@ -94,6 +97,7 @@ class Orthanc:
             "DicomCheckCalledAet": False, "StableAge": 1, "HttpServerEnabled": True,
             "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Host": f"127.0.0.1:{self.http_port}"},
+            "DicomModalities": {name: list(node) for name, node in self.modalities.items()},
         }
         config_path = self.workdir / "orthanc.json"
         config_path.write_text(json.dumps(config))
