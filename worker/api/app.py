@@ -20,7 +20,7 @@ from worker.config import Settings, load_settings
 #: radiologist: read; sender: store images (STOW-RS); admin: everything.
 ROLES = ("radiologist", "sender", "admin")
 #: Modules under worker/api/ that expose a FastAPI ``router``; each feature adds its own.
-FEATURE_ROUTERS: tuple[str, ...] = ("reports", "fairness", "stow")
+FEATURE_ROUTERS: tuple[str, ...] = ("reports", "fairness", "worklist", "stow")
 _bearer = HTTPBearer(auto_error=False)
 
 

@@ -1,0 +1,89 @@
+// Login for the worklist pages: where the bearer token comes from, where it is kept, and how requests carry it.
+//
+// The server says which login it uses (GET config -> {login: "token" | "oidc", oidc: {...}}). "token" is a bearer
+// token typed on the login page and kept in sessionStorage (gone when the tab closes). An OpenID Connect login
+// would be another entry in LOGINS with the same two methods: start() on the login page, and a token() that the
+// pages read; nothing else in the pages knows how the token was obtained.
+
+const TOKEN_KEY = "triage.worklist.token";
+
+export async function pageConfig() {
+  const response = await fetch("config", { headers: { Accept: "application/json" } });
+  if (!response.ok) throw new Error(`config: HTTP ${response.status}`);
+  return response.json();
+}
+
+export function token() {
+  return sessionStorage.getItem(TOKEN_KEY);
+}
+
+export function forget() {
+  sessionStorage.removeItem(TOKEN_KEY);
+}
+
+// Only a path on this site may be a return address after login (no open redirect).
+export function safeNext(next) {
+  return next && next.startsWith("/") && !next.startsWith("//") ? next : "./";
+}
+
+function goToLogin() {
+  const next = location.pathname + location.search;
+  location.assign("login?next=" + encodeURIComponent(next));
+}
+
+export function requireLogin() {
+  if (!token()) {
+    goToLogin();
+    return false;
+  }
+  return true;
+}
+
+export function logout() {
+  forget();
+  location.assign("login");
+}
+
+// fetch() with the bearer token; a 401 means the token is no longer accepted: back to the login page.
+export async function api(path, options = {}) {
+  const headers = { Accept: "application/json", ...(options.headers || {}), Authorization: `Bearer ${token()}` };
+  const response = await fetch(path, { ...options, headers });
+  if (response.status === 401) {
+    forget();
+    goToLogin();
+    throw new Error("not logged in");
+  }
+  return response;
+}
+
+// Downloads a protected file (the SR) with the token, as a file save.
+export async function download(path, filename) {
+  const response = await api(path, { headers: { Accept: "application/dicom" } });
+  if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
+  const url = URL.createObjectURL(await response.blob());
+  const link = document.createElement("a");
+  link.href = url;
+  link.download = filename;
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+}
+
+export const LOGINS = {
+  token: {
+    // Checks the typed token against the API before keeping it.
+    async start(secret) {
+      const response = await fetch("me", { headers: { Accept: "application/json", Authorization: `Bearer ${secret}` } });
+      if (response.status === 401 || response.status === 403) return { ok: false, error: "This token is not accepted." };
+      if (!response.ok) return { ok: false, error: `The server answered ${response.status}; try again.` };
+      sessionStorage.setItem(TOKEN_KEY, secret);
+      return { ok: true, principal: await response.json() };
+    },
+  },
+  oidc: {
+    async start() {
+      return { ok: false, error: "This worklist is configured for OpenID Connect, which this version does not implement yet." };
+    },
+  },
+};

@@ -1,0 +1,259 @@
+"""Publishing a run's AI priority to the worklist systems, and the record of what was changed.
+
+``publish_result`` is called by the pipeline once a run's predictions are recorded. Each configured publisher
+(``publishers`` in the configuration; :mod:`pacs_bridge.publishers`) gets the study's priority; each decision
+is written as an ``events`` row of kind ``publication`` whose ``detail`` holds the publisher, the target
+(workitem, resource, order), the action (raised, unchanged, skipped, notified, failed...), the value found
+there (``original``), the value set (``new``) and the AI's reason. That record is what ``triage publications
+revert`` uses to put the original value back. Nothing here ever fails the run: a publisher that cannot be
+reached is a ``failed`` publication, an error in this module is an ``error`` event.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import pydicom
+from sqlalchemy import and_, insert, select
+from sqlalchemy.engine import Engine
+
+from pacs_bridge.publishers import (
+    CREATED,
+    NOTIFIED,
+    RAISED,
+    REVERTED,
+    UNCHANGED,
+    Hl7OrderPublisher,
+    PriorityRaiser,
+    PriorityUpdate,
+    Publication,
+    Publisher,
+    build_publishers,
+)
+from pacs_bridge.results import TriageResult
+from pacs_bridge.schema import events, instances, processing_runs, series, studies, utcnow
+from worker.config import Settings
+
+log = logging.getLogger(__name__)
+
+EVENT_KIND = "publication"
+
+
+def configured_publishers(settings: Settings) -> list[Publisher]:
+    return build_publishers(settings["publishers"], settings["publishing"])
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    study_instance_uid: str
+    accession_number: str | None
+    study_description: str | None
+    first_instance_path: str | None
+
+
+def study_info(engine: Engine, run_id: int) -> StudyInfo:
+    with engine.connect() as connection:
+        row = connection.execute(
+            select(studies.c.id, studies.c.study_instance_uid, studies.c.accession_number,
+                   studies.c.study_description)
+            .select_from(processing_runs.join(studies, studies.c.id == processing_runs.c.study_id))
+            .where(processing_runs.c.id == run_id)
+        ).first()
+        if row is None:
+            raise ValueError(f"processing run {run_id} does not exist")
+        path = connection.execute(
+            select(instances.c.path).select_from(series.join(instances, instances.c.series_id == series.c.id))
+            .where(series.c.study_id == row.id).order_by(instances.c.id).limit(1)
+        ).scalar()
+    return StudyInfo(row.study_instance_uid, row.accession_number, row.study_description, path)
+
+
+def ai_reason(result: TriageResult, top: int = 3) -> str:
+    """One line saying why the AI chose the priority: the leading findings and the referrals."""
+    findings = ", ".join(f"{f.label} {f.probability:.2f}" for f in result.findings[:top]) or "no finding"
+    referrals = f"; referral: {', '.join(result.referrals)}" if result.referrals else ""
+    return f"AI priority {result.priority} ({findings}{referrals})"
+
+
+def patient_id(info: StudyInfo) -> str | None:
+    """The PatientID of the study's first image: only HL7 order messages need it (PID-3). Never stored or logged."""
+    if not info.first_instance_path:
+        return None
+    try:
+        header = pydicom.dcmread(info.first_instance_path, stop_before_pixels=True, specific_tags=["PatientID"])
+    except (OSError, pydicom.errors.InvalidDicomError):
+        log.warning("study %s: could not read PatientID from its first instance", info.study_instance_uid)
+        return None
+    return str(header.get("PatientID", "")) or None
+
+
+def priority_update(settings: Settings, info: StudyInfo, result: TriageResult, run_id: int | None,
+                    with_patient_id: bool = False) -> PriorityUpdate:
+    base = settings["publishing"]["worklist_url"].rstrip("/")
+    return PriorityUpdate(
+        study_instance_uid=info.study_instance_uid, priority=result.priority, reason=ai_reason(result),
+        accession_number=info.accession_number, study_description=info.study_description,
+        findings=tuple((f.label, f.probability) for f in result.findings), referrals=tuple(result.referrals),
+        model_name=result.model_name, model_version=result.model_version, run_id=run_id,
+        worklist_url=f"{base}/study?uid={info.study_instance_uid}" if base else None,
+        patient_id=patient_id(info) if with_patient_id else None,
+    )
+
+
+def last_known_values(engine: Engine, study_uid: str) -> dict[str, str]:
+    """Per publisher, the value it last set or found for the study: the current value for systems that cannot
+    be asked (HL7 v2), and what a webhook last notified."""
+    known: dict[str, str] = {}
+    with engine.connect() as connection:
+        rows = connection.execute(select(events.c.detail).where(and_(
+            events.c.kind == EVENT_KIND, events.c.study_instance_uid == study_uid)).order_by(events.c.id)).all()
+    for (detail,) in rows:
+        if not detail:
+            continue
+        if detail.get("action") in (RAISED, CREATED, REVERTED, NOTIFIED) and detail.get("new"):
+            known[detail["publisher"]] = detail["new"]
+        elif detail.get("action") == UNCHANGED and detail.get("original"):
+            known[detail["publisher"]] = detail["original"]
+    return known
+
+
+def record(engine: Engine, update: PriorityUpdate, publications: list[Publication], **extra: Any) -> list[int]:
+    """Write each publication as an ``events`` row; returns their ids."""
+    ids = []
+    with engine.begin() as connection:
+        for p in publications:
+            detail = {**p.as_detail(), "run_id": update.run_id, "ai_reason": update.reason,
+                      "model": f"{update.model_name} {update.model_version}".strip(), **extra}
+            ids.append(connection.execute(insert(events).values(
+                at=utcnow(), kind=EVENT_KIND, study_instance_uid=update.study_instance_uid,
+                reason=f"{p.publisher} ({p.kind}) {p.target}: {p.action}: {p.reason}"[:4000], detail=detail,
+            )).inserted_primary_key[0])
+    return ids
+
+
+def publish_result(settings: Settings, engine: Engine, run_id: int, result: TriageResult) -> list[Publication]:
+    """Publish ``result``'s priority with every configured publisher and record what each did. Never raises."""
+    try:
+        publishers = configured_publishers(settings)
+        if not publishers:
+            return []
+        info = study_info(engine, run_id)
+        update = priority_update(settings, info, result, run_id,
+                                 with_patient_id=any(isinstance(p, Hl7OrderPublisher) for p in publishers))
+        known = last_known_values(engine, info.study_instance_uid)
+        done: list[Publication] = []
+        for publisher in publishers:
+            try:
+                publications = publisher.publish(update, known.get(publisher.name))
+            except Exception as exc:  # a bug in one adapter must not stop the others, nor the run
+                log.exception("publisher %s failed on study %s", publisher.name, info.study_instance_uid)
+                publications = [Publication(publisher.name, publisher.kind, info.accession_number
+                                            or info.study_instance_uid, "failed", result.priority,
+                                            f"{type(exc).__name__}: {exc}")]
+            for p in publications:
+                log.info("run %d study %s: %s %s %s (%s -> %s)", run_id, info.study_instance_uid, p.publisher,
+                         p.action, p.target, p.original, p.new)
+            record(engine, update, publications)
+            done.extend(publications)
+        return done
+    except Exception as exc:
+        log.exception("publishing run %d failed", run_id)
+        try:
+            with engine.begin() as connection:
+                connection.execute(insert(events).values(
+                    at=utcnow(), kind="error", study_instance_uid=result.study_instance_uid,
+                    reason=f"publishing run {run_id} failed: {type(exc).__name__}: {exc}"[:4000],
+                    detail={"run_id": run_id, "stage": "publishing"}))
+        except Exception:
+            log.exception("could not record the publishing failure of run %d", run_id)
+        return []
+
+
+def revert(settings: Settings, engine: Engine, event_id: int) -> Publication:
+    """Put back the original value a recorded ``raised`` publication replaced, if the target still holds ours."""
+    with engine.connect() as connection:
+        row = connection.execute(select(events).where(events.c.id == event_id)).first()
+    if row is None or row.kind != EVENT_KIND:
+        raise ValueError(f"event {event_id} is not a publication (see `triage publications`)")
+    detail = row.detail or {}
+    if detail.get("action") != RAISED:
+        raise ValueError(f"publication {event_id} was {detail.get('action')!r}, not 'raised': nothing to revert")
+    publisher = {p.name: p for p in configured_publishers(settings)}.get(detail["publisher"])
+    if publisher is None:
+        raise ValueError(f"publisher {detail['publisher']!r} is no longer configured")
+    if not isinstance(publisher, PriorityRaiser):
+        raise ValueError(f"publisher {publisher.name!r} ({publisher.kind}) changes nothing that could be reverted")
+    run_id = detail.get("run_id")
+    info = study_info(engine, run_id) if run_id is not None else StudyInfo(row.study_instance_uid, None, None, None)
+    update = PriorityUpdate(
+        study_instance_uid=info.study_instance_uid, priority=detail.get("ai_priority", "routine"),
+        reason=f"revert of publication {event_id}", accession_number=info.accession_number,
+        study_description=info.study_description, run_id=run_id,
+        patient_id=patient_id(info) if isinstance(publisher, Hl7OrderPublisher) else None,
+    )
+    publication = publisher.revert(detail["target"], detail.get("original"), detail.get("new"), update)
+    record(engine, update, [publication], reverts=event_id)
+    return publication
+
+
+def publications(engine: Engine, study_uid: str | None = None, limit: int = 50) -> list:
+    query = select(events).where(events.c.kind == EVENT_KIND)
+    if study_uid:
+        query = query.where(events.c.study_instance_uid == study_uid)
+    with engine.connect() as connection:
+        return connection.execute(query.order_by(events.c.id.desc()).limit(limit)).all()
+
+
+# -- the command line ---------------------------------------------------------------------------------------
+
+def register(subparsers) -> None:
+    """``triage publications [list]`` and ``triage publications revert EVENT_ID ...``."""
+    parser = subparsers.add_parser("publications", help="list worklist priority publications; revert raises")
+    sub = parser.add_subparsers(dest="publications_command")
+    parser.set_defaults(func=_list, study=None, limit=50)
+    listing = sub.add_parser("list", help="recent publications, newest first")
+    listing.add_argument("--study", help="only this Study Instance UID")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.set_defaults(func=_list)
+    undo = sub.add_parser("revert", help="put back the priority a publication replaced (if still ours)")
+    undo.add_argument("ids", nargs="+", type=int, help="event ids of 'raised' publications")
+    undo.set_defaults(func=_revert)
+
+
+def _open(args):
+    from pacs_bridge.schema import make_engine
+    from worker.config import load_settings
+
+    settings = load_settings(args.config)
+    return settings, make_engine(settings.database_url)
+
+
+def _list(args) -> int:
+    _, engine = _open(args)
+    rows = publications(engine, args.study, args.limit)
+    if not rows:
+        print("no publications recorded")
+        return 0
+    print(f"{'event':>6}  {'at':<19}  {'publisher':<12} {'action':<9} {'original -> new':<18} target / study")
+    for r in rows:
+        d = r.detail or {}
+        change = f"{d.get('original') or '?'} -> {d.get('new') or '-'}"
+        print(f"{r.id:>6}  {r.at:%Y-%m-%d %H:%M:%S}  {d.get('publisher', ''):<12} {d.get('action', ''):<9} "
+              f"{change:<18} {d.get('target', '')} / {r.study_instance_uid}")
+    return 0
+
+
+def _revert(args) -> int:
+    settings, engine = _open(args)
+    status = 0
+    for event_id in args.ids:
+        try:
+            p = revert(settings, engine, event_id)
+        except ValueError as exc:
+            print(f"publication {event_id}: {exc}")
+            status = 1
+            continue
+        print(f"publication {event_id}: {p.action}: {p.reason}")
+        status |= 0 if p.action == REVERTED else 1
+    return status
