@@ -119,7 +119,11 @@ def _check_pixel_data_length(ds: Dataset, transfer_syntax: str) -> None:
     if "PixelData" not in ds:
         return
     value = ds.PixelData
-    if transfer_syntax and UID(transfer_syntax).is_encapsulated:
+    try:
+        encapsulated = bool(transfer_syntax) and UID(transfer_syntax).is_encapsulated
+    except ValueError as exc:  # pydicom: "UID is not a transfer syntax"
+        raise RejectedInstance(f"TransferSyntaxUID {transfer_syntax[:80]!r} is not a known transfer syntax") from exc
+    if encapsulated:
         try:
             fragments = sum(1 for _ in generate_fragments(value))
         except Exception as exc:
@@ -134,6 +138,8 @@ def _check_pixel_data_length(ds: Dataset, transfer_syntax: str) -> None:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (AttributeError, TypeError, ValueError) as exc:
         raise RejectedInstance(f"image attributes missing or invalid ({exc})", STATUS_DATASET_MISMATCH) from exc
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+        samples = 2  # chroma subsampled 2:1 horizontally: two samples per pixel on average (PS3.3 C.7.6.3.1.2)
     expected_bits = rows * columns * bits * samples * frames
     expected = (expected_bits + 7) // 8
     if len(value) < expected:
