@@ -70,7 +70,8 @@ def study_facts_from_database(connection: Connection, study_id: int, headers: He
     all_modalities, all_classes = set(), set()
     for s in series_rows:
         modality = s.modality or ""
-        all_modalities.add(modality) if modality else None
+        if modality:
+            all_modalities.add(modality)
         all_classes.update(classes[s.id])
         if not classes[s.id] or not _is_image_series(modality, classes[s.id]):
             continue
@@ -117,7 +118,8 @@ def study_facts_from_files(paths: Iterable[Path], keywords: Iterable[str],
             first = datasets[0]
             modality = str(first.get("Modality", "") or "")
             series_classes = {str(ds.get("SOPClassUID", "")) for ds in datasets}
-            modalities.add(modality) if modality else None
+            if modality:
+                modalities.add(modality)
             classes.update(series_classes)
             if _is_image_series(modality, series_classes):
                 image_series.append(series_facts_from_dataset(first, keywords, association, len(datasets)))

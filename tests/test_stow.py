@@ -100,9 +100,9 @@ def _study_record(receiver, study_uid: str) -> dict:
     }
 
 
-def test_a_study_stored_by_stow_rs_is_received_and_routed_exactly_like_one_sent_by_c_store(tmp_path_factory,
-                                                                                              deployment):
-    study = phantom("tumour", 21, ("AX T2 FLAIR", "AX DWI"))
+def _both_ways(study, deployment, folder: Path):
+    """The study stored by STOW-RS into ``deployment``, and sent by storescu to a second deployment; both
+    completed and routed. Returns the two receivers."""
     stow_receiver, api = deployment
     response = api.client().store_instances([pydicom.dcmread(p) for p in study.files])
     assert len(response.ReferencedSOPSequence) == len(study.files) and len(response.FailedSOPSequence) == 0
@@ -110,12 +110,19 @@ def test_a_study_stored_by_stow_rs_is_received_and_routed_exactly_like_one_sent_
              what="the STOW-RS instances in the database")
     stow_receiver.complete()
 
-    store_receiver = receiver_for(tmp_path_factory.mktemp("c-store"), routing={"rules": RULES}).start()
+    store_receiver = receiver_for(folder, routing={"rules": RULES}).start()
     try:
         store_receiver.send(study.folder)
         store_receiver.complete()
     finally:
         store_receiver.stop()
+    return stow_receiver, store_receiver
+
+
+def test_a_study_stored_by_stow_rs_is_received_and_routed_exactly_like_one_sent_by_c_store(tmp_path_factory,
+                                                                                              deployment):
+    study = phantom("tumour", 21, ("AX T2 FLAIR", "AX DWI"))
+    stow_receiver, store_receiver = _both_ways(study, deployment, tmp_path_factory.mktemp("c-store"))
 
     by_stow, by_store = _study_record(stow_receiver, study.study_instance_uid), \
         _study_record(store_receiver, study.study_instance_uid)
@@ -177,3 +184,36 @@ def test_stow_rs_to_a_study_refuses_instances_of_another_study(deployment):
     with pytest.raises(requests.HTTPError) as none_stored:
         api.client().store_instances([stray], study_instance_uid=target)
     assert none_stored.value.response.status_code == 409
+
+
+@pytest.mark.slow
+def test_a_study_stored_by_stow_rs_is_processed_into_the_same_result_as_one_sent_by_c_store(tmp_path_factory,
+                                                                                             deployment):
+    """The worker's real pipeline on both, with a tiny model of random weights: the same predictions, to the last
+    digit, and the same SR content show that the model saw the same images."""
+    from models.bundle import random_bundle, save_bundle
+    from pacs_bridge.schema import predictions
+    from pacs_bridge.sr import read_sr
+    from worker.pipeline import RunProcessor
+
+    bundle_dir = tmp_path_factory.mktemp("bundle")
+    bundle = random_bundle("tiny", seed=0)
+    save_bundle(bundle_dir, bundle.vqvae, bundle.prima, bundle.manifest)
+    study = phantom("tumour", 21, ("AX T2 FLAIR", "AX DWI"))
+    receivers = _both_ways(study, deployment, tmp_path_factory.mktemp("c-store"))
+
+    results = []
+    for receiver in receivers:
+        receiver.settings.raw["model"].update(bundle=str(bundle_dir), device="cpu")
+        processor = RunProcessor(receiver.settings, receiver.engine, enqueue_delivery=lambda _id: None)
+        [(run_id, _, _)] = receiver.dispatched
+        outcome = processor.process(run_id)
+        assert outcome.status == "done"
+        with receiver.engine.connect() as c:
+            probabilities = sorted(c.execute(select(predictions.c.kind, predictions.c.label,
+                                                    predictions.c.probability)).all())
+        results.append((probabilities, read_sr(pydicom.dcmread(outcome.sr_path))))
+    (by_stow, sr_stow), (by_store, sr_store) = results
+    assert by_stow == by_store and len(by_stow) > 52
+    assert (sr_stow.priority, sr_stow.findings, sr_stow.referrals) == \
+        (sr_store.priority, sr_store.findings, sr_store.referrals)

@@ -148,6 +148,8 @@ def _list(args: argparse.Namespace) -> int:
     with engine.connect() as connection:
         if args.job is None:
             jobs = connection.execute(select(pull_jobs).order_by(pull_jobs.c.id)).all()
+            if not jobs:
+                print("no pull jobs")
             counts = connection.execute(select(pull_items.c.job_id, pull_items.c.status, func.count())
                                         .group_by(pull_items.c.job_id, pull_items.c.status)).all()
             by_job: dict[int, list[str]] = {}
