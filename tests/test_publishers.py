@@ -88,7 +88,7 @@ def dicom_value(item: dict, tag: str):
 
 @dataclass
 class FakeRis:
-    """UPS-RS under /dicom-web, FHIR under /fhir, a webhook at /hook: the state a RIS and a pager would hold."""
+    """UPS-RS under /dicom-web, FHIR under /fhir, a webhook at /hook: what a RIS and a pager would hold."""
 
     workitems: dict[str, dict] = field(default_factory=dict)
     service_requests: dict[str, dict] = field(default_factory=dict)
@@ -143,9 +143,10 @@ class FakeRis:
             query = urllib.parse.parse_qs(url.query)
             found = []
             for item in self.workitems.values():
-                request = (dicom_value(item, "0040A370") or {})
+                request = dicom_value(item, "0040A370") or {}
                 ok = all(
-                    (key == "ReferencedRequestSequence.AccessionNumber" and dicom_value(request, "00080050") == v[0])
+                    (key == "ReferencedRequestSequence.AccessionNumber"
+                     and dicom_value(request, "00080050") == v[0])
                     or (key == "ReferencedRequestSequence.StudyInstanceUID"
                         and dicom_value(request, "0020000D") == v[0])
                     or key == "includefield"
@@ -179,7 +180,8 @@ class FakeRis:
             wanted = urllib.parse.parse_qs(url.query)["identifier"][0]
             system, _, value = wanted.rpartition("|")
             entries = [{"resource": r, "search": {"mode": "match"}} for r in self.service_requests.values()
-                       if any(i["value"] == value and (not system or i["system"] == system) for i in r["identifier"])]
+                       if any(i["value"] == value and (not system or i["system"] == system)
+                              for i in r["identifier"])]
             bundle = {"resourceType": "Bundle", "type": "searchset", "total": len(entries), "entry": entries}
             if self.after_fhir_search:
                 self.after_fhir_search()
@@ -261,9 +263,11 @@ def configure(tmp_path: Path, database_url: str, publishers: list[dict], **publi
 def every_publisher(ris: FakeRis, mllp: MllpListener, tmp_path: Path) -> list[dict]:
     return [
         {"name": "ups", "kind": "ups_rs", "url": f"{ris.url}/dicom-web"},
-        {"name": "ris", "kind": "hl7v2", "host": "127.0.0.1", "port": mllp.port, "receiving_application": "RIS"},
+        {"name": "ris", "kind": "hl7v2", "host": "127.0.0.1", "port": mllp.port,
+         "receiving_application": "RIS"},
         {"name": "orders", "kind": "fhir", "url": f"{ris.url}/fhir", "identifier_system": "urn:acc"},
-        {"name": "pager", "kind": "webhook", "url": f"{ris.url}/hook", "secret_file": str(tmp_path / "hook.secret")},
+        {"name": "pager", "kind": "webhook", "url": f"{ris.url}/hook",
+         "secret_file": str(tmp_path / "hook.secret")},
     ]
 
 
@@ -279,7 +283,8 @@ def processed_study(engine, accession: str | None = ACCESSION, version: int = 1,
                 status="processing", version=version, instance_count=1, first_received_at=now,
                 last_received_at=now)).inserted_primary_key[0]
         else:
-            study_id = c.execute(select(studies.c.id).where(studies.c.study_instance_uid == study_uid)).scalar()
+            study_id = c.execute(select(studies.c.id)
+                                 .where(studies.c.study_instance_uid == study_uid)).scalar()
         run_id = c.execute(insert(processing_runs).values(
             study_id=study_id, study_version=version, pipeline="neuro_mri", status="running", attempts=1,
         )).inserted_primary_key[0]
@@ -301,14 +306,17 @@ def ingest(engine, files) -> int:
     with engine.begin() as c:
         write_batch(c, received)
     dispatched: list[int] = []
-    StudyAssembler(engine, lambda run_id, _: dispatched.append(run_id), CompletionPolicy(0.0, 900.0)).check_once()
+    assembler = StudyAssembler(engine, lambda run_id, _: dispatched.append(run_id),
+                               CompletionPolicy(quiet_period_s=0.0, max_wait_s=900.0))
+    assembler.check_once()
     [run_id] = dispatched
     return run_id
 
 
 def result(study_uid: str, priority: str) -> TriageResult:
     findings = {
-        "stat": (Finding("trauma_subdural_hematoma", 0.97, 0.41), Finding("structural_mass_effect", 0.61, 0.5)),
+        "stat": (Finding("trauma_subdural_hematoma", 0.97, 0.41),
+                 Finding("structural_mass_effect", 0.61, 0.5)),
         "urgent": (Finding("tumor_adult_meningioma", 0.72, 0.4),),
         "routine": (Finding("structural_cerebral_atrophy", 0.12, 0.5),),
     }[priority]
@@ -319,8 +327,9 @@ def result(study_uid: str, priority: str) -> TriageResult:
 
 def recorded(engine, study_uid: str) -> dict[str, list[dict]]:
     with engine.connect() as c:
-        rows = c.execute(select(events.c.reason, events.c.detail).where(
-            events.c.kind == "publication", events.c.study_instance_uid == study_uid).order_by(events.c.id)).all()
+        rows = c.execute(select(events.c.reason, events.c.detail)
+                         .where(events.c.kind == "publication", events.c.study_instance_uid == study_uid)
+                         .order_by(events.c.id)).all()
     out: dict[str, list[dict]] = {}
     for reason, detail in rows:
         out.setdefault(detail["publisher"], []).append({**detail, "reason": reason})
@@ -362,7 +371,8 @@ def test_a_stat_result_raises_the_priority_in_every_worklist_and_records_the_ori
     assert "trauma_subdural_hematoma 0.97" in str(message.segment("NTE")[3])
 
     [(_, _, headers, body)] = ris.calls("POST", "/hook")
-    assert headers["x-triage-signature"] == "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    expected = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    assert headers["x-triage-signature"] == f"sha256={expected}"
     hook = json.loads(body)
     assert (hook["priority"], hook["accession_number"]) == ("stat", ACCESSION)
     assert hook["worklist_url"] == f"https://triage.example.org/worklist/study?uid={study_uid}"
@@ -378,7 +388,8 @@ def test_a_stat_result_raises_the_priority_in_every_worklist_and_records_the_ori
 
 
 @pytest.mark.parametrize("ai_priority", ["routine", "urgent"])
-def test_a_lower_ai_priority_never_lowers_a_clinicians_stat(ai_priority, tmp_path, engine, postgres_url, ris, mllp):
+def test_a_lower_ai_priority_never_lowers_a_clinicians_stat(ai_priority, tmp_path, engine, postgres_url, ris,
+                                                            mllp):
     study_uid, run_id = processed_study(engine)
     workitem = ris.add_workitem(study_uid, ACCESSION, "HIGH")
     order = ris.add_service_request(ACCESSION, "stat")
@@ -432,8 +443,8 @@ def test_hl7_sends_an_urgent_raise_only_once_the_order_is_known_to_be_routine(tm
     assert str(message.segment("IPC")[1]) == ACCESSION and str(message.segment("IPC")[3]) == study_uid
 
 
-def test_workitems_in_progress_or_completed_and_of_other_studies_are_left_alone(tmp_path, engine, postgres_url,
-                                                                               ris):
+def test_workitems_in_progress_or_completed_and_of_other_studies_are_left_alone(tmp_path, engine,
+                                                                               postgres_url, ris):
     study_uid, run_id = processed_study(engine)
     scheduled = ris.add_workitem(study_uid, ACCESSION, "LOW")
     in_progress = ris.add_workitem(study_uid, ACCESSION, "LOW", state="IN PROGRESS")
@@ -452,8 +463,9 @@ def test_workitems_in_progress_or_completed_and_of_other_studies_are_left_alone(
 
 def test_a_study_without_a_workitem_gets_one_when_configured(tmp_path, engine, postgres_url, ris):
     study_uid, run_id = processed_study(engine)
-    settings = configure(tmp_path, postgres_url, [{"name": "ups", "kind": "ups_rs", "url": f"{ris.url}/dicom-web",
-                                                   "create_if_missing": True, "worklist_label": "Neuro"}])
+    settings = configure(tmp_path, postgres_url, [{"name": "ups", "kind": "ups_rs",
+                                                   "url": f"{ris.url}/dicom-web", "create_if_missing": True,
+                                                   "worklist_label": "Neuro"}])
 
     [created] = publish_result(settings, engine, run_id, result(study_uid, "urgent"))
 
@@ -463,7 +475,8 @@ def test_a_study_without_a_workitem_gets_one_when_configured(tmp_path, engine, p
     assert dicom_value(dicom_value(item, "0040A370"), "00080050") == ACCESSION
 
 
-def test_a_raise_can_be_reverted_unless_someone_changed_the_priority_since(tmp_path, engine, postgres_url, ris):
+def test_a_raise_can_be_reverted_unless_someone_changed_the_priority_since(tmp_path, engine, postgres_url,
+                                                                          ris):
     study_uid, run_id = processed_study(engine)
     workitem = ris.add_workitem(study_uid, ACCESSION, "LOW")
     order = ris.add_service_request(ACCESSION, None)  # no priority: routine, by FHIR's definition
@@ -483,6 +496,30 @@ def test_a_raise_can_be_reverted_unless_someone_changed_the_priority_since(tmp_p
     assert kept.action == SKIPPED and "changed since" in kept.reason
     assert ris.service_requests[order]["priority"] == "asap"
     assert recorded(engine, study_uid)["ups"][-1]["reverts"] == ups_event
+
+
+def test_the_operator_lists_publications_and_reverts_one_from_the_command_line(tmp_path, engine, postgres_url,
+                                                                             ris, capsys):
+    from worker.cli import main
+
+    study_uid, run_id = processed_study(engine)
+    workitem = ris.add_workitem(study_uid, ACCESSION, "MEDIUM")
+    publishers = [{"name": "ups", "kind": "ups_rs", "url": f"{ris.url}/dicom-web"}]
+    publish_result(configure(tmp_path, postgres_url, publishers), engine, run_id, result(study_uid, "stat"))
+    config = tmp_path / "triage.yaml"
+    config.write_text(json.dumps({"var_dir": str(tmp_path / "var"), "database": {"url": postgres_url},
+                                  "publishers": publishers}))
+    event_id = _event_id(engine, study_uid, "ups")
+
+    assert main(["--config", str(config), "publications", "list", "--study", study_uid]) == 0
+    listing = capsys.readouterr().out
+    assert main(["--config", str(config), "publications", "revert", str(event_id)]) == 0
+    reverted = capsys.readouterr().out
+
+    assert f"{event_id}" in listing and "MEDIUM -> HIGH" in listing and workitem in listing
+    assert f"publication {event_id}: reverted" in reverted
+    assert ris.priority(workitem) == "MEDIUM"
+    assert main(["--config", str(config), "publications", "revert", str(event_id + 1000)]) == 1
 
 
 def _event_id(engine, study_uid: str, publisher: str) -> int:
@@ -550,7 +587,8 @@ def test_a_publishing_error_never_fails_the_caller(tmp_path, engine, postgres_ur
 def test_older_hl7_versions_carry_the_priority_in_orc_7_and_obr_27_without_tq1():
     publisher = Hl7OrderPublisher("ris", "127.0.0.1", 2575, PriorityScale(**Hl7OrderPublisher.default_scale),
                                   version="2.3.1")
-    update = PriorityUpdate("1.2.3", "stat", "AI priority stat (a|b^c)", ACCESSION, "MRI BRAIN", patient_id="P1")
+    update = PriorityUpdate("1.2.3", "stat", "AI priority stat (a|b^c)", ACCESSION, "MRI BRAIN",
+                            patient_id="P1")
 
     message = hl7.parse(publisher.build_message(update, "S", "raised because a|b^c"))
 
@@ -561,10 +599,12 @@ def test_older_hl7_versions_carry_the_priority_in_orc_7_and_obr_27_without_tq1()
 
 
 def test_priority_levels_are_configuration_and_checked():
-    custom = PriorityScale({"routine": "R", "urgent": "S", "stat": "S"}, Hl7OrderPublisher.default_scale["ranks"])
+    ranks = Hl7OrderPublisher.default_scale["ranks"]
+    custom = PriorityScale({"routine": "R", "urgent": "S", "stat": "S"}, ranks)
     assert custom.value_for("urgent") == "S"
     with pytest.raises(PublisherConfigError, match="must not rank a higher AI level below a lower one"):
-        PriorityScale({"routine": "HIGH", "urgent": "MEDIUM", "stat": "LOW"}, {"LOW": 0, "MEDIUM": 1, "HIGH": 2})
+        PriorityScale({"routine": "HIGH", "urgent": "MEDIUM", "stat": "LOW"},
+                      {"LOW": 0, "MEDIUM": 1, "HIGH": 2})
     with pytest.raises(PublisherConfigError, match="no rank"):
         PriorityScale({"routine": "LOW", "urgent": "MEDIUM", "stat": "URGENT!"}, {"LOW": 0, "MEDIUM": 1})
 
@@ -573,7 +613,8 @@ def test_priority_levels_are_configuration_and_checked():
     ({"name": "x", "kind": "fax"}, "kind must be one of"),
     ({"name": "x", "kind": "ups_rs"}, r"needs \['url'\]"),
     ({"name": "x", "kind": "webhook", "url": "http://h", "colour": "red"}, r"unknown keys \['colour'\]"),
-    ({"name": "x", "kind": "webhook", "url": "http://h", "min_priority": "high"}, "min_priority must be one of"),
+    ({"name": "x", "kind": "webhook", "url": "http://h", "min_priority": "high"},
+     "min_priority must be one of"),
     ({"name": "x", "kind": "hl7v2", "host": "h", "port": 1, "message": "ADT^A08"}, "message must be one of"),
     ({"name": "x", "kind": "fhir", "url": "http://h", "token_env": "TRIAGE_TEST_NO_SUCH_TOKEN"}, "is empty"),
 ])
@@ -589,7 +630,7 @@ def test_the_pipeline_module_does_not_make_pacs_bridge_import_the_worker():
     code = ("import sys, pacs_bridge.publishers; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'models', 'worker', 'train')]; "
             "print(bad); sys.exit(1 if bad else 0)")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
                          cwd=Path(__file__).resolve().parents[1])
     assert run.returncode == 0, run.stdout + run.stderr
 
@@ -610,13 +651,13 @@ def test_a_study_processed_by_the_pipeline_reaches_the_ups_worklist(tmp_path, tm
     accession = pydicom.dcmread(phantom.files[0], stop_before_pixels=True).AccessionNumber
     workitem = ris.add_workitem(phantom.study_instance_uid, accession, "LOW")
     settings = configure(tmp_path, postgres_url, [
-        {"name": "down", "kind": "webhook", "url": f"http://127.0.0.1:{free_port()}/hook", "min_priority": "routine",
-         "timeout_s": 1},
+        {"name": "down", "kind": "webhook", "url": f"http://127.0.0.1:{free_port()}/hook",
+         "min_priority": "routine", "timeout_s": 1},
         {"name": "ups", "kind": "ups_rs", "url": f"{ris.url}/dicom-web"}])
     settings.raw["model"].update(bundle=str(bundle_dir), device="cpu",
                                  # A random model has no opinion: the clinical map makes its output read as
                                  # stat.
-                                 priority_map={"none": "stat", "low": "stat", "medium": "stat", "high": "stat"})
+                                 priority_map=dict.fromkeys(("none", "low", "medium", "high"), "stat"))
     run_id = ingest(engine, phantom.files)
 
     outcome = RunProcessor(settings, engine, enqueue_delivery=lambda _: None).process(run_id)

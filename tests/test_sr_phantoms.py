@@ -38,7 +38,8 @@ def phantom_result(lesion: str, headers: list[pydicom.Dataset], truth_labels: tu
     return TriageResult(study_instance_uid=middle.StudyInstanceUID, priority=priority, findings=findings,
                         referrals=tuple(sorted(referrals)), model_version="1.0.7+tiny",
                         priority_scores={"none": 0.1, "low": 0.3, "high": 0.6},
-                        similar_studies=(SimilarStudy(prior_uid, 0.8125, truth_labels),) if truth_labels else ())
+                        similar_studies=(SimilarStudy(prior_uid, 0.8125, truth_labels),)
+                        if truth_labels else ())
 
 
 @pytest.fixture(scope="module")

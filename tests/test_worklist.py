@@ -54,19 +54,19 @@ def add_study(engine, *, waiting: timedelta, priority: str | None = "routine", s
     uid, arrived = uid or generate_uid(), utcnow() - waiting
     with engine.begin() as c:
         study_id = c.execute(insert(studies).values(
-            study_instance_uid=uid, accession_number=accession or f"A{uid[-6:]}", study_description="MRI BRAIN",
-            modalities="MR", status=status, version=1, instance_count=10, first_received_at=arrived,
-            last_received_at=arrived)).inserted_primary_key[0]
+            study_instance_uid=uid, accession_number=accession or f"A{uid[-6:]}",
+            study_description="MRI BRAIN", modalities="MR", status=status, version=1, instance_count=10,
+            first_received_at=arrived, last_received_at=arrived)).inserted_primary_key[0]
         if run_status is not None:
             run_id = c.execute(insert(processing_runs).values(
                 study_id=study_id, study_version=1, pipeline="neuro_mri", status=run_status, attempts=1,
-                priority=priority if run_status == "done" else None, model_name="prima", model_version="1.0.7",
-                last_image_at=arrived, sr_path=sr_path,
+                priority=priority if run_status == "done" else None, model_name="prima",
+                model_version="1.0.7", last_image_at=arrived, sr_path=sr_path,
                 finished_at=utcnow() if run_status in ("done", "failed") else None)).inserted_primary_key[0]
-            rows = [{"run_id": run_id, "kind": "diagnosis", "label": label, "probability": p, "threshold": 0.5,
-                     "reported": 1} for label, p in (findings or {}).items()]
-            rows += [{"run_id": run_id, "kind": "priority", "label": "high", "probability": 0.8, "threshold": None,
-                      "reported": 0},
+            rows = [{"run_id": run_id, "kind": "diagnosis", "label": label, "probability": p,
+                     "threshold": 0.5, "reported": 1} for label, p in (findings or {}).items()]
+            rows += [{"run_id": run_id, "kind": "priority", "label": "high", "probability": 0.8,
+                      "threshold": None, "reported": 0},
                      {"run_id": run_id, "kind": "referral", "label": "neurosurgery", "probability": 0.7,
                       "threshold": None, "reported": int(priority == "stat")}]
             c.execute(insert(predictions), rows)
@@ -98,7 +98,8 @@ def test_studies_are_listed_by_ai_priority_then_by_time_waiting(api):
     assert (stat["priority"], stat["priority_rank"], stat["ai_status"]) == ("stat", 2, "done")
     assert [f["label"] for f in stat["findings"]] == ["trauma_subdural_hematoma", "structural_mass_effect",
                                                       "structural_edema"]  # the top three
-    assert stat["findings"][0]["name"] == "Subdural intracranial hemorrhage" and stat["findings"][0]["positive"]
+    assert stat["findings"][0]["name"] == "Subdural intracranial hemorrhage"
+    assert stat["findings"][0]["positive"]
     assert not stat["findings"][2]["positive"]
     assert stat["referrals"] == ["Neurosurgery"]
     assert (items[pending_5h]["ai_status"], items[pending_5h]["priority"]) == ("pending", None)
@@ -116,6 +117,13 @@ def test_a_study_with_a_final_report_leaves_the_worklist(api):
 
     assert order(api) == [preliminary]
     assert get(api, f"/worklist/studies/{reported}").status_code == 200  # still reachable from a link
+
+
+def test_studies_older_than_the_configured_age_leave_the_list(api):
+    recent = add_study(api.engine, waiting=timedelta(days=29))
+    add_study(api.engine, waiting=timedelta(days=31), priority="stat")
+
+    assert order(api) == [recent]
 
 
 def test_an_unchanged_worklist_answers_304_and_a_new_result_changes_it(api):
@@ -167,7 +175,8 @@ def test_a_studys_evidence_is_its_sr_similar_studies_and_priority_changes(api, t
     unknown_prior = generate_uid()
     result = TriageResult(
         study_instance_uid=study_uid, priority="stat",
-        findings=(Finding("trauma_subdural_hematoma", 0.97, 0.41), Finding("structural_mass_effect", 0.61, 0.5)),
+        findings=(Finding("trauma_subdural_hematoma", 0.97, 0.41),
+                  Finding("structural_mass_effect", 0.61, 0.5)),
         referrals=("neurosurgery",), model_version="1.0.7",
         similar_studies=(SimilarStudy(prior, 0.94, ("trauma_subdural_hematoma",)),
                          SimilarStudy(unknown_prior, 0.81, ())))

@@ -35,14 +35,15 @@ REPO = Path(__file__).resolve().parents[1]
 SCREENSHOTS = REPO / "test-output" / "worklist"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 TOKEN = "radiologist-token-for-the-browser-test"
+ROWS = "document.querySelectorAll('#worklist tbody tr')"
 
 
 class Chromium:
     """Headless Chromium with one page, driven over the DevTools protocol (a websocket, JSON messages)."""
 
-    FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--remote-debugging-port=0", "--window-size=1400,900"]
+             "--remote-debugging-port=0", "--window-size=1400,900")
 
     def __init__(self, profile: Path) -> None:
         import websocket
@@ -51,7 +52,8 @@ class Chromium:
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         start_new_session=True)
         port_file = profile / "DevToolsActivePort"
-        wait_for(lambda: port_file.exists() and port_file.read_text().strip(), 30, what="Chromium's DevTools port")
+        wait_for(lambda: port_file.exists() and port_file.read_text().strip(), 30,
+                 what="Chromium's DevTools port")
         port = int(port_file.read_text().split()[0])
 
         def page_target():
@@ -150,20 +152,22 @@ def routine_study(engine, description: str, waiting: timedelta, finding: str, pr
             modalities="MR", status="done", version=1, instance_count=40, first_received_at=arrived,
             last_received_at=arrived + timedelta(minutes=2))).inserted_primary_key[0]
         run_id = c.execute(insert(processing_runs).values(
-            study_id=study_id, study_version=1, pipeline="neuro_mri", status="done", attempts=1, priority="routine",
-            model_name="prima", model_version="tiny", last_image_at=arrived + timedelta(minutes=2),
+            study_id=study_id, study_version=1, pipeline="neuro_mri", status="done", attempts=1,
+            priority="routine", model_name="prima", model_version="tiny",
+            last_image_at=arrived + timedelta(minutes=2),
             finished_at=arrived + timedelta(minutes=5))).inserted_primary_key[0]
         c.execute(insert(predictions), [
-            {"run_id": run_id, "kind": "diagnosis", "label": finding, "probability": probability, "threshold": 0.5,
-             "reported": 1},
+            {"run_id": run_id, "kind": "diagnosis", "label": finding, "probability": probability,
+             "threshold": 0.5, "reported": 1},
             {"run_id": run_id, "kind": "priority", "label": "none", "probability": 0.9, "threshold": None,
              "reported": 0}])
     return uid
 
 
 def process(settings, engine, files, priority: str) -> str:
-    """Run the real pipeline on a phantom study. The tiny random model has no clinical opinion, so the clinical
-    priority map makes every output of it read as ``priority``: this test is about the service, not accuracy."""
+    """Run the real pipeline on a phantom study. The tiny random model has no clinical opinion, so the
+    clinical priority map makes every output of it read as ``priority``: this test is about the service, not
+    accuracy."""
     from worker.pipeline import RunProcessor
 
     settings.raw["model"]["priority_map"] = {k: priority for k in ("none", "low", "medium", "high")}
@@ -175,7 +179,7 @@ def process(settings, engine, files, priority: str) -> str:
 
 def rows(browser: Chromium) -> list[tuple[str, str]]:
     return [tuple(r) for r in browser.evaluate(
-        "[...document.querySelectorAll('#worklist tbody tr')].map(r => [r.dataset.studyUid, r.dataset.priority])")]
+        f"[...{ROWS}].map(r => [r.dataset.studyUid, r.dataset.priority])")]
 
 
 def test_the_worklist_puts_a_stat_study_first_and_shows_new_results_without_a_reload(
@@ -197,12 +201,14 @@ def test_the_worklist_puts_a_stat_study_first_and_shows_new_results_without_a_re
     engine = make_engine(postgres_url)
     oldest = routine_study(engine, "MRI HEAD ROUTINE FOLLOW-UP", timedelta(hours=3, minutes=10),
                            "structural_cerebral_atrophy", 0.31)
-    older = routine_study(engine, "MRI BRAIN HEADACHE", timedelta(hours=1, minutes=45), "cyst_arachnoid_cyst", 0.22)
+    older = routine_study(engine, "MRI BRAIN HEADACHE", timedelta(hours=1, minutes=45), "cyst_arachnoid_cyst",
+                          0.22)
     stat_uid = process(settings, engine, bleed.files, "stat")  # arrives last, read first
 
     env = {**os.environ, "TRIAGE_CONFIG": str(tmp_path / "triage.yaml")}
-    api = subprocess.Popen([sys.executable, "-m", "worker.cli", "api"], cwd=REPO, env=env, start_new_session=True,
-                           stdout=(tmp_path / "api.log").open("wb"), stderr=subprocess.STDOUT)
+    api = subprocess.Popen([sys.executable, "-m", "worker.cli", "api"], cwd=REPO, env=env,
+                           start_new_session=True, stdout=(tmp_path / "api.log").open("wb"),
+                           stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
 
     def api_up() -> bool:
@@ -226,25 +232,26 @@ def test_the_worklist_puts_a_stat_study_first_and_shows_new_results_without_a_re
 
         chromium.type_into("#token", TOKEN)
         chromium.click("#login")
-        chromium.wait("document.querySelectorAll('#worklist tbody tr').length === 3", what="three studies listed")
-        chromium.wait("document.querySelector('#user').textContent.includes('dr-house')", what="the user's name")
+        chromium.wait(f"{ROWS}.length === 3", what="three studies listed")
+        chromium.wait("document.querySelector('#user').textContent.includes('dr-house')",
+                      what="the user's name")
         assert rows(chromium) == [(stat_uid, "stat"), (oldest, "routine"), (older, "routine")]
         first = chromium.evaluate("document.querySelector('#worklist tbody tr').innerText")
         assert "STAT" in first and "%" in first and "SR" in first
-        assert "3 h 10 min" in chromium.evaluate("document.querySelectorAll('#worklist tbody tr')[1].innerText")
+        assert "3 h 10 min" in chromium.evaluate(f"{ROWS}[1].innerText")
         assert chromium.evaluate("sessionStorage.getItem('triage.worklist.token')") == TOKEN
         chromium.screenshot(SCREENSHOTS / "2-worklist.png")
 
         chromium.evaluate("window.stillTheSamePage = true")
         urgent_uid = process(settings, engine, tumour.files, "urgent")
         # While it is processed the page may already list it as "AI pending"; then its result arrives.
-        chromium.wait(f"[...document.querySelectorAll('#worklist tbody tr')].some(r => "
-                      f"r.dataset.studyUid === '{urgent_uid}' && r.dataset.priority === 'urgent')", timeout=15,
-                      what="the new study's result to appear")
+        chromium.wait(f"[...{ROWS}].some(r => "
+                      f"r.dataset.studyUid === '{urgent_uid}' && r.dataset.priority === 'urgent')",
+                      timeout=15, what="the new study's result to appear")
         assert chromium.evaluate("window.stillTheSamePage === true"), "the page was reloaded"
         assert rows(chromium) == [(stat_uid, "stat"), (urgent_uid, "urgent"), (oldest, "routine"),
                                   (older, "routine")]
-        assert chromium.evaluate("document.querySelectorAll('#worklist tbody tr')[1].classList.contains('new')")
+        assert chromium.evaluate(f"{ROWS}[1].classList.contains('new')")  # highlighted as new
         chromium.screenshot(SCREENSHOTS / "3-new-study-without-reload.png")
 
         chromium.click("#worklist tbody tr a.detail")

@@ -201,12 +201,16 @@ DEFAULTS: dict[str, Any] = {
         "poll_interval_s": 5.0,
         # At most this many studies are listed (highest priority and longest waiting first).
         "max_rows": 500,
+        # Studies whose last image arrived longer ago than this leave the list (0: never), so a site without
+        # report intake (which removes read studies) does not list every study it ever received.
+        "max_age_days": 30,
         # Studies with a final report (HL7 ORU or POST /reports) leave the worklist.
         "hide_reported": True,
         # Link to open a study in the viewer, with {study_uid} and {accession}; empty: no viewer link.
         "viewer_url": "",
-        # token: a bearer token typed on the login page. oidc: the page gets a token from the identity provider
-        # below (the API must then accept that provider's tokens).
+        # token: a bearer token (api.tokens) typed on the login page, kept in the tab's sessionStorage. oidc is
+        # reserved: the page's login module (static/worklist/auth.js) has its place and receives the settings
+        # below, but the sign-in flow and the API's validation of the provider's tokens are not built yet.
         "login": "token",
         "oidc": {"issuer": "", "client_id": "", "scopes": "openid profile"},
     },

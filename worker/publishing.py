@@ -77,11 +77,13 @@ def ai_reason(result: TriageResult, top: int = 3) -> str:
 
 
 def patient_id(info: StudyInfo) -> str | None:
-    """The PatientID of the study's first image: only HL7 order messages need it (PID-3). Never stored or logged."""
+    """The PatientID of the study's first image, which HL7 order messages need (PID-3). Never stored or
+    logged."""
     if not info.first_instance_path:
         return None
     try:
-        header = pydicom.dcmread(info.first_instance_path, stop_before_pixels=True, specific_tags=["PatientID"])
+        header = pydicom.dcmread(info.first_instance_path, stop_before_pixels=True,
+                                 specific_tags=["PatientID"])
     except (OSError, pydicom.errors.InvalidDicomError):
         log.warning("study %s: could not read PatientID from its first instance", info.study_instance_uid)
         return None
@@ -106,8 +108,10 @@ def last_known_values(engine: Engine, study_uid: str) -> dict[str, str]:
     be asked (HL7 v2), and what a webhook last notified."""
     known: dict[str, str] = {}
     with engine.connect() as connection:
-        rows = connection.execute(select(events.c.detail).where(and_(
-            events.c.kind == EVENT_KIND, events.c.study_instance_uid == study_uid)).order_by(events.c.id)).all()
+        rows = connection.execute(
+            select(events.c.detail)
+            .where(and_(events.c.kind == EVENT_KIND, events.c.study_instance_uid == study_uid))
+            .order_by(events.c.id)).all()
     for (detail,) in rows:
         if not detail:
             continue
@@ -118,7 +122,8 @@ def last_known_values(engine: Engine, study_uid: str) -> dict[str, str]:
     return known
 
 
-def record(engine: Engine, update: PriorityUpdate, publications: list[Publication], **extra: Any) -> list[int]:
+def record(engine: Engine, update: PriorityUpdate, publications: list[Publication],
+           **extra: Any) -> list[int]:
     """Write each publication as an ``events`` row; returns their ids."""
     ids = []
     with engine.begin() as connection:
@@ -132,8 +137,10 @@ def record(engine: Engine, update: PriorityUpdate, publications: list[Publicatio
     return ids
 
 
-def publish_result(settings: Settings, engine: Engine, run_id: int, result: TriageResult) -> list[Publication]:
-    """Publish ``result``'s priority with every configured publisher and record what each did. Never raises."""
+def publish_result(settings: Settings, engine: Engine, run_id: int,
+                   result: TriageResult) -> list[Publication]:
+    """Publish ``result``'s priority with every configured publisher and record what each did. Never
+    raises."""
     try:
         publishers = configured_publishers(settings)
         if not publishers:
@@ -171,21 +178,24 @@ def publish_result(settings: Settings, engine: Engine, run_id: int, result: Tria
 
 
 def revert(settings: Settings, engine: Engine, event_id: int) -> Publication:
-    """Put back the original value a recorded ``raised`` publication replaced, if the target still holds ours."""
+    """Put back the value a recorded ``raised`` publication replaced, if the target still holds ours."""
     with engine.connect() as connection:
         row = connection.execute(select(events).where(events.c.id == event_id)).first()
     if row is None or row.kind != EVENT_KIND:
         raise ValueError(f"event {event_id} is not a publication (see `triage publications`)")
     detail = row.detail or {}
     if detail.get("action") != RAISED:
-        raise ValueError(f"publication {event_id} was {detail.get('action')!r}, not 'raised': nothing to revert")
+        raise ValueError(f"publication {event_id} was {detail.get('action')!r}, not 'raised': "
+                         "nothing to revert")
     publisher = {p.name: p for p in configured_publishers(settings)}.get(detail["publisher"])
     if publisher is None:
         raise ValueError(f"publisher {detail['publisher']!r} is no longer configured")
     if not isinstance(publisher, PriorityRaiser):
-        raise ValueError(f"publisher {publisher.name!r} ({publisher.kind}) changes nothing that could be reverted")
+        raise ValueError(f"publisher {publisher.name!r} ({publisher.kind}) changes nothing that could be "
+                         "reverted")
     run_id = detail.get("run_id")
-    info = study_info(engine, run_id) if run_id is not None else StudyInfo(row.study_instance_uid, None, None, None)
+    info = study_info(engine, run_id) if run_id is not None \
+        else StudyInfo(row.study_instance_uid, None, None, None)
     update = PriorityUpdate(
         study_instance_uid=info.study_instance_uid, priority=detail.get("ai_priority", "routine"),
         reason=f"revert of publication {event_id}", accession_number=info.accession_number,

@@ -43,7 +43,8 @@ KINDS: dict[str, type[Publisher]] = {cls.kind: cls for cls in (UpsRsPublisher, H
 __all__ = [
     "CREATED", "FAILED", "KINDS", "NOTIFIED", "RAISED", "REVERTED", "SKIPPED", "UNCHANGED",
     "FhirPriorityPublisher", "Hl7OrderPublisher", "PriorityRaiser", "PriorityScale", "PriorityUpdate",
-    "Publication", "Publisher", "PublisherConfigError", "PublisherError", "UpsRsPublisher", "WebhookPublisher",
+    "Publication", "Publisher", "PublisherConfigError", "PublisherError", "UpsRsPublisher",
+    "WebhookPublisher",
     "build_publisher", "build_publishers",
 ]
 
@@ -79,7 +80,8 @@ def build_publisher(entry: Mapping[str, Any], defaults: Mapping[str, Any] | None
         raise PublisherConfigError(f"{where}: {kind} needs {missing}")
     cls = KINDS[kind]
     scale = PriorityScale.from_config((defaults.get("scales") or {}).get(kind) or cls.default_scale, entry)
-    options = {key: entry[key] for key in _OPTIONS[kind] if key in entry and not key.endswith(("_env", "_file"))}
+    options = {key: entry[key] for key in _OPTIONS[kind]
+               if key in entry and not key.endswith(("_env", "_file"))}
     options.setdefault("timeout_s", float(entry.get("timeout_s", defaults.get("timeout_s", 5.0))))
     if "when_current_unknown" in _OPTIONS[kind]:
         options.setdefault("when_current_unknown", defaults.get("when_current_unknown", "top_only"))

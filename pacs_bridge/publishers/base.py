@@ -48,7 +48,7 @@ class PublisherConfigError(ValueError):
 
 @dataclass(frozen=True)
 class PriorityScale:
-    """The AI levels mapped onto one system's priority values, and the rank of every value that system uses."""
+    """The AI levels mapped onto one system's priority values, and the rank of every value it uses."""
 
     levels: Mapping[str, str]
     ranks: Mapping[str, int]
@@ -149,11 +149,12 @@ class Target:
     id: str
     current: str | None
     handle: Any = None
-    closed_reason: str | None = None  # set when the entry may not be changed (completed, owned by a performer)
+    #: Set when the entry may not be changed (completed, owned by a performer).
+    closed_reason: str | None = None
 
 
 def read_secret(entry: Mapping[str, Any], key: str, where: str) -> str | None:
-    """``<key>_file`` or ``<key>_env`` of a configuration entry: secrets never sit in the configuration itself."""
+    """``<key>_file`` or ``<key>_env`` of a configuration entry: secrets never sit in the configuration."""
     if entry.get(f"{key}_file"):
         value = Path(entry[f"{key}_file"]).read_text().strip()
     elif entry.get(f"{key}_env"):
@@ -161,8 +162,8 @@ def read_secret(entry: Mapping[str, Any], key: str, where: str) -> str | None:
     else:
         return None
     if not value:
-        raise PublisherConfigError(f"{where}: {key} from {entry.get(f'{key}_file') or entry.get(f'{key}_env')} "
-                                   "is empty")
+        source = entry.get(f"{key}_file") or entry.get(f"{key}_env")
+        raise PublisherConfigError(f"{where}: {key} from {source} is empty")
     return value
 
 
@@ -180,9 +181,9 @@ class Publisher(ABC):
 
     @abstractmethod
     def publish(self, update: PriorityUpdate, last_known: str | None = None) -> list[Publication]:
-        """Act on ``update``; ``last_known`` is the value this publisher last set or saw for the study (from the
-        worker's records), which push-only systems use because they cannot be asked. Never raises for a
-        refusal of the target system: that is a ``failed`` publication."""
+        """Act on ``update``. ``last_known`` is the value this publisher last set or saw for the study
+        (from the worker's records), which push-only systems use because they cannot be asked. Never raises
+        for a refusal of the target system: that is a ``failed`` publication."""
 
     def _publication(self, target: str, action: str, update: PriorityUpdate, reason: str,
                      original: str | None = None, new: str | None = None) -> Publication:
@@ -206,8 +207,8 @@ class PriorityRaiser(Publisher):
 
     @abstractmethod
     def set_priority(self, target: Target, value: str, update: PriorityUpdate, note: str) -> None:
-        """Set ``target``'s priority to ``value``; raise :class:`PublisherError` if refused. ``note`` says what
-        was changed and why, for systems that keep a note with the entry."""
+        """Set ``target``'s priority to ``value``; raise :class:`PublisherError` if refused. ``note`` says
+        what was changed and why, for systems that keep a note with the entry."""
 
     def create_target(self, update: PriorityUpdate, value: str, note: str) -> str | None:
         """Create a worklist entry when none exists; returns its id, or None when this publisher does not."""
@@ -227,8 +228,8 @@ class PriorityRaiser(Publisher):
             if created is None:
                 return [self._publication(self._study_label(update), SKIPPED, update,
                                           "no open worklist entry for the study")]
-            return [self._publication(created, CREATED, update, f"created with priority {wanted}: {update.reason}",
-                                      None, wanted)]
+            return [self._publication(created, CREATED, update,
+                                      f"created with priority {wanted}: {update.reason}", None, wanted)]
         return [self._publish_one(target, wanted, update) for target in targets]
 
     def _publish_one(self, target: Target, wanted: str, update: PriorityUpdate) -> Publication:
@@ -263,7 +264,8 @@ class PriorityRaiser(Publisher):
         """Put ``original`` back, but only if the target still holds the value we set (``expected_current``):
         a clinician's later change is never overwritten."""
         if original is None:
-            return self._publication(target_id, SKIPPED, update, "no original value recorded: nothing to revert to")
+            return self._publication(target_id, SKIPPED, update,
+                                     "no original value recorded: nothing to revert to")
         try:
             targets = {t.id: t for t in self.find_targets(update, expected_current)}
         except PublisherError as exc:
@@ -286,8 +288,8 @@ class PriorityRaiser(Publisher):
 
     def _note(self, current: str | None, wanted: str, update: PriorityUpdate) -> str:
         origin = f"from {current} " if current else ""
-        return f"Priority raised {origin}to {wanted} by AI triage ({update.model_name} {update.model_version}): " \
-               f"{update.reason}"
+        model = f"{update.model_name} {update.model_version}".strip()
+        return f"Priority raised {origin}to {wanted} by AI triage ({model}): {update.reason}"
 
     @staticmethod
     def _study_label(update: PriorityUpdate) -> str:

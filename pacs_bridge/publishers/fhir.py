@@ -14,8 +14,9 @@ added to the resource's ``note``.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from pacs_bridge.publishers.base import PriorityRaiser, PriorityScale, PriorityUpdate, PublisherError, Target
 from pacs_bridge.publishers.http import HttpClient
@@ -28,8 +29,9 @@ CLOSED_STATUSES = {"completed", "revoked", "cancelled", "entered-in-error", "fai
 
 class FhirPriorityPublisher(PriorityRaiser):
     kind = "fhir"
-    default_scale = {"levels": {"routine": "routine", "urgent": "urgent", "stat": "stat"},
-                     "ranks": {"routine": 0, "urgent": 1, "asap": 2, "stat": 3}}
+    default_scale: ClassVar[Mapping[str, Any]] = {
+        "levels": {"routine": "routine", "urgent": "urgent", "stat": "stat"},
+        "ranks": {"routine": 0, "urgent": 1, "asap": 2, "stat": 3}}
 
     def __init__(self, name: str, url: str, scale: PriorityScale, *, timeout_s: float = 5.0,
                  when_current_unknown: str = "top_only", resource: str = "ServiceRequest",
@@ -84,7 +86,9 @@ class FhirPriorityPublisher(PriorityRaiser):
             resource = entry.get("resource") or {}
             if resource.get("resourceType") != self.resource or not resource.get("id"):
                 continue
-            if (entry.get("search") or {}).get("mode", "match") != "match" or not self._matches(resource, update):
+            if (entry.get("search") or {}).get("mode", "match") != "match":
+                continue
+            if not self._matches(resource, update):
                 continue
             status = resource.get("status", "")
             closed = f"{self.resource} status is {status}" if status in CLOSED_STATUSES else None

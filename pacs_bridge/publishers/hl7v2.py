@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import socket
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any, ClassVar
 
 import hl7
 
@@ -55,18 +57,20 @@ def _version(text: str) -> tuple[int, ...]:
 
 class Hl7OrderPublisher(PriorityRaiser):
     kind = "hl7v2"
-    default_scale = {"levels": {"routine": "R", "urgent": "A", "stat": "S"},
-                     # HL7 tables 0027/0485; timing-critical T ranks with ASAP, preop and callback above
-                     # routine.
-                     "ranks": {"PRN": 0, "R": 0, "P": 1, "C": 1, "T": 2, "A": 2, "S": 3}}
+    default_scale: ClassVar[Mapping[str, Any]] = {
+        "levels": {"routine": "R", "urgent": "A", "stat": "S"},
+        # HL7 tables 0027/0485: timing-critical T ranks with ASAP; preop and callback above routine.
+        "ranks": {"PRN": 0, "R": 0, "P": 1, "C": 1, "T": 2, "A": 2, "S": 3}}
 
     def __init__(self, name: str, host: str, port: int, scale: PriorityScale, *, timeout_s: float = 5.0,
                  when_current_unknown: str = "top_only", message: str = "ORM^O01", version: str = "2.5.1",
                  legacy_priority_fields: bool = True, sending_application: str = "TRIAGE",
-                 sending_facility: str = "", receiving_application: str = "", receiving_facility: str = "") -> None:
+                 sending_facility: str = "", receiving_application: str = "",
+                 receiving_facility: str = "") -> None:
         super().__init__(name, scale, timeout_s, when_current_unknown)
         if message not in MESSAGE_TYPES:
-            raise ValueError(f"publisher {name!r}: message must be one of {sorted(MESSAGE_TYPES)}, not {message!r}")
+            raise ValueError(f"publisher {name!r}: message must be one of {sorted(MESSAGE_TYPES)}, "
+                             f"not {message!r}")
         self.host, self.port = host, int(port)
         self.message = message
         self.version = version
@@ -84,7 +88,8 @@ class Hl7OrderPublisher(PriorityRaiser):
         self.send(self.build_message(update, value, note))
 
     # -- the message ----------------------------------------------------------------------------------------
-    def build_message(self, update: PriorityUpdate, value: str, note: str, control_id: str | None = None) -> str:
+    def build_message(self, update: PriorityUpdate, value: str, note: str,
+                      control_id: str | None = None) -> str:
         now = datetime.now(UTC).strftime("%Y%m%d%H%M%S+0000")
         control_id = control_id or uuid.uuid4().hex[:20]
         accession = escape(update.accession_number)
@@ -134,5 +139,6 @@ class Hl7OrderPublisher(PriorityRaiser):
         except (KeyError, IndexError, ValueError, hl7.HL7Exception) as exc:
             raise PublisherError(f"{where}: the answer is not an HL7 ACK: {text[:120]!r}") from exc
         if code not in ACCEPTED:
-            raise PublisherError(f"{where}: order update refused with {code}" + (f": {detail}" if detail else ""))
+            because = f": {detail}" if detail else ""
+            raise PublisherError(f"{where}: order update refused with {code}{because}")
         return code

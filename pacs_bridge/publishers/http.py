@@ -1,4 +1,4 @@
-"""The HTTP client the HTTP-based publishers share: timeouts, bearer tokens, and errors that name the request."""
+"""The HTTP client of the HTTP-based publishers: timeouts, bearer tokens, errors that name the request."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -18,7 +18,8 @@ class HttpClient:
             self.headers["Authorization"] = f"Bearer {token}"
         self.verify = verify
 
-    def request(self, method: str, url: str, *, ok: tuple[int, ...] = (200,), **kwargs: Any) -> httpx.Response:
+    def request(self, method: str, url: str, *, ok: tuple[int, ...] = (200,),
+                **kwargs: Any) -> httpx.Response:
         """One request; a status outside ``ok`` or a network failure raises :class:`PublisherError`."""
         headers = {**self.headers, **kwargs.pop("headers", {})}
         try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from pydicom.uid import generate_uid
 
@@ -65,13 +65,15 @@ def workitem_matches(item: Mapping[str, Any], update: PriorityUpdate) -> bool:
             return True
         if update.accession_number and _value(request, ACCESSION) == update.accession_number:
             return True
-    return any(_value(entry, STUDY_UID) == update.study_instance_uid for entry in _items(item, INPUT_INFORMATION))
+    return any(_value(entry, STUDY_UID) == update.study_instance_uid
+               for entry in _items(item, INPUT_INFORMATION))
 
 
 class UpsRsPublisher(PriorityRaiser):
     kind = "ups_rs"
-    default_scale = {"levels": {"routine": "LOW", "urgent": "MEDIUM", "stat": "HIGH"},
-                     "ranks": {"LOW": 0, "MEDIUM": 1, "HIGH": 2}}
+    default_scale: ClassVar[Mapping[str, Any]] = {
+        "levels": {"routine": "LOW", "urgent": "MEDIUM", "stat": "HIGH"},
+        "ranks": {"LOW": 0, "MEDIUM": 1, "HIGH": 2}}
 
     def __init__(self, name: str, url: str, scale: PriorityScale, *, timeout_s: float = 5.0,
                  when_current_unknown: str = "top_only", match: str = "accession",
@@ -90,7 +92,8 @@ class UpsRsPublisher(PriorityRaiser):
         key = SEARCH_KEYS["accession" if by_accession else "study"]
         value = update.accession_number if by_accession else update.study_instance_uid
         response = self.http.request("GET", f"{self.base}/workitems", ok=(200, 204),
-                                     params={key: value, "includefield": "all"}, headers={"Accept": DICOM_JSON})
+                                     params={key: value, "includefield": "all"},
+                                     headers={"Accept": DICOM_JSON})
         if response.status_code == 204 or not response.content:
             return []
         try:
@@ -117,7 +120,8 @@ class UpsRsPublisher(PriorityRaiser):
     def set_priority(self, target: Target, value: str, update: PriorityUpdate, note: str) -> None:
         body = [{PRIORITY: {"vr": "CS", "Value": [value]}}]
         self.http.request("POST", f"{self.base}/workitems/{target.id}", ok=(200, 204),
-                          content=json.dumps(body), headers={"Content-Type": DICOM_JSON, "Accept": DICOM_JSON})
+                          content=json.dumps(body),
+                          headers={"Content-Type": DICOM_JSON, "Accept": DICOM_JSON})
 
     def create_target(self, update: PriorityUpdate, value: str, note: str) -> str | None:
         if not self.create_if_missing:

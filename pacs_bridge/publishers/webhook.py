@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from pacs_bridge.publishers.base import (
     NOTIFIED,
@@ -37,7 +38,8 @@ def signature(secret: str, body: bytes) -> str:
 
 class WebhookPublisher(Publisher):
     kind = "webhook"
-    default_scale = {"levels": {p: p for p in PRIORITIES}, "ranks": {p: i for i, p in enumerate(PRIORITIES)}}
+    default_scale: ClassVar[Mapping[str, Any]] = {
+        "levels": {p: p for p in PRIORITIES}, "ranks": {p: i for i, p in enumerate(PRIORITIES)}}
 
     def __init__(self, name: str, url: str, scale: PriorityScale, *, timeout_s: float = 5.0,
                  min_priority: str = "stat", secret: str | None = None, token: str | None = None,
@@ -74,7 +76,8 @@ class WebhookPublisher(Publisher):
                                       f"{update.priority} is below min_priority {self.min_priority}")]
         known = self.scale.rank(last_known)
         if known is not None and self.scale.rank(update.priority) <= known:
-            return [self._publication(target, UNCHANGED, update, f"already notified at {last_known}", last_known)]
+            return [self._publication(target, UNCHANGED, update, f"already notified at {last_known}",
+                                      last_known)]
         body = json.dumps(self.payload(update), separators=(",", ":")).encode()
         headers = {"Content-Type": "application/json"}
         if self.secret:

@@ -17,7 +17,7 @@ import hashlib
 import json
 import threading
 from collections import defaultdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,7 +28,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import and_, func, or_, select
 
-from pacs_bridge.codes import DIAGNOSIS_CODES, REFERRAL_CODES
+from pacs_bridge.codes import DIAGNOSIS_CODES, REFERRAL_CODES, SIMILAR_STUDY
 from pacs_bridge.report_schema import reports
 from pacs_bridge.results import PRIORITIES
 from pacs_bridge.schema import deliveries, events, predictions, processing_runs, studies
@@ -49,9 +49,9 @@ _RANK = {p: i for i, p in enumerate(PRIORITIES)}
 
 class FindingOut(BaseModel):
     label: str = Field(..., description="the model's diagnosis label")
-    name: str = Field(..., description="a readable name (the code meaning where the label has a standard code)")
+    name: str = Field(..., description="a readable name (the code meaning for labels with a standard code)")
     probability: float = Field(..., ge=0, le=1)
-    threshold: float | None = Field(None, description="the operating point; at or above it the finding is positive")
+    threshold: float | None = Field(None, description="the operating point: positive from here up")
     positive: bool
 
 
@@ -76,7 +76,7 @@ class WorklistItem(BaseModel):
     study_description: str | None
     modalities: str | None
     study_status: str = Field(..., description="receiving | queued | processing | done | failed")
-    ai_status: str = Field(..., description="done: an AI result exists; pending: not yet; failed: none will come")
+    ai_status: str = Field(..., description="done: an AI result exists; pending: not yet; failed: no result")
     priority: str | None = Field(None, description="the AI's priority: routine | urgent | stat")
     priority_rank: int = Field(..., description="reading order key: 2 stat, 1 urgent, 0 routine or no result")
     findings: list[FindingOut] = Field(..., description=f"the top {TOP_FINDINGS} reported diagnoses")
@@ -85,8 +85,8 @@ class WorklistItem(BaseModel):
     processed_at: datetime | None = None
     model: str | None = None
     similar_studies: int = Field(0, description="how many similar prior studies the SR cites as evidence")
-    priority_changes: list[PriorityChangeOut] = Field(default_factory=list,
-                                                      description="what the publishers changed in other systems")
+    priority_changes: list[PriorityChangeOut] = Field(
+        default_factory=list, description="what the publishers changed in other systems")
     links: LinksOut
 
 
@@ -100,7 +100,7 @@ class SimilarStudyOut(BaseModel):
     study_instance_uid: str
     similarity: float
     findings: list[str]
-    on_worklist: bool = Field(..., description="whether this worklist knows the study (then links.detail works)")
+    on_worklist: bool = Field(..., description="whether this worklist knows the study (links.detail works)")
     links: LinksOut | None = None
 
 
@@ -119,7 +119,7 @@ class PublicationOut(BaseModel):
 class StudyDetailOut(BaseModel):
     item: WorklistItem
     all_findings: list[FindingOut] = Field(..., description="every reported diagnosis, most probable first")
-    priority_scores: dict[str, float] = Field(..., description="the model's priority classes and probabilities")
+    priority_scores: dict[str, float] = Field(..., description="the model's priority classes, probabilities")
     referral_scores: dict[str, float]
     similar_studies: list[SimilarStudyOut]
     regions: dict[str, int] = Field(..., description="per finding, how many image regions the SR marks")
@@ -173,21 +173,46 @@ def _sr_evidence(path: str, mtime_ns: int) -> tuple[tuple[tuple[str, float, tupl
     return similar, regions
 
 
+@lru_cache(maxsize=16384)
+def _similar_count(path: str, mtime_ns: int) -> int:
+    """How many similar-study items an SR holds: a plain walk of its content tree, ten times cheaper than
+    reading it back, because the list asks for every row."""
+    ds = pydicom.dcmread(path, specific_tags=["ContentSequence"])
+    count, stack = 0, list(ds.get("ContentSequence", []))
+    while stack:
+        item = stack.pop()
+        names = item.get("ConceptNameCodeSequence")
+        if names and (names[0].get("CodeValue"), names[0].get("CodingSchemeDesignator")) == \
+                (SIMILAR_STUDY.value, SIMILAR_STUDY.scheme_designator):
+            count += 1
+        stack.extend(item.get("ContentSequence", []))
+    return count
+
+
 _sr_lock = threading.Lock()
 
 
-def sr_evidence(path: str | None):
+def _cached(reader, path: str | None, empty):
     if not path:
-        return (), ()
+        return empty
     try:
         mtime = Path(path).stat().st_mtime_ns
     except OSError:
-        return (), ()
+        return empty
     with _sr_lock:
         try:
-            return _sr_evidence(path, mtime)
+            return reader(path, mtime)
         except Exception:  # an unreadable SR must not take the worklist down; the detail page says so
-            return (), ()
+            return empty
+
+
+def sr_evidence(path: str | None):
+    """Similar studies and region counts of the SR at ``path``; empty if it cannot be read."""
+    return _cached(_sr_evidence, path, ((), ()))
+
+
+def similar_count(path: str | None) -> int:
+    return _cached(_similar_count, path, 0)
 
 
 class WorklistReader:
@@ -216,9 +241,12 @@ class WorklistReader:
                  .select_from(studies.outerjoin(latest, latest.c.study_id == studies.c.id)
                               .outerjoin(processing_runs, processing_runs.c.id == latest.c.run_id))
                  .where(studies.c.status != "ignored"))
-        if study_uid is not None:
+        if study_uid is not None:  # one study, as linked: shown whatever its age or report
             query = query.where(studies.c.study_instance_uid == study_uid)
-        elif self.settings["hide_reported"]:
+        if study_uid is None and float(self.settings["max_age_days"]) > 0:
+            cutoff = datetime.now(UTC) - timedelta(days=float(self.settings["max_age_days"]))
+            query = query.where(studies.c.last_received_at >= cutoff)
+        if study_uid is None and self.settings["hide_reported"]:
             final = reports.c.status.in_(("F", "C"))
             reported = select(reports.c.id).where(and_(final, or_(
                 reports.c.study_instance_uid == studies.c.study_instance_uid,
@@ -252,13 +280,13 @@ class WorklistReader:
             row["changes"] = changes.get(row["study_instance_uid"], [])
         return rows
 
-    def item(self, row: dict[str, Any], top: int | None = TOP_FINDINGS) -> WorklistItem:
+    def item(self, row: dict[str, Any], top: int | None = TOP_FINDINGS, count_similar: bool = True
+             ) -> WorklistItem:
         run_status = row.get("run_status")
         ai_status = "done" if run_status == "done" and row.get("priority") else \
             "failed" if run_status == "failed" or row["status"] == "failed" else "pending"
         priority = row.get("priority") if ai_status == "done" else None
         since = [t for t in (_aware(row["first_received_at"]), _aware(row.get("first_run_image_at"))) if t]
-        similar, _ = sr_evidence(row.get("sr_path")) if ai_status == "done" else ((), ())
         findings = row["findings"][:top] if top else row["findings"]
         return WorklistItem(
             study_instance_uid=row["study_instance_uid"], accession_number=row["accession_number"],
@@ -266,12 +294,13 @@ class WorklistReader:
             study_status=row["status"], ai_status=ai_status, priority=priority,
             priority_rank=_RANK.get(priority, 0),
             findings=[FindingOut(label=p.label, name=finding_name(p.label), probability=p.probability,
-                                 threshold=p.threshold, positive=p.threshold is None or p.probability >= p.threshold)
+                                 threshold=p.threshold,
+                                 positive=p.threshold is None or p.probability >= p.threshold)
                       for p in findings],
             referrals=[referral_name(r) for r in row["referrals"]],
             waiting_since=min(since), processed_at=_aware(row.get("finished_at")),
             model=" ".join(filter(None, (row.get("model_name"), row.get("model_version")))) or None,
-            similar_studies=len(similar),
+            similar_studies=similar_count(row.get("sr_path")) if ai_status == "done" and count_similar else 0,
             priority_changes=[PriorityChangeOut(**{k: d.get(k) for k in PriorityChangeOut.model_fields})
                               for d in row["changes"]],
             links=self._links(row["study_instance_uid"], row["accession_number"],
@@ -285,11 +314,13 @@ def reading_order(items: list[WorklistItem]) -> list[WorklistItem]:
 
 # --- JSON routes -------------------------------------------------------------------------------------------
 
-@router.get("/config", response_model=PageConfigOut, summary="How the worklist page logs in and how often it polls")
+@router.get("/config", response_model=PageConfigOut,
+            summary="How the worklist page logs in and how often it polls")
 def page_config(request: Request) -> PageConfigOut:
     settings = request.app.state.settings["worklist"]
-    return PageConfigOut(login=settings["login"], poll_interval_s=float(settings["poll_interval_s"]),
-                         oidc={k: str(v) for k, v in settings["oidc"].items()} if settings["login"] == "oidc" else {})
+    oidc = {k: str(v) for k, v in settings["oidc"].items()} if settings["login"] == "oidc" else {}
+    return PageConfigOut(login=settings["login"], oidc=oidc,
+                         poll_interval_s=float(settings["poll_interval_s"]))
 
 
 @router.get("/me", response_model=PrincipalOut, summary="Who the bearer token belongs to (the login check)")
@@ -305,7 +336,12 @@ def worklist_items(request: Request, response: Response, principal: Reader) -> W
     Send the last response's ``ETag`` as ``If-None-Match``: an unchanged worklist answers 304 with no body.
     """
     reader = WorklistReader(request)
-    items = reading_order([reader.item(row) for row in reader.rows()])[:int(reader.settings["max_rows"])]
+    rows = {row["study_instance_uid"]: row for row in reader.rows()}
+    items = reading_order([reader.item(row, count_similar=False) for row in rows.values()])
+    items = items[:int(reader.settings["max_rows"])]
+    for item in items:  # only for the rows shown: counting reads the SR file (cached afterwards)
+        if item.ai_status == "done":
+            item.similar_studies = similar_count(rows[item.study_instance_uid].get("sr_path"))
     body = [item.model_dump(mode="json") for item in items]
     etag = '"' + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32] + '"'
     if request.headers.get("if-none-match") == etag:
@@ -323,7 +359,8 @@ def _study_row(reader: WorklistReader, study_uid: str) -> dict[str, Any]:
     return rows[0]
 
 
-@router.get("/studies/{study_uid}", response_model=StudyDetailOut, summary="One study's AI result and evidence")
+@router.get("/studies/{study_uid}", response_model=StudyDetailOut,
+            summary="One study's AI result and evidence")
 def study_detail(study_uid: str, request: Request, principal: Reader) -> StudyDetailOut:
     reader = WorklistReader(request)
     row = _study_row(reader, study_uid)
@@ -336,10 +373,13 @@ def study_detail(study_uid: str, request: Request, principal: Reader) -> StudyDe
             if row["run_id"] else []
         known = set(connection.execute(select(studies.c.study_instance_uid).where(
             studies.c.study_instance_uid.in_([s[0] for s in similar]))).scalars()) if similar else set()
-        accessions = dict(connection.execute(select(studies.c.study_instance_uid, studies.c.accession_number)
-                                             .where(studies.c.study_instance_uid.in_(known))).all()) if known else {}
-        published = connection.execute(select(events).where(and_(
-            events.c.kind == "publication", events.c.study_instance_uid == study_uid)).order_by(events.c.id)).all()
+        accessions = dict(connection.execute(
+            select(studies.c.study_instance_uid, studies.c.accession_number)
+            .where(studies.c.study_instance_uid.in_(known))).all()) if known else {}
+        published = connection.execute(
+            select(events)
+            .where(and_(events.c.kind == "publication", events.c.study_instance_uid == study_uid))
+            .order_by(events.c.id)).all()
         sent = connection.execute(select(deliveries.c.destination, deliveries.c.status, deliveries.c.attempts,
                                          deliveries.c.delivered_at, deliveries.c.last_error)
                                   .where(deliveries.c.run_id == row["run_id"])).all() if row["run_id"] else []
