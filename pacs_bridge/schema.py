@@ -202,3 +202,4 @@ def make_engine(url: str) -> Engine:
 # same metadata; importing it here means every user of ``metadata`` (migrations, the schema test) sees them.
 from pacs_bridge import report_schema as _report_schema  # noqa: E402,F401
 from pacs_bridge import pull_schema as _pull_schema  # noqa: E402,F401
+from pacs_bridge import audit_schema as _audit_schema  # noqa: E402,F401

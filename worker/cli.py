@@ -101,8 +101,26 @@ def _api(args: argparse.Namespace) -> int:
     from worker.api.app import create_app
 
     settings = load_settings(args.config)
-    uvicorn.run(create_app(settings), host=settings["api"]["host"], port=int(settings["api"]["port"]))
+    uvicorn.run(create_app(settings), host=settings["api"]["host"], port=int(settings["api"]["port"]),
+                **api_tls_options(settings["api"]["tls"]))
     return 0
+
+
+def api_tls_options(tls: dict) -> dict:
+    """uvicorn's HTTPS arguments from ``api.tls`` (empty: plain HTTP)."""
+    import ssl
+
+    if not tls.get("cert"):
+        return {}
+    if not tls.get("key"):
+        raise ValueError("api.tls.cert needs api.tls.key")
+    options = {"ssl_certfile": tls["cert"], "ssl_keyfile": tls["key"]}
+    if tls.get("ca"):
+        options["ssl_ca_certs"] = tls["ca"]
+        options["ssl_cert_reqs"] = ssl.CERT_REQUIRED if tls.get("require_client_cert") else ssl.CERT_OPTIONAL
+    elif tls.get("require_client_cert"):
+        raise ValueError("api.tls.require_client_cert needs api.tls.ca")
+    return options
 
 
 def build_parser() -> argparse.ArgumentParser:

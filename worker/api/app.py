@@ -20,7 +20,7 @@ from worker.config import Settings, load_settings
 #: radiologist: read; sender: store images (STOW-RS); admin: everything.
 ROLES = ("radiologist", "sender", "admin")
 #: Modules under worker/api/ that expose a FastAPI ``router``; each feature adds its own.
-FEATURE_ROUTERS: tuple[str, ...] = ("reports", "fairness", "worklist", "stow")
+FEATURE_ROUTERS: tuple[str, ...] = ("reports", "fairness", "worklist", "stow", "audit")
 _bearer = HTTPBearer(auto_error=False)
 
 
@@ -85,6 +85,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for router in _feature_routers():
         app.include_router(router)
+    from worker.api.audit import AuditMiddleware  # imports this module: after it is loaded
+
+    # Outermost: every request is attributed, admin paths are guarded, and nothing is served unlogged.
+    app.add_middleware(AuditMiddleware)
     return app
 
 
