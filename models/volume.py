@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import UID
 
 from models.dicom_frames import FrameHeader, decode_frames, frame_headers, read_dataset
@@ -165,7 +165,8 @@ def _read_series_datasets(paths: Sequence[Path]) -> tuple[list[tuple[Path, Datas
     for path in paths:
         try:
             datasets.append((path, read_dataset(path)))
-        except (InvalidDicomError, OSError, ValueError, EOFError) as error:
+        # BytesLengthException (a RuntimeError): an element whose length does not fit its VR (found by fuzzing).
+        except (InvalidDicomError, OSError, ValueError, EOFError, BytesLengthException) as error:
             notes.append(f"dropped unreadable file {path.name}: {error}")
     return datasets, notes
 
