@@ -5,8 +5,6 @@ the SCP received (the routing event names the rule and why). Loop prevention app
 """
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pydicom
@@ -19,8 +17,7 @@ from pacs_bridge.routing import route
 from pacs_bridge.rules import RuleError, RuleSet, SeriesFacts, StudyFacts, result_facts
 from pacs_bridge.schema import deliveries, events, instances, processing_runs, studies
 from tests.intake_fixtures import our_sr, phantom, receiver_for, write_config
-
-REPO = Path(__file__).resolve().parents[1]
+from worker.cli import main
 
 #: A site's rules: brain MR to the study encoder, urgent; chest radiographs to the slice pipeline; CT not yet, but
 #: archived for research; anything else from the research scanner forwarded too. The catch-all at the end would
@@ -137,17 +134,16 @@ def _test_files() -> dict[str, Path]:
     return {"ct": Path(get_testdata_file("CT_small.dcm", download=False)), "cr": Path(cr)}
 
 
-def test_rules_test_command_prints_the_matching_rule_for_mr_cr_ct_and_sr(tmp_path):
+def test_rules_test_command_prints_the_matching_rule_for_mr_cr_ct_and_sr(tmp_path, capsys):
     mr = phantom("normal", 5, ("AX T2 FLAIR", "AX DWI"))
     files = _test_files()
     sr = our_sr(list(mr.files[:3]), tmp_path / "sr")
     config = write_config(tmp_path, routing={"rules": RULES}, destinations=DESTINATIONS)
 
     def rules_test(*paths: Path) -> str:
-        result = subprocess.run([sys.executable, "-m", "worker.cli", "--config", str(config), "rules", "test",
-                                 "--all", *map(str, paths)], capture_output=True, text=True, cwd=REPO, timeout=120)
-        assert result.returncode == 0, result.stderr
-        return result.stdout
+        capsys.readouterr()
+        assert main(["--config", str(config), "rules", "test", "--all", *map(str, paths)]) == 0
+        return capsys.readouterr().out
 
     out = rules_test(mr.folder, files["cr"], files["ct"])
     blocks = {block.split(":")[0].split()[-1]: block for block in out.split("study ")[1:]}
