@@ -36,7 +36,7 @@ from pacs_bridge.publishers import (
     build_publishers,
 )
 from pacs_bridge.results import Finding, TriageResult
-from pacs_bridge.schema import events, make_engine, processing_runs, studies, utcnow
+from pacs_bridge.schema import events, make_engine, predictions, processing_runs, studies, utcnow
 from tests.conftest import free_port, wait_for
 from worker.config import load_settings
 from worker.database import upgrade
@@ -51,7 +51,7 @@ SECRET = "webhook-secret-for-tests"
 class MllpListener:
     """A RIS's MLLP port: every framed message is kept and answered with an ACK (``ack_code``)."""
 
-    def __init__(self, ack_code: str = "AA") -> None:
+    def __init__(self, ack_code: str = "AA", port: int = 0) -> None:
         self.messages: list[hl7.Message] = []
         self.ack_code = ack_code
         listener = self
@@ -71,7 +71,8 @@ class MllpListener:
                         ack = message.create_ack(listener.ack_code, application="RIS", facility="GENERAL")
                         self.request.sendall(b"\x0b" + str(ack).encode() + b"\x1c\r")
 
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -522,11 +523,48 @@ def test_the_operator_lists_publications_and_reverts_one_from_the_command_line(t
     assert main(["--config", str(config), "publications", "revert", str(event_id + 1000)]) == 1
 
 
-def _event_id(engine, study_uid: str, publisher: str) -> int:
+def test_a_publication_that_failed_while_the_ris_was_down_is_retried_by_the_operator(tmp_path, engine,
+                                                                                   postgres_url, capsys):
+    from worker.cli import main
+
+    study_uid, run_id = processed_study(engine)
+    with engine.begin() as c:  # the run as the pipeline finished it: its priority and what it reported
+        c.execute(processing_runs.update().where(processing_runs.c.id == run_id).values(
+            status="done", priority="stat", model_name="prima", model_version="1.0.7"))
+        c.execute(insert(predictions), [
+            {"run_id": run_id, "kind": "diagnosis", "label": "trauma_subdural_hematoma", "probability": 0.97,
+             "threshold": 0.41, "reported": 1},
+            {"run_id": run_id, "kind": "referral", "label": "neurosurgery", "probability": 0.8,
+             "threshold": None, "reported": 1}])
+    port = free_port()
+    publishers = [{"name": "ris", "kind": "hl7v2", "host": "127.0.0.1", "port": port, "timeout_s": 2}]
+    [down] = publish_result(configure(tmp_path, postgres_url, publishers), engine, run_id,
+                            result(study_uid, "stat"))
+    config = tmp_path / "triage.yaml"
+    config.write_text(json.dumps({"var_dir": str(tmp_path / "var"), "database": {"url": postgres_url},
+                                  "publishers": publishers}))
+    listener = MllpListener(port=port)  # the RIS is back
+    try:
+        assert main(["--config", str(config), "publications", "retry"]) == 0
+        retried = capsys.readouterr().out
+        assert main(["--config", str(config), "publications", "retry"]) == 0
+        again = capsys.readouterr().out
+    finally:
+        listener.close()
+
+    assert down.action == FAILED
+    assert "ris ACC4711: raised" in retried and again.strip() == "no failed publication to retry"
+    [message] = listener.messages
+    assert str(message.segment("TQ1")[9]) == "S"
+    assert "trauma_subdural_hematoma 0.97" in str(message.segment("NTE")[3])
+    assert recorded(engine, study_uid)["ris"][-1]["retry_of"] == _event_id(engine, study_uid, "ris", FAILED)
+
+
+def _event_id(engine, study_uid: str, publisher: str, action: str = RAISED) -> int:
     with engine.connect() as c:
         rows = c.execute(select(events.c.id, events.c.detail).where(
             events.c.kind == "publication", events.c.study_instance_uid == study_uid)).all()
-    return next(i for i, d in rows if d["publisher"] == publisher and d["action"] == RAISED)
+    return next(i for i, d in rows if d["publisher"] == publisher and d["action"] == action)
 
 
 def test_a_concurrent_change_makes_the_fhir_patch_fail_instead_of_overwriting(ris):

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import pydicom
-from sqlalchemy import and_, insert, select
+from sqlalchemy import and_, func, insert, select
 from sqlalchemy.engine import Engine
 
 from pacs_bridge.publishers import (
     CREATED,
+    FAILED,
     NOTIFIED,
     RAISED,
     REVERTED,
@@ -31,8 +32,8 @@ from pacs_bridge.publishers import (
     Publisher,
     build_publishers,
 )
-from pacs_bridge.results import TriageResult
-from pacs_bridge.schema import events, instances, processing_runs, series, studies, utcnow
+from pacs_bridge.results import Finding, TriageResult
+from pacs_bridge.schema import events, instances, predictions, processing_runs, series, studies, utcnow
 from worker.config import Settings
 
 log = logging.getLogger(__name__)
@@ -207,6 +208,58 @@ def revert(settings: Settings, engine: Engine, event_id: int) -> Publication:
     return publication
 
 
+def stored_result(engine: Engine, run_id: int) -> TriageResult:
+    """A finished run's result as the pipeline published it, rebuilt from the run and its predictions."""
+    with engine.connect() as connection:
+        run = connection.execute(
+            select(processing_runs.c.priority, processing_runs.c.model_name, processing_runs.c.model_version,
+                   studies.c.study_instance_uid)
+            .select_from(processing_runs.join(studies, studies.c.id == processing_runs.c.study_id))
+            .where(processing_runs.c.id == run_id)).first()
+        rows = connection.execute(select(predictions).where(and_(
+            predictions.c.run_id == run_id, predictions.c.reported == 1))).all()
+    if run is None or not run.priority:
+        raise ValueError(f"run {run_id} has no result to publish")
+    diagnoses = sorted((r for r in rows if r.kind == "diagnosis"), key=lambda r: r.probability, reverse=True)
+    findings = tuple(Finding(r.label, r.probability, r.threshold if r.threshold is not None else 0.0)
+                     for r in diagnoses)
+    return TriageResult(study_instance_uid=run.study_instance_uid, priority=run.priority, findings=findings,
+                        referrals=tuple(sorted(r.label for r in rows if r.kind == "referral")),
+                        model_name=run.model_name or "", model_version=run.model_version or "")
+
+
+def retry_failed(settings: Settings, engine: Engine, event_ids: list[int] | None = None) -> list[Publication]:
+    """Publish again where a publisher's latest attempt for a study failed (the RIS was down, say), from the
+    run that failed. A study processed again since then was published by its newer run and is left alone."""
+    with engine.connect() as connection:
+        rows = connection.execute(select(events.c.id, events.c.study_instance_uid, events.c.detail)
+                                  .where(events.c.kind == EVENT_KIND).order_by(events.c.id)).all()
+        latest_run = dict(connection.execute(
+            select(studies.c.study_instance_uid, func.max(processing_runs.c.id))
+            .select_from(processing_runs.join(studies, studies.c.id == processing_runs.c.study_id))
+            .group_by(studies.c.study_instance_uid)).all())
+    latest: dict[tuple[str, str], tuple[int, dict]] = {}
+    for event_id, study_uid, detail in rows:
+        if detail and detail.get("publisher") and not detail.get("reverts"):
+            latest[(study_uid, detail["publisher"])] = (event_id, detail)
+    publishers = {p.name: p for p in configured_publishers(settings)}
+    done: list[Publication] = []
+    for (study_uid, name), (event_id, detail) in sorted(latest.items(), key=lambda kv: kv[1][0]):
+        if detail.get("action") != FAILED or (event_ids and event_id not in event_ids):
+            continue
+        run_id = detail.get("run_id")
+        publisher = publishers.get(name)
+        if publisher is None or run_id is None or latest_run.get(study_uid) != run_id:
+            continue
+        info = study_info(engine, run_id)
+        update = priority_update(settings, info, stored_result(engine, run_id), run_id,
+                                 with_patient_id=isinstance(publisher, Hl7OrderPublisher))
+        publications = publisher.publish(update, last_known_values(engine, study_uid).get(name))
+        record(engine, update, publications, retry_of=event_id)
+        done.extend(publications)
+    return done
+
+
 def publications(engine: Engine, study_uid: str | None = None, limit: int = 50) -> list:
     query = select(events).where(events.c.kind == EVENT_KIND)
     if study_uid:
@@ -218,7 +271,7 @@ def publications(engine: Engine, study_uid: str | None = None, limit: int = 50) 
 # -- the command line ---------------------------------------------------------------------------------------
 
 def register(subparsers) -> None:
-    """``triage publications [list]`` and ``triage publications revert EVENT_ID ...``."""
+    """``triage publications [list]``, ``... retry [EVENT_ID ...]`` and ``... revert EVENT_ID ...``."""
     parser = subparsers.add_parser("publications", help="list worklist priority publications; revert raises")
     sub = parser.add_subparsers(dest="publications_command")
     parser.set_defaults(func=_list, study=None, limit=50)
@@ -226,6 +279,9 @@ def register(subparsers) -> None:
     listing.add_argument("--study", help="only this Study Instance UID")
     listing.add_argument("--limit", type=int, default=50)
     listing.set_defaults(func=_list)
+    again = sub.add_parser("retry", help="publish again where a publisher's latest attempt failed")
+    again.add_argument("ids", nargs="*", type=int, help="event ids of failed publications (default: all)")
+    again.set_defaults(func=_retry)
     undo = sub.add_parser("revert", help="put back the priority a publication replaced (if still ours)")
     undo.add_argument("ids", nargs="+", type=int, help="event ids of 'raised' publications")
     undo.set_defaults(func=_revert)
@@ -252,6 +308,17 @@ def _list(args) -> int:
         print(f"{r.id:>6}  {r.at:%Y-%m-%d %H:%M:%S}  {d.get('publisher', ''):<12} {d.get('action', ''):<9} "
               f"{change:<18} {d.get('target', '')} / {r.study_instance_uid}")
     return 0
+
+
+def _retry(args) -> int:
+    settings, engine = _open(args)
+    done = retry_failed(settings, engine, args.ids or None)
+    if not done:
+        print("no failed publication to retry")
+        return 0
+    for p in done:
+        print(f"{p.publisher} {p.target}: {p.action}: {p.reason}")
+    return 0 if all(p.action != FAILED for p in done) else 1
 
 
 def _revert(args) -> int:

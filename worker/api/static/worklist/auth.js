@@ -6,6 +6,8 @@
 // pages read; nothing else in the pages knows how the token was obtained.
 
 const TOKEN_KEY = "triage.worklist.token";
+// The roles the worklist's data routes accept (worker/api/worklist.py).
+const READER_ROLES = ["radiologist", "admin"];
 
 export async function pageConfig() {
   const response = await fetch("config", { headers: { Accept: "application/json" } });
@@ -77,8 +79,12 @@ export const LOGINS = {
       const response = await fetch("me", { headers: { Accept: "application/json", Authorization: `Bearer ${secret}` } });
       if (response.status === 401 || response.status === 403) return { ok: false, error: "This token is not accepted." };
       if (!response.ok) return { ok: false, error: `The server answered ${response.status}; try again.` };
+      const principal = await response.json();
+      if (!READER_ROLES.includes(principal.role)) {
+        return { ok: false, error: `This token (role ${principal.role}) may not read the worklist.` };
+      }
       sessionStorage.setItem(TOKEN_KEY, secret);
-      return { ok: true, principal: await response.json() };
+      return { ok: true, principal };
     },
   },
   oidc: {
