@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from models.bundle import LoadedBundle
+from models.explanations import TokenLocation, diagnosis_logit, explain_series, token_locations
 from models.prima import PrimaBatch, StudyOutput
 from models.tokenizer import SeriesTokens, TokenizerConfig, token_features, tokenize_volume, vqvae_input
 from models.volume import SeriesSkipped, SeriesVolume, load_study
@@ -58,6 +59,17 @@ class StudyPrediction:
     series_skipped: dict[str, str] = field(default_factory=dict)
     referral_thresholds: dict[str, float] = field(default_factory=dict)
     model_version: str = ""
+
+
+@dataclass
+class FindingExplanation:
+    """Where a finding came from: the explained series, the surrogate's fit, the top tokens on the images."""
+
+    label: str
+    series_instance_uid: str
+    volume_id: str
+    r2: float
+    locations: list[TokenLocation]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -198,6 +210,54 @@ class StudyPredictor:
             self._study_prediction(output, b, study, skipped[b], dict(clock.timings))
             for b, study in enumerate(tokenized)
         ]
+
+    @torch.inference_mode()
+    def explain(
+        self,
+        volumes: Sequence[SeriesVolume],
+        labels: Sequence[str],
+        samples: int = 256,
+        top_tokens: int = 3,
+        seed: int = 0,
+    ) -> dict[str, FindingExplanation]:
+        """LIME for each diagnosis in ``labels``: the tokens that drive its logit, located on the source images.
+
+        Like the reference, one series is explained per finding: here the one whose removal lowers the
+        finding's logit most (one forward pass per series), so the regions come from the series that carries
+        the finding rather than from a fixed choice.
+        """
+        tokenized, _ = self._tokenize([volumes])
+        series = tokenized[0]
+        latents = self._encode_all(series)
+        study = [(token_features(lat, tok).to(self.device), tok.name) for lat, tok in zip(latents, series)]
+        by_volume = {volume.volume_id: volume for volume in volumes}
+        autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        explained = {}
+        for label in labels:
+            target = diagnosis_logit(self.prima, label)
+            index = self._most_influential_series(study, target)
+            explanation = explain_series(self.prima, study, self.study_description, index, target,
+                                         samples=samples, seed=seed, autocast_dtype=autocast_dtype)
+            tokens = series[index]
+            volume = by_volume[tokens.volume_id]
+            explained[label] = FindingExplanation(
+                label=label,
+                series_instance_uid=tokens.series_instance_uid,
+                volume_id=tokens.volume_id,
+                r2=explanation.fit.score,
+                locations=token_locations(volume, tokens, explanation.top(top_tokens)),
+            )
+        return explained
+
+    def _most_influential_series(self, study: list[tuple[torch.Tensor, str]], target) -> int:
+        if len(study) == 1:
+            return 0
+        variants = [study] + [study[:i] + study[i + 1 :] for i in range(len(study))]
+        batch = PrimaBatch.from_studies(variants, [self.study_description] * len(variants))
+        with self._autocast():
+            values = target(self.prima.heads(self.prima.visual(batch))).float().cpu()
+        drop = values[0] - values[1:]
+        return int(torch.argmax(drop))
 
     def _study_prediction(
         self,

@@ -30,6 +30,8 @@ class Service:
             "metrics": {"serve_port": 0},
             "assembly": {"quiet_period_s": 1, "poll_interval_s": 0.5},
             "model": {"bundle": str(bundle), "device": "cpu"},
+            # These tests are about the service under faults and load; LIME is tested where it is the point.
+            "explain": {"enabled": False},
         }
         for section, values in overrides.items():
             if isinstance(values, dict):

@@ -27,7 +27,8 @@ def test_many_studies_over_concurrent_associations_are_each_processed_once_by_tw
         pytest.skip("dcmtk is not installed (run ops/setup.sh)")
     folders = make_studies(tmp_path / "studies", STUDIES, series=["AX T2 FLAIR"])
     figures = run_load(tmp_path, folders, database_url=postgres_url, broker_url=redis_url, bundle=tiny_bundle,
-                       workers=2, associations=4, quiet_period_s=1.0, show_progress=False)
+                       workers=2, associations=4, quiet_period_s=1.0, show_progress=False,
+                       explain=False)
     print(json.dumps(figures))
     assert figures["failed"] == 0
     assert figures["exactly_once"], figures

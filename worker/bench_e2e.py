@@ -84,7 +84,7 @@ def _can_isolate_hosts() -> bool:
 
 def run_load(workdir: Path, study_folders: list[Path], *, database_url: str, broker_url: str, bundle: Path,
              workers: int = 2, associations: int = 4, quiet_period_s: float = 1.0, timeout_s: float = 1800,
-             show_progress: bool = True) -> dict:
+             show_progress: bool = True, explain: bool = True) -> dict:
     """Run the service, send every study, wait for all results; returns the figures and the exactly-once check."""
     from worker.database import upgrade
 
@@ -96,6 +96,7 @@ def run_load(workdir: Path, study_folders: list[Path], *, database_url: str, bro
         "metrics": {"serve_port": 0},
         "assembly": {"quiet_period_s": quiet_period_s, "poll_interval_s": 0.25},
         "model": {"bundle": str(bundle), "device": "auto"},
+        "explain": {"enabled": explain},
     }
     config_path = workdir / "triage.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -219,6 +220,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--broker-url", default="redis://127.0.0.1:6379/15")
     parser.add_argument("--database-url", help="default: a fresh SQLite file")
     parser.add_argument("--bundle", help="model bundle (default: a tiny bundle with random weights)")
+    parser.add_argument("--no-explain", action="store_true", help="skip LIME regions (slow on a CPU)")
     args = parser.parse_args(argv)
     if shutil.which("storescu") is None:
         print("storescu is not installed (run ops/setup.sh)", file=sys.stderr)
@@ -236,9 +238,11 @@ def main(argv: list[str]) -> int:
         folders = make_studies(work / "studies", args.studies, args.series)
         figures = run_load(work, folders, database_url=args.database_url or f"sqlite:///{work / 'bench.db'}",
                            broker_url=args.broker_url, bundle=bundle, workers=args.workers,
-                           associations=args.associations, quiet_period_s=args.quiet_period)
+                           associations=args.associations, quiet_period_s=args.quiet_period,
+                           explain=not args.no_explain)
     figures["device"] = device
     figures["model"] = "given bundle" if args.bundle else "tiny, random weights"
+    figures["explain"] = not args.no_explain
     print(json.dumps(figures))
     return 0 if figures["exactly_once"] else 1
 

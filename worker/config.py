@@ -125,6 +125,14 @@ DEFAULTS: dict[str, Any] = {
         # Referral heads whose probability reaches this value are reported.
         "referral_threshold": 0.5,
     },
+    "explain": {
+        # LIME over the volume tokens of the series that carries each positive finding; the top tokens become
+        # image regions in the SR. Each sample is one forward pass of the series and study ViTs.
+        "enabled": True,
+        "samples": 64,
+        "top_tokens": 3,
+        "max_findings": 2,
+    },
     # Where SRs go. Each: {name, kind: dicom, host, port, ae_title, tls} or {name, kind: dicomweb, url}. Empty: SRs
     # stay in <var_dir>/outbox only. results: false makes an entry a destination that routing rules forward images to
     # (routing.rules[].forward) and that gets no SRs.

@@ -23,7 +23,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.engine import Engine
 
-from pacs_bridge.results import Finding, TriageResult
+from pacs_bridge.results import Finding, ImageRegion, TriageResult
 from pacs_bridge.routing import is_derived_object
 from pacs_bridge.schema import events, instances, predictions, processing_runs, series, studies, utcnow
 from worker.config import Settings
@@ -53,8 +53,10 @@ class RunOutcome:
     result: TriageResult | None = None
 
 
-def make_result(prediction, settings: Settings, study_uid: str, model_name: str, model_version: str) -> TriageResult:
+def make_result(prediction, settings: Settings, study_uid: str, model_name: str, model_version: str,
+                regions: dict[str, tuple[ImageRegion, ...]] | None = None) -> TriageResult:
     """Turn the model's probabilities into the reported result, by the configured clinical rules."""
+    regions = regions or {}
     model_settings = settings["model"]
     by_probability = sorted(prediction.diagnosis_probs.items(), key=lambda kv: kv[1], reverse=True)
     reported = [label for label, p in by_probability if p >= prediction.thresholds[label]]
@@ -65,7 +67,7 @@ def make_result(prediction, settings: Settings, study_uid: str, model_name: str,
             reported.append(label)
     findings = tuple(
         Finding(label=label, probability=float(prediction.diagnosis_probs[label]),
-                threshold=float(prediction.thresholds[label]))
+                threshold=float(prediction.thresholds[label]), regions=regions.get(label, ()))
         for label in sorted(reported, key=lambda name: prediction.diagnosis_probs[name], reverse=True)
     )
     top_class = max(prediction.priority_probs, key=prediction.priority_probs.get)
@@ -221,7 +223,10 @@ class RunProcessor:
         timings.update({f"model_{k}": float(v) for k, v in prediction.timings_s.items()})
         self._stamp(run_id, "inferred_at")
 
-        result = make_result(prediction, self.settings, study_uid, model_name, model_version)
+        t0 = time.perf_counter()
+        regions = self._explain(predictor, volumes, prediction)
+        timings["explain_s"] = time.perf_counter() - t0
+        result = make_result(prediction, self.settings, study_uid, model_name, model_version, regions)
         t0 = time.perf_counter()
         sr_path, sr = self._write_sr(run_id, study_id, study_uid, version, result,
                                      [p for paths in image_paths.values() for p in paths])
@@ -259,6 +264,34 @@ class RunProcessor:
         log.info("run %d study %s v%d: priority %s, %d findings, %.2fs", run_id, study_uid, version,
                  result.priority, len(result.findings), sum(v for k, v in timings.items() if k.endswith("_s")))
         return RunOutcome(run_id, "done", sr_path, result)
+
+    def _explain(self, predictor, volumes, prediction) -> dict[str, tuple[ImageRegion, ...]]:
+        """LIME regions for the positive findings (the most probable first, up to ``explain.max_findings``)."""
+        settings = self.settings["explain"]
+        if not settings["enabled"]:
+            return {}
+        positive = sorted((label for label, p in prediction.diagnosis_probs.items()
+                           if p >= prediction.thresholds[label]),
+                          key=lambda label: prediction.diagnosis_probs[label], reverse=True)
+        labels = positive[: int(settings["max_findings"])]
+        if not labels:
+            return {}
+        explained = predictor.explain(volumes, labels, samples=int(settings["samples"]),
+                                      top_tokens=int(settings["top_tokens"]))
+        regions = {}
+        for label, explanation in explained.items():
+            regions[label] = tuple(
+                ImageRegion(sop_instance_uid=region.source.sop_instance_uid,
+                            sop_class_uid=region.source.sop_class_uid,
+                            series_instance_uid=explanation.series_instance_uid,
+                            polygon=tuple((float(c), float(r)) for c, r in region.polygon),
+                            weight=float(location.weight))
+                for location in explanation.locations for region in location.regions
+                # The SR's image regions reference single-frame images; frames of a multi-frame object would
+                # need a frame number the result type does not carry yet.
+                if region.source.frame_number is None
+            )
+        return regions
 
     def _stamp(self, run_id: int, column: str, **values) -> None:
         with self.engine.begin() as connection:
