@@ -14,9 +14,9 @@ In every case the study is then completed and routed by the assembler of ``triag
 Every pull is a job in the database (``pull_jobs``) with a row per study (``pull_items``): the studies are listed
 first, then retrieved one after another with a pause between them (throttling, so the PACS keeps serving its
 users), each study's state committed as it changes. A job stopped by Ctrl-C finishes the study in hand and stops;
-one killed outright leaves that study "retrieving". Either way, running the same backfill again resumes the job:
-finished studies are never retrieved again, and a study already held in full (as many instances as the PACS
-reports) is skipped.
+one killed outright leaves that study "retrieving". Either way, running the same backfill again resumes the job
+(studies that failed are tried again): finished studies are never retrieved again, and a study already held in
+full (as many instances as the PACS reports) is skipped.
 """
 from __future__ import annotations
 
@@ -275,12 +275,14 @@ def _sub_operations(source: Source, what: str, study_uid: str, final: Dataset | 
     if code == STATUS_MOVE_DESTINATION_UNKNOWN:
         raise PullError(f"{source.name}: the PACS does not know {destination_aet!r} as a C-MOVE destination; "
                         f"add our AE title, host and SCP port to its list of DICOM nodes")
+    # Nothing arrived on a C-MOVE: most often the PACS could not reach our SCP.
+    hint = (f"; is `triage serve` listening as {destination_aet!r}, at the host and port the PACS has for it?"
+            if destination_aet and completed + warned == 0 else "")
     if code not in (STATUS_SUCCESS, STATUS_WARNING):
         raise PullError(f"{source.name}: {what} of {study_uid} failed with status 0x{code:04X} "
-                        f"({completed} sent, {failed} failed)")
+                        f"({completed} sent, {failed} failed){hint}")
     if completed + warned == 0 and failed:
-        raise PullError(f"{source.name}: {what} of {study_uid}: all {failed} sub-operations failed"
-                        + (f"; is `triage serve` listening as {destination_aet}?" if destination_aet else ""))
+        raise PullError(f"{source.name}: {what} of {study_uid}: all {failed} sub-operations failed{hint}")
     return Retrieved(completed + warned, failed, f"{completed + warned} sent, {failed} failed")
 
 
@@ -392,10 +394,11 @@ class Puller:
         if job.queried_at is None:
             self._query(job_id, job.query, job.via, source)
         with self.engine.begin() as connection:
-            # A study left 'retrieving' by a killed process is retried: what arrived of it is held already and
-            # is not recorded twice (the bookkeeping keys instances by SOP Instance UID and content).
+            # A study left 'retrieving' by a killed process is retried, and so is one that failed last time (the
+            # PACS was down, say): what arrived of it is held already and is not recorded twice (the bookkeeping
+            # keys instances by SOP Instance UID and content). Finished studies are never retrieved again.
             connection.execute(update(pull_items).where(and_(pull_items.c.job_id == job_id,
-                                                             pull_items.c.status == "retrieving"))
+                                                             pull_items.c.status.in_(("retrieving", "failed"))))
                                .values(status="pending"))
             items = connection.execute(select(pull_items).where(and_(pull_items.c.job_id == job_id,
                                                                      pull_items.c.status == "pending"))

@@ -94,6 +94,20 @@ def test_pull_retrieves_a_study_by_c_move_through_our_own_scp(site):
     assert _routed(receiver) == {study.study_instance_uid: "brain-mr"}  # the same routing as any study
 
 
+def test_a_c_move_that_our_scp_does_not_receive_fails_with_the_reason(site):
+    receiver, pacs = site
+    study = _studies()[0]
+    receiver.scp.stop()  # `triage serve` is not running
+    result = _triage(receiver, "pull", "--study", study.study_instance_uid, "--via", "cmove")
+    assert result.returncode == 1
+    assert "is `triage serve` listening as 'TRIAGE'" in result.stdout
+    with receiver.engine.connect() as c:
+        item = c.execute(select(pull_items)).one()
+        job = c.execute(select(pull_jobs)).one()
+    assert item.status == "failed" and "0 sent" in item.error and job.status == "failed"
+    assert _held(receiver) == {}
+
+
 @pytest.mark.parametrize("via, source", [("wado", "wado-rs"), ("cget", "c-get")])
 def test_pull_retrieves_a_study_by_wado_rs_or_c_get_through_the_same_intake(site, via, source):
     receiver, pacs = site
