@@ -14,8 +14,9 @@ Randomness derives from (seed, step); the loop checkpoints and resumes exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,6 +101,17 @@ def _choose_thresholds(margins: np.ndarray, targets: np.ndarray, fallback_margin
     return thresholds
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """The heads are small matrices: on a busy CPU, intra-op threads spin more than they compute."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def train_heads(
     prima: PrimaModel,
     training: HeadData,
@@ -111,6 +123,20 @@ def train_heads(
     should_stop: Callable[[int], bool] | None = None,
 ) -> HeadsReport:
     """Train ``prima``'s heads in place (from their current weights) and set their thresholds."""
+    with _one_thread():
+        return _train_heads(prima, training, validation, config, checkpoint_path, console, sink, should_stop)
+
+
+def _train_heads(
+    prima: PrimaModel,
+    training: HeadData,
+    validation: HeadData,
+    config: HeadsTrainingConfig,
+    checkpoint_path,
+    console: Console | None,
+    sink: MetricsSink,
+    should_stop: Callable[[int], bool] | None,
+) -> HeadsReport:
     heads = {"diagnosis": prima.diagnosis_heads, "referral": prima.referral_heads, "priority": prima.priority_head}
     for stacked in (prima.diagnosis_heads, prima.referral_heads):  # train on raw logits; thresholds come last
         stacked.set_columns_and_thresholds(stacked.column.tolist(), [0.0] * stacked.n_heads)
@@ -149,7 +175,7 @@ def train_heads(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            recent.append(float(loss))
+            recent.append(loss.item())
             history = {"loss": float(np.mean(recent[-config.log_every:]))}
             if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
                 progress.metrics(step + 1, history)

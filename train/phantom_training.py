@@ -63,8 +63,8 @@ class PhantomTrainingPlan:
     first_phantom_seed: int = 0
     vqvae_patches_per_series: int = 24
     vqvae: VQVAETrainingConfig = VQVAETrainingConfig(steps=60, batch_size=16, checkpoint_every=20)
-    clip: ClipTrainingConfig = ClipTrainingConfig(steps=80, batch_studies=8, checkpoint_every=20)
-    heads: HeadsTrainingConfig = HeadsTrainingConfig(steps=300)
+    clip: ClipTrainingConfig = ClipTrainingConfig(steps=80, batch_studies=8, token_keep=0.5, checkpoint_every=20)
+    heads: HeadsTrainingConfig = HeadsTrainingConfig(steps=150, checkpoint_every=50)
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -122,7 +122,7 @@ def training_study(cached: CachedStudy, vqvae: VQVAE) -> TrainingStudy:
             foreground=np.zeros(len(s.token_patch)), percent=0, total_patches=0,
         )
         series.append((token_features(latents, layout), s.name))
-    return TrainingStudy(cached.key, series, cached.report, patient=cached.key)
+    return TrainingStudy(cached.key, series, cached.report, patient=cached.key, findings=frozenset(cached.labels))
 
 
 def evaluate_held_out(prima: PrimaModel, embeddings: torch.Tensor, diagnosis: np.ndarray,
