@@ -173,6 +173,12 @@ DEFAULTS: dict[str, Any] = {
         # A run queued this long without a worker starting it, or a delivery pending this long, is handed to the
         # broker again (its message may have been lost, e.g. Redis restarted without persistence).
         "redispatch_after_s": 900,
+        # Micro-batching: a worker runs up to this many ready studies through the model together, waiting at
+        # most batch_wait_s for companions of the study it was handed (1 = no batching).
+        "batch_size": 4,
+        "batch_wait_s": 0.1,
+        # Urgent-lane runs are taken first; a routine run that has waited this long is taken as if urgent.
+        "starvation_after_s": 600,
     },
     # Worklist publishers (pacs_bridge/publishers): where each study's AI priority is pushed. They only ever raise a
     # priority, never lower one, and record the value they found and why (`triage publications`). Each entry:

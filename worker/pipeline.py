@@ -8,6 +8,7 @@ arrival, never the processing of the next study.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import socket
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom.uid import generate_uid
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import and_, case, insert, or_, select, update
 from sqlalchemy.engine import Engine
 
 from pacs_bridge.results import Finding, ImageRegion, TriageResult
@@ -29,7 +30,7 @@ from pacs_bridge.schema import events, instances, predictions, processing_runs, 
 from worker.config import Settings
 from worker.delivery import DeliveryBook
 from worker.publishing import publish_result
-from worker.metrics import RUNS, STAGE_SECONDS, TURNAROUND_SECONDS
+from worker.metrics import BATCH_SIZE, RUNS, STAGE_SECONDS, TURNAROUND_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,26 @@ def _aware(value):
 
 class RunFailed(Exception):
     """The study cannot be processed (no usable series, say); the reason is recorded and not retried."""
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A run this worker holds: ids and the study version it processes."""
+
+    run_id: int
+    study_id: int
+    study_uid: str
+    version: int
+
+
+@dataclass
+class Prepared:
+    """A claimed run with its volumes loaded, waiting for the model."""
+
+    claim: Claimed
+    image_paths: dict[str, list[Path]]
+    volumes: list
+    timings: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -121,25 +142,118 @@ class RunProcessor:
 
     # -- the run -------------------------------------------------------------------------------------------
     def process(self, run_id: int, worker_name: str | None = None) -> RunOutcome:
-        """Process one run; ``worker_name`` (the Celery node name) is recorded with the pid as who ran it."""
-        claimed = self._claim(run_id, f"{worker_name or self.host}:{os.getpid()}")
+        """Process run ``run_id`` and, as a micro-batch with it, other ready runs of the same pipeline.
+
+        The batch is gathered from the database (urgent lane first, routine runs that waited too long as if
+        urgent), up to ``worker.batch_size`` runs or ``worker.batch_wait_s`` seconds; their volumes are loaded in
+        parallel threads, the model runs once over all of them, and each run is then finished on its own (a run
+        that fails is recorded and the others go on). The other runs' own messages, when they arrive, find them
+        done. ``worker_name`` (the Celery node name) is recorded with the pid as who ran each run.
+        """
+        worker_host = f"{worker_name or self.host}:{os.getpid()}"
+        claimed = self._claim(run_id, worker_host)
         if claimed is None:
             return RunOutcome(run_id, "duplicate")
-        study_id, study_uid, version = claimed
+        batch = [Claimed(run_id, *claimed)] + self._claim_companions(run_id, worker_host)
+        outcomes = self._process_batch(batch)
+        return outcomes[run_id]
+
+    def _process_batch(self, batch: list["Claimed"]) -> dict[int, RunOutcome]:
+        outcomes: dict[int, RunOutcome] = {}
         try:
-            return self._process(run_id, study_id, study_uid, version)
+            self.predictor()  # the bundle, loaded once per process, before the threads that read it
         except Exception as exc:
-            reason = str(exc) if isinstance(exc, RunFailed) else f"{type(exc).__name__}: {exc}"
-            log.exception("run %d for study %s failed", run_id, study_uid)
-            with self.engine.begin() as connection:
-                connection.execute(update(processing_runs).where(processing_runs.c.id == run_id)
-                                   .values(status="failed", error=reason, finished_at=utcnow()))
-                connection.execute(update(studies).where(and_(studies.c.id == study_id, studies.c.version == version))
-                                   .values(status="failed"))
-                connection.execute(insert(events).values(at=utcnow(), kind="error", study_instance_uid=study_uid,
-                                                         reason=f"run {run_id} failed: {reason}"))
-            RUNS.labels(pipeline="neuro_mri", outcome="failed").inc()
-            return RunOutcome(run_id, "failed")
+            return {claim.run_id: self._fail(claim, exc) for claim in batch}
+        prepared: list[Prepared] = []
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(len(batch), 4))) as pool:
+            for claim, future in [(c, pool.submit(self._prepare, c)) for c in batch]:
+                try:
+                    prepared.append(future.result())
+                except Exception as exc:
+                    outcomes[claim.run_id] = self._fail(claim, exc)
+        predictions = self._predict(prepared, outcomes)
+        for item, prediction in zip(prepared, predictions):
+            if prediction is None:
+                continue
+            try:
+                outcomes[item.claim.run_id] = self._finish(item, prediction)
+            except Exception as exc:
+                outcomes[item.claim.run_id] = self._fail(item.claim, exc)
+        return outcomes
+
+    def _predict(self, prepared: list["Prepared"], outcomes: dict[int, RunOutcome]) -> list:
+        """One model pass over the batch; a study the tokenizer cannot use fails alone and the rest run again."""
+        from models.inference import NoUsableSeries
+
+        remaining = list(range(len(prepared)))
+        predictions: list = [None] * len(prepared)
+        while remaining:
+            t0 = time.perf_counter()
+            try:
+                results = self.predictor().predict_batch([prepared[i].volumes for i in remaining])
+            except NoUsableSeries as exc:
+                failed = remaining.pop(exc.study_index)
+                outcomes[prepared[failed].claim.run_id] = self._fail(prepared[failed].claim,
+                                                                     RunFailed(str(exc)))
+                continue
+            elapsed = time.perf_counter() - t0
+            BATCH_SIZE.observe(len(remaining))
+            for i, prediction in zip(remaining, results):
+                prepared[i].timings["predict_s"] = elapsed
+                prepared[i].timings["batch_studies"] = len(remaining)
+                prepared[i].timings.update({f"model_{k}": float(v) for k, v in prediction.timings_s.items()})
+                self._stamp(prepared[i].claim.run_id, "inferred_at")
+                predictions[i] = prediction
+            break
+        return predictions
+
+    def _fail(self, claim: "Claimed", exc: Exception) -> RunOutcome:
+        reason = str(exc) if isinstance(exc, RunFailed) else f"{type(exc).__name__}: {exc}"
+        log.error("run %d for study %s failed: %s", claim.run_id, claim.study_uid, reason,
+                  exc_info=not isinstance(exc, RunFailed))
+        with self.engine.begin() as connection:
+            connection.execute(update(processing_runs).where(processing_runs.c.id == claim.run_id)
+                               .values(status="failed", error=reason, finished_at=utcnow()))
+            connection.execute(update(studies).where(and_(studies.c.id == claim.study_id,
+                                                          studies.c.version == claim.version))
+                               .values(status="failed"))
+            connection.execute(insert(events).values(at=utcnow(), kind="error", study_instance_uid=claim.study_uid,
+                                                     reason=f"run {claim.run_id} failed: {reason}"))
+        RUNS.labels(pipeline="neuro_mri", outcome="failed").inc()
+        return RunOutcome(claim.run_id, "failed")
+
+    def _claim_companions(self, first_run_id: int, worker_host: str) -> list["Claimed"]:
+        """Other ready runs of the first run's pipeline for the same model pass, urgent first, none starving."""
+        wanted = int(self.settings["worker"]["batch_size"]) - 1
+        if wanted <= 0:
+            return []
+        deadline = time.monotonic() + float(self.settings["worker"]["batch_wait_s"])
+        starving_before = utcnow() - timedelta(seconds=float(self.settings["worker"]["starvation_after_s"]))
+        with self.engine.connect() as connection:
+            pipeline = connection.execute(select(processing_runs.c.pipeline)
+                                          .where(processing_runs.c.id == first_run_id)).scalar_one()
+        companions: list[Claimed] = []
+        tried: set[int] = {first_run_id}
+        while len(companions) < wanted:
+            first_in_line = case((or_(processing_runs.c.lane == "urgent",
+                                      processing_runs.c.queued_at < starving_before), 0), else_=1)
+            with self.engine.connect() as connection:
+                candidates = connection.execute(
+                    select(processing_runs.c.id)
+                    .where(and_(processing_runs.c.status == "queued", processing_runs.c.pipeline == pipeline,
+                                processing_runs.c.id.not_in(tried)))
+                    .order_by(first_in_line, processing_runs.c.queued_at, processing_runs.c.id)
+                    .limit(wanted - len(companions))
+                ).scalars().all()
+            for candidate in candidates:
+                tried.add(candidate)
+                claimed = self._claim(candidate, worker_host)
+                if claimed is not None:
+                    companions.append(Claimed(candidate, *claimed))
+            if len(companions) >= wanted or time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+        return companions
 
     def _claim(self, run_id: int, worker_host: str) -> tuple[int, str, int] | None:
         """Take the run for this worker, atomically; None when it is finished, taken, or out of attempts.
@@ -184,9 +298,11 @@ class RunProcessor:
                                .values(status="processing"))
         return row.study_id, row.study_instance_uid, row.study_version
 
-    def _process(self, run_id: int, study_id: int, study_uid: str, version: int) -> RunOutcome:
+    def _prepare(self, claim: "Claimed") -> "Prepared":
+        """CPU work before the model: the study's image files, loaded as volumes with their geometry."""
         from models.volume import load_study
 
+        run_id, study_id, study_uid = claim.run_id, claim.study_id, claim.study_uid
         timings: dict[str, float] = {}
         with self.engine.connect() as connection:
             rows = connection.execute(
@@ -201,7 +317,6 @@ class RunProcessor:
         if not image_paths:
             raise RunFailed("the study has no image instances")
 
-        predictor = self.predictor()
         model_name, model_version = self._bundle.manifest["family"], self._bundle.version
         t0 = time.perf_counter()
         volumes, skipped = load_study(dict(image_paths))
@@ -216,13 +331,15 @@ class RunProcessor:
                 ])
         if not volumes:
             raise RunFailed(f"no usable series: {skipped}")
+        return Prepared(claim, dict(image_paths), volumes, timings)
 
-        t0 = time.perf_counter()
-        prediction = predictor.predict(volumes)
-        timings["predict_s"] = time.perf_counter() - t0
-        timings.update({f"model_{k}": float(v) for k, v in prediction.timings_s.items()})
-        self._stamp(run_id, "inferred_at")
-
+    def _finish(self, item: "Prepared", prediction) -> RunOutcome:
+        """After the model: explanation, result, SR, predictions, publications, deliveries, bookkeeping."""
+        run_id, study_id, study_uid, version = (item.claim.run_id, item.claim.study_id, item.claim.study_uid,
+                                                item.claim.version)
+        volumes, image_paths, timings = item.volumes, item.image_paths, item.timings
+        predictor = self.predictor()
+        model_name, model_version = self._bundle.manifest["family"], self._bundle.version
         t0 = time.perf_counter()
         regions = self._explain(predictor, volumes, prediction)
         timings["explain_s"] = time.perf_counter() - t0
