@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import shutil
 import threading
 from dataclasses import dataclass, field
 
@@ -91,6 +92,11 @@ class ScpSettings:
     tls: TlsFiles | None = None
     #: Datasets larger than this many bytes are refused (Out of Resources); 0: no limit.
     max_object_bytes: int = 0
+    #: Back-pressure: while the bookkeeper is this many instances behind, or the store's disk has less than
+    #: min_free_bytes free, C-STOREs are answered Out of Resources so the sender keeps the images and retries,
+    #: rather than being accepted into a backlog that cannot be recorded or a disk that cannot hold them.
+    max_backlog: int = 20000
+    min_free_bytes: int = 1 << 30
 
 
 #: How much of a refused oversized object is kept in quarantine (enough to identify it; the rest is not stored).
@@ -127,6 +133,7 @@ class StorageSCP:
         self.active = ActiveStudies()
         # Counts for the metrics endpoint (read by the service's Prometheus collector).
         self.received = 0
+        self.deferred = 0  # C-STOREs answered Out of Resources by back-pressure (nothing was kept: the sender has it)
         self.rejected_by_status: collections.Counter[int] = collections.Counter()
         self._server = None
 
@@ -209,6 +216,12 @@ class StorageSCP:
             "affected_sop_class_uid": str(request.AffectedSOPClassUID),
             "affected_sop_instance_uid": str(request.AffectedSOPInstanceUID)[:128],
         }
+        busy = self._busy_reason()
+        if busy is not None:
+            self.deferred += 1
+            if self.deferred % 100 == 1:
+                log.warning("deferring C-STOREs (Out of Resources, the sender retries): %s", busy)
+            return STATUS_OUT_OF_RESOURCES
         data = b""
         try:
             size = _dataset_size(request.DataSet)
@@ -237,6 +250,15 @@ class StorageSCP:
                                              called_aet=called_aet, peer_address=event.assoc.requestor.address))
         self.received += 1
         return STATUS_SUCCESS
+
+    def _busy_reason(self) -> str | None:
+        backlog = self.bookkeeper.backlog
+        if backlog > self.settings.max_backlog:
+            return f"the database is {backlog} instances behind (scp.max_backlog {self.settings.max_backlog})"
+        free = shutil.disk_usage(self.store.incoming_dir).free
+        if free < self.settings.min_free_bytes:
+            return f"{free // (1 << 20)} MiB free on the store's disk (scp.min_free_bytes {self.settings.min_free_bytes})"
+        return None
 
     def _reject(self, data: bytes, reason: str, status: int, context: dict[str, str]) -> int:
         self.rejected_by_status[status] += 1

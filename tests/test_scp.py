@@ -187,3 +187,23 @@ def test_unknown_calling_ae_title_is_refused(receiver, tmp_path):
     assert scp.bookkeeper.wait_idle()
     with engine.connect() as c:
         assert c.execute(select(func.count()).select_from(instances)).scalar_one() == 0
+
+
+def test_full_disk_or_database_backlog_defers_stores_and_loses_nothing(receiver, tmp_path):
+    scp, engine, root = receiver
+    files = write_mr_series(tmp_path / "send", n=2)
+    scp.settings.min_free_bytes = 1 << 62  # "the disk is full"
+    result = _storescu(scp.port, *files)
+    assert result.returncode != 0 or "0xa700" in (result.stdout + result.stderr).lower()
+    assert scp.deferred >= 1 and not list((root / "quarantine").glob("*.dcm"))  # refused, not swallowed
+    deferred = scp.deferred
+    scp.settings.min_free_bytes = 0
+    scp.settings.max_backlog = -1  # "the database is far behind"
+    _storescu(scp.port, *files)
+    assert scp.deferred > deferred
+    assert not list((root / "incoming").rglob("*.dcm"))
+    scp.settings.max_backlog = 20000  # recovered: the sender's retry is stored
+    assert _storescu(scp.port, *files).returncode == 0
+    assert scp.bookkeeper.wait_idle()
+    with engine.connect() as c:
+        assert c.execute(select(func.count()).select_from(instances)).scalar_one() == 2

@@ -51,6 +51,10 @@ DEFAULTS: dict[str, Any] = {
         "ae_hosts": {},
         # Objects larger than this many bytes are refused with 0xA700 (Out of Resources); 0: no limit.
         "max_object_bytes": 2147483648,
+        # Back-pressure: while the database is this many instances behind, or the store's disk has less free
+        # than min_free_bytes, C-STOREs are answered Out of Resources (A700) so senders keep and retry them.
+        "max_backlog": 20000,
+        "min_free_bytes": 1073741824,
         # DICOM TLS (PS3.15 B.1) on the listener. PEM paths; no cert: plain TCP. require_client_cert: senders must
         # present a certificate signed by ca (mutual TLS).
         "tls": {"cert": "", "key": "", "ca": "", "require_client_cert": True},

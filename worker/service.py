@@ -33,6 +33,9 @@ class ReceiverCollector:
         received = CounterMetricFamily("triage_images_received", "Instances accepted by the SCP")
         received.add_metric([], self.service.scp.received)
         yield received
+        deferred = CounterMetricFamily("triage_images_deferred", "C-STOREs answered Out of Resources by back-pressure")
+        deferred.add_metric([], self.service.scp.deferred)
+        yield deferred
         rejected = CounterMetricFamily("triage_images_rejected", "Instances refused and quarantined", labels=["status"])
         for status, count in sorted(self.service.scp.rejected_by_status.items()):
             rejected.add_metric([f"0x{status:04X}"], count)
@@ -126,6 +129,8 @@ def build_receiving_service(settings: Settings) -> ReceivingService:
             network_timeout_s=float(scp_settings["network_timeout_s"]),
             ae_hosts=dict(scp_settings["ae_hosts"] or {}), tls=TlsFiles.from_config(scp_settings["tls"]),
             max_object_bytes=int(scp_settings["max_object_bytes"] or 0),
+            max_backlog=int(scp_settings["max_backlog"]),
+            min_free_bytes=int(scp_settings["min_free_bytes"]),
         ),
         store, bookkeeper,
     )
