@@ -16,7 +16,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from sqlalchemy import select
 
-from pacs_bridge.schema import deliveries, events, processing_runs
+from pacs_bridge.schema import deliveries, events, processing_runs, studies
 from tests.conftest import Orthanc
 from tests.intake_fixtures import our_sr, phantom, receiver_for
 from worker.delivery import DeliveryBook
@@ -34,6 +34,12 @@ class PlantedLesionModel:
         self.lesion_by_series = lesion_by_series
         self.labels, self.classes, self.referrals = DIAGNOSIS_NAMES, PRIORITY_CLASSES, REFERRALS
 
+    def predict_batch(self, studies):
+        return [self.predict(volumes) for volumes in studies]
+
+    def explain(self, volumes, labels, **_):
+        return {}  # no image regions: what is tested is where the images go
+
     def predict(self, volumes):
         lesion = self.lesion_by_series[volumes[0].series_instance_uid]
         bleed = lesion == "subdural_haemorrhage"
@@ -44,6 +50,16 @@ class PlantedLesionModel:
             referral_probs={r: (0.8 if bleed and r == "neurosurgery" else 0.1) for r in self.referrals},
             timings_s={"total": 0.0},
         )
+
+
+class PlantedLesionProcessor(RunProcessor):
+    """The worker's run processor with :class:`PlantedLesionModel` serving."""
+
+    planted: PlantedLesionModel
+
+    def predictor(self):
+        self._bundle = SimpleNamespace(manifest={"family": "prima"}, version="planted-lesion")
+        return self.planted
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +98,11 @@ def test_high_priority_study_goes_to_the_oncall_station_after_processing_and_a_n
     assert len(run_ids) == 2
 
     enqueued: list[int] = []
-    processor = RunProcessor(receiver.settings, receiver.engine, enqueue_delivery=enqueued.append)
-    processor._predictor = PlantedLesionModel({**dict.fromkeys(bleed.series, "subdural_haemorrhage"),
-                                              **dict.fromkeys(normal.series, "normal")})
-    processor._bundle = SimpleNamespace(manifest={"family": "prima"}, version="planted-lesion")
-    outcomes = {processor.process(run_id).result.study_instance_uid: run_id for run_id in run_ids}
+    processor = PlantedLesionProcessor(receiver.settings, receiver.engine, enqueue_delivery=enqueued.append)
+    processor.planted = PlantedLesionModel({**dict.fromkeys(bleed.series, "subdural_haemorrhage"),
+                                            **dict.fromkeys(normal.series, "normal")})
+    for run_id in run_ids:  # a run may have been processed already, in a batch with the other
+        processor.process(run_id)
     book = DeliveryBook(receiver.settings, receiver.engine)
     assert all(book.attempt(delivery_id).delivered for delivery_id in enqueued)
 
@@ -102,8 +118,10 @@ def test_high_priority_study_goes_to_the_oncall_station_after_processing_and_a_n
         rows = c.execute(select(deliveries).where(deliveries.c.kind == "images")).all()
         decisions = c.execute(select(events.c.study_instance_uid, events.c.reason)
                               .where(events.c.kind == "forward")).all()
-        priorities = dict(c.execute(select(processing_runs.c.id, processing_runs.c.priority)).all())
-    assert priorities == {outcomes[bleed.study_instance_uid]: "stat", outcomes[normal.study_instance_uid]: "routine"}
+        priorities = dict(c.execute(
+            select(studies.c.study_instance_uid, processing_runs.c.priority)
+            .select_from(processing_runs.join(studies, studies.c.id == processing_runs.c.study_id))).all())
+    assert priorities == {bleed.study_instance_uid: "stat", normal.study_instance_uid: "routine"}
     [row] = rows
     assert (row.destination, row.stage, row.status, len(row.files)) == ("neuro-oncall", "after", "delivered",
                                                                          len(bleed.files))
