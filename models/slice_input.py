@@ -86,11 +86,15 @@ def to_uint8(ds: Dataset, pixels: np.ndarray, frame: int | None = None,
         raise SliceInputError(f"{_where(ds, frame)}: photometric interpretation {photometric or 'missing'} with "
                               f"{pixels.dtype} samples of shape {pixels.shape} is not supported "
                               f"(grayscale or 8-bit RGB only)")
-    values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
+    modality = np.asarray(apply_modality_lut(pixels, ds))
+    values = modality.astype(np.float64)
     has_window = "WindowCenter" in ds and "WindowWidth" in ds
     if "VOILUTSequence" in ds or has_window:
+        # A VOI LUT table is indexed by integer values (a rescale gives integral floats).
+        source = np.rint(modality).astype(np.int64) if "VOILUTSequence" in ds and modality.dtype.kind == "f" \
+            else modality
         # prefer_lut: a VOI LUT table when both are present, as viewers do by default.
-        voi = np.asarray(apply_voi_lut(values, ds, index=0, prefer_lut=True), dtype=np.float64)
+        voi = np.asarray(apply_voi_lut(source, ds, index=0, prefer_lut=True), dtype=np.float64)
         low, high = _voi_output_range(ds)
         transform = "voi_lut" if "VOILUTSequence" in ds else "window"
     else:
