@@ -16,6 +16,9 @@ FEATURE_COMMANDS: tuple[str, ...] = ("worker.delivery", "worker.fairness_command
 #: Intake beyond C-STORE: `triage rules test`, `triage pull`, `triage backfill`, `triage pulls`.
 FEATURE_COMMANDS += ("worker.rules_commands", "worker.pull_commands")
 
+#: Training: `triage models list|promote|rollback|register`, `triage train nightly|worker|beat`.
+FEATURE_COMMANDS += ("train.registry", "train.nightly_commands")
+
 #: ``triage bench NAME``: each benchmark is "module:function"; the function takes the remaining arguments and
 #: prints a JSON line last.
 BENCHMARKS: dict[str, str] = {
@@ -23,6 +26,7 @@ BENCHMARKS: dict[str, str] = {
     "e2e": "worker.bench_e2e:main",
     "ingest": "worker.bench_ingest:main",
     "labeller": "train.labeller_eval:bench",
+    "learn": "train.demo_model:bench",
 }
 
 

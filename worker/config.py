@@ -278,6 +278,38 @@ DEFAULTS: dict[str, Any] = {
         # Kept rejected and failed HL7 messages. Empty: <var_dir>/hl7.
         "hl7_kept_dir": "",
     },
+    # Training and nightly retraining (train/nightly.py, `triage train nightly|worker|beat`, `triage models ...`).
+    "training": {
+        # Celery beat schedule of the nightly job (crontab fields: minute hour day-of-month month day-of-week); it
+        # runs on the "training" queue, served by `triage train worker`.
+        "nightly_cron": "30 1 * * *",
+        # Candidate bundles are written here (shared storage the workers can read). Empty: <var_dir>/models.
+        "models_dir": "",
+        # Checkpoints of running jobs. Empty: <var_dir>/training.
+        "work_dir": "",
+        "seed": 0,
+        # Share of labelled studies held out for evaluation (by a hash of the Study Instance UID: the same studies
+        # every night, never trained on), and share of the rest that chooses the thresholds.
+        "held_out_fraction": 0.25,
+        "validation_fraction": 0.2,
+        # A night with fewer newly labelled studies than this does not retrain; fewer training studies: no run.
+        "min_new_studies": 1,
+        "min_training_studies": 10,
+        "heads_steps": 300,
+        "heads_learning_rate": 0.003,
+        # The diagnosis -> priority -> referral table (CSV). Empty: train/data/diagnosis_triage.csv.
+        "triage_table": "",
+        # Promotion gates: the candidate against the serving model on the same held-out studies.
+        "gates": {
+            "max_mean_auroc_drop": 0.0,
+            "max_label_auroc_drop": 0.05,
+            "max_calibration_increase": 0.02,
+            "max_disparity_increase": 0.05,
+            # Groups with fewer (study, diagnosis) units than this are left out of the disparity gate.
+            "min_group_units": 5,
+            "min_held_out": 10,
+        },
+    },
 }
 
 

@@ -121,23 +121,65 @@ class RunProcessor:
 
     # -- model ---------------------------------------------------------------------------------------------
     def predictor(self):
-        if self._predictor is None:
-            from models.bundle import load_bundle
-            from models.inference import StudyPredictor
+        """The study predictor of the model that should serve now.
 
+        Before each batch the model registry is asked which version serves (``train.registry.serving_version``,
+        one small query); when that differs from the loaded model, its bundle is loaded and replaces it, so a
+        promotion or a rollback reaches running workers at their next study without a restart. Calls made while
+        a batch is predicted and finished (from ``_predict`` and ``_finish``) keep the model the batch started
+        with, so that a run's stamped version, its predictions and its SR always agree. With no version in the
+        registry (or no registry tables yet) the configured ``model.bundle`` serves. A promoted bundle that
+        cannot be loaded is logged and the loaded model keeps serving. The predictor also stores each study's
+        embedding for nightly retraining (``train.embedding_store``).
+        """
+        import sys
+
+        if self._predictor is not None and sys._getframe(1).f_code.co_name in ("_predict", "_finish"):
+            return self._predictor
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from models.bundle import BundleError, load_bundle
+        from models.inference import StudyPredictor
+        from train.backbone import bundle_backbone_id
+        from train.embedding_store import EmbeddingRecordingPredictor
+        from train.registry import serving_version
+
+        try:
+            serving = serving_version(self.engine)
+        except SQLAlchemyError as exc:  # registry tables missing (database not upgraded) or the database blinked
+            log.warning("model registry unreadable (%s); keeping the loaded or configured model", exc)
+            if self._predictor is not None:
+                return self._predictor
+            serving = None
+        if serving is not None:
+            key, bundle_dir = f"registry:{serving.version}", serving.bundle_path
+        else:
             bundle_dir = self.settings["model"]["bundle"]
             if not bundle_dir:
-                raise RunFailed("model.bundle is not configured: set it to a model bundle folder "
-                                "(weights are never downloaded)")
-            device = self.settings["model"]["device"]
-            if device == "auto":
-                import torch
+                raise RunFailed("model.bundle is not configured and no model is promoted in the registry: set "
+                                "model.bundle to a model bundle folder (weights are never downloaded)")
+            key = f"configured:{bundle_dir}"
+        if self._predictor is not None and getattr(self, "_loaded_key", None) == key:
+            return self._predictor
+        device = self.settings["model"]["device"]
+        if device == "auto":
+            import torch
 
-                device = "cuda" if torch.cuda.is_available() else "cpu"
-            self._bundle = load_bundle(Path(bundle_dir), device=device)
-            self._predictor = StudyPredictor(
-                self._bundle, device=device, study_description=self.settings["model"]["study_description"]
-            )
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            bundle = load_bundle(Path(bundle_dir), device=device)
+        except BundleError as exc:
+            if self._predictor is None:
+                raise RunFailed(f"model bundle {bundle_dir} cannot be loaded: {exc}") from exc
+            log.error("model %s cannot be loaded (%s); %s keeps serving", key, exc, self._bundle.version)
+            return self._predictor
+        predictor = StudyPredictor(bundle, device=device,
+                                   study_description=self.settings["model"]["study_description"])
+        previous = None if self._bundle is None else self._bundle.version
+        self._bundle, self._loaded_key = bundle, key
+        self._predictor = EmbeddingRecordingPredictor(predictor, self.engine, bundle_backbone_id(bundle))
+        log.info("model %s loaded from %s (%s)", bundle.version, bundle_dir,
+                 "first load" if previous is None else f"replacing {previous}")
         return self._predictor
 
     # -- the run -------------------------------------------------------------------------------------------

@@ -1,0 +1,504 @@
+"""Nightly retraining: new ground truth in, a better (and no less fair) model promoted, or a reasoned refusal.
+
+One run (``triage train nightly``, or the Celery beat entry ``triage.train_nightly``):
+
+1. record a ``training_runs`` row; the run's new data are ground-truth labels recorded since the last finished
+   run (final and corrected reports, linked to their study); too few new labelled studies and it stops there;
+2. take the serving model from the registry (the configured ``model.bundle`` is registered and serves when the
+   registry is empty), and make sure every labelled study has a stored embedding under that model's encoder,
+   computing the missing ones from the images in the store;
+3. split the labelled studies by a hash of their UID: a fixed held-out share (never trained on, night after
+   night), a validation share for the thresholds, the rest for training;
+4. retrain the heads from the serving model's heads on all training studies so far (checkpointed: a run
+   interrupted and started again with the same data resumes and ends the same);
+5. evaluate the serving model and the candidate on the held-out studies: AUROC per diagnosis and of priority
+   "high", expected calibration error, and the largest TPR/FPR gap between a group of a sensitive attribute
+   (``study_attributes``) and the population;
+6. write the candidate bundle, register it with its metrics and gates, and promote it only if every gate
+   passes; workers pick it up at their next study. The study-embedding index is rebuilt for the serving model.
+
+Gates (``training.gates`` in the configuration) compare the candidate with the serving model on the same
+held-out studies: mean AUROC may not drop, no diagnosis's AUROC may drop by more than ``max_label_auroc_drop``,
+nor priority's; calibration error may not rise by more than ``max_calibration_increase``; the worst group
+disparity may not rise by more than ``max_disparity_increase``; and there must be ``min_held_out`` held-out
+studies to judge by.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from sqlalchemy import insert, select, update
+from sqlalchemy.engine import Connection, Engine
+
+from models.bundle import LoadedBundle, load_bundle, save_bundle
+from pacs_bridge.registry_schema import training_metrics, training_runs
+from pacs_bridge.report_schema import ATTRIBUTES, UNKNOWN, ground_truth_labels, reports, study_attributes
+from pacs_bridge.schema import instances, series, studies, utcnow
+from train import registry
+from train.backbone import bundle_backbone_id
+from train.checkpoint import TrainingInterrupted
+from train.embedding_store import load_embeddings, store_embedding
+from train.evaluation import aurocs_by_label, expected_calibration_error, worst_group_disparity, auroc
+from train.heads_training import HeadData, HeadsTrainingConfig, train_heads
+from train.progress import MetricsSink, monitor
+from train.triage_table import TriageTable, load_triage_table
+
+log = logging.getLogger(__name__)
+
+FINAL_REPORT_STATUSES = ("F", "C")
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    max_mean_auroc_drop: float = 0.0
+    max_label_auroc_drop: float = 0.05
+    max_calibration_increase: float = 0.02
+    max_disparity_increase: float = 0.05
+    min_group_units: int = 5
+    min_held_out: int = 10
+
+
+@dataclass(frozen=True)
+class NightlyConfig:
+    models_dir: Path = Path("var/models")
+    work_dir: Path = Path("var/training")
+    seed: int = 0
+    held_out_fraction: float = 0.25
+    validation_fraction: float = 0.2
+    min_new_studies: int = 1
+    min_training_studies: int = 10
+    triage_table: str = ""
+    heads: HeadsTrainingConfig = HeadsTrainingConfig(steps=300, checkpoint_every=50)
+    gates: GateConfig = GateConfig()
+    configured_bundle: str = ""
+    device: str = "cpu"
+    study_description: str = "MRI BRAIN WO AND W CONTRAST"
+
+    @classmethod
+    def from_settings(cls, settings) -> NightlyConfig:
+        """From the ``training`` section (and ``model.bundle``, the fallback model) of the configuration."""
+        section: Mapping[str, Any] = settings["training"]
+        var = settings.var_dir
+        gates = GateConfig(**{k: type(getattr(GateConfig(), k))(v) for k, v in section.get("gates", {}).items()})
+        heads = HeadsTrainingConfig(
+            steps=int(section.get("heads_steps", 300)),
+            learning_rate=float(section.get("heads_learning_rate", 3e-3)),
+            seed=int(section.get("seed", 0)),
+            checkpoint_every=50,
+        )
+        return cls(
+            models_dir=Path(section.get("models_dir") or var / "models"),
+            work_dir=Path(section.get("work_dir") or var / "training"),
+            seed=int(section.get("seed", 0)),
+            held_out_fraction=float(section.get("held_out_fraction", 0.25)),
+            validation_fraction=float(section.get("validation_fraction", 0.2)),
+            min_new_studies=int(section.get("min_new_studies", 1)),
+            min_training_studies=int(section.get("min_training_studies", 10)),
+            triage_table=str(section.get("triage_table") or ""),
+            heads=heads,
+            gates=gates,
+            configured_bundle=str(settings["model"]["bundle"] or ""),
+            device=str(settings["model"]["device"]),
+            study_description=str(settings["model"]["study_description"]),
+        )
+
+
+@dataclass
+class NightlyOutcome:
+    run_id: int
+    status: str  # done | skipped | failed | interrupted
+    decision: str = "none"  # promoted | rejected | none
+    reason: str = ""
+    base_version: str | None = None
+    candidate_version: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    gates: dict[str, Any] = field(default_factory=dict)
+
+
+# --- data -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StudyTruth:
+    labels: dict[str, int]  # diagnosis -> 1 present, 0 absent, -1 uncertain (unmentioned: absent)
+    labelled_at: datetime
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def collect_ground_truth(connection: Connection) -> dict[str, StudyTruth]:
+    """Per study: the labels of its latest final (or corrected) report. Where a label has several sources, a
+    person's (``manual:*``) wins over a program's, then the newest."""
+    rows = connection.execute(
+        select(reports.c.id, reports.c.study_instance_uid, reports.c.reported_at, ground_truth_labels.c.label,
+               ground_truth_labels.c.value, ground_truth_labels.c.source, ground_truth_labels.c.created_at)
+        .select_from(ground_truth_labels.join(reports, reports.c.id == ground_truth_labels.c.report_id))
+        .where(reports.c.status.in_(FINAL_REPORT_STATUSES), reports.c.study_instance_uid.is_not(None))
+    ).all()
+    latest_report: dict[str, tuple[datetime, int]] = {}
+    for r in rows:
+        key = (_aware(r.reported_at), r.id)
+        if r.study_instance_uid not in latest_report or key > latest_report[r.study_instance_uid]:
+            latest_report[r.study_instance_uid] = key
+    chosen: dict[str, dict[str, tuple[tuple, int]]] = defaultdict(dict)
+    labelled_at: dict[str, datetime] = {}
+    for r in rows:
+        if latest_report[r.study_instance_uid][1] != r.id:
+            continue
+        rank = (r.source.startswith("manual"), _aware(r.created_at))
+        current = chosen[r.study_instance_uid].get(r.label)
+        if current is None or rank > current[0]:
+            chosen[r.study_instance_uid][r.label] = (rank, int(r.value))
+        stamp = _aware(r.created_at)
+        labelled_at[r.study_instance_uid] = max(labelled_at.get(r.study_instance_uid, stamp), stamp)
+    return {uid: StudyTruth({k: v for k, (_, v) in labels.items()}, labelled_at[uid])
+            for uid, labels in chosen.items()}
+
+
+def split_of(study_uid: str, seed: int, held_out_fraction: float, validation_fraction: float) -> str:
+    """"held_out", "validation" or "train". The held-out share depends on the UID only, so a study held out
+    once is held out every night; validation is drawn from the rest with the seed."""
+    def unit(text: str) -> float:
+        return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16) / float(1 << 48)
+
+    if unit(f"held-out:{study_uid}") < held_out_fraction:
+        return "held_out"
+    return "validation" if unit(f"validation:{seed}:{study_uid}") < validation_fraction else "train"
+
+
+def _study_files(connection: Connection, study_uid: str) -> dict[str, list[str]]:
+    from pacs_bridge.routing import is_derived_object
+
+    rows = connection.execute(
+        select(series.c.series_instance_uid, series.c.modality, instances.c.sop_class_uid, instances.c.path)
+        .select_from(studies.join(series, series.c.study_id == studies.c.id)
+                     .join(instances, instances.c.series_id == series.c.id))
+        .where(studies.c.study_instance_uid == study_uid)
+    ).all()
+    files: dict[str, list[str]] = defaultdict(list)
+    for r in rows:
+        if not is_derived_object(r.modality or "", r.sop_class_uid) and Path(r.path).exists():
+            files[r.series_instance_uid].append(r.path)
+    return dict(files)
+
+
+def ensure_embeddings(engine: Engine, bundle: LoadedBundle, study_uids: list[str], config: NightlyConfig,
+                      console: Console | None = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Stored embeddings of ``study_uids`` under the bundle's encoder, computing missing ones from the images
+    in the store. Returns (embeddings, {study uid: why it has none})."""
+    from models.inference import NoUsableSeries, StudyPredictor
+
+    backbone = bundle_backbone_id(bundle)
+    with engine.connect() as connection:
+        stored = load_embeddings(connection, backbone, study_uids)
+    missing = [uid for uid in study_uids if uid not in stored]
+    skipped: dict[str, str] = {}
+    if missing:
+        predictor = StudyPredictor(bundle, device=config.device, study_description=config.study_description)
+        with monitor(console, "embeddings", "Study embeddings from stored images", len(missing)) as progress:
+            for uid in missing:
+                with engine.connect() as connection:
+                    files = _study_files(connection, uid)
+                if not files:
+                    skipped[uid] = "no images in the store"
+                else:
+                    try:
+                        prediction = predictor.predict_files(files)
+                        store_embedding(engine, uid, backbone, prediction.embedding, bundle.version, "nightly")
+                        stored[uid] = prediction.embedding
+                    except NoUsableSeries as error:
+                        skipped[uid] = str(error)
+                progress.advance(status=uid[-12:])
+    return stored, skipped
+
+
+def _groups(connection: Connection, study_uids: list[str]) -> dict[str, np.ndarray]:
+    rows = {r.study_instance_uid: r for r in connection.execute(
+        select(study_attributes).where(study_attributes.c.study_instance_uid.in_(study_uids)))}
+    return {attribute: np.array([getattr(rows[u], attribute) if u in rows else UNKNOWN for u in study_uids],
+                                dtype=object) for attribute in ATTRIBUTES}
+
+
+# --- evaluation and gates ---------------------------------------------------------------------------------------
+
+
+def evaluate_model(prima, embeddings: torch.Tensor, diagnosis: np.ndarray, priority: np.ndarray,
+                   groups: Mapping[str, np.ndarray], gates: GateConfig) -> dict[str, Any]:
+    """Held-out measures of one model: AUROC per diagnosis and mean, priority AUROC, calibration, disparity."""
+    with torch.inference_mode():
+        output = prima.heads(embeddings)
+    margins = output.diagnosis_logits.numpy()
+    by_label = aurocs_by_label(margins, diagnosis, prima.diagnosis_names)
+    columns = [prima.diagnosis_names.index(n) for n in by_label]
+    known = ~np.isnan(diagnosis[:, columns])
+    probabilities = torch.sigmoid(output.diagnosis_logits).numpy()[:, columns]
+    high = prima.priority_classes.index("high")
+    p_high = torch.softmax(output.priority_logits, dim=1)[:, high].numpy()
+    disparity = worst_group_disparity(margins > 0, diagnosis, groups, gates.min_group_units)
+    return {
+        "auroc_by_label": by_label,
+        "mean_auroc": float(np.mean(list(by_label.values()))) if by_label else None,
+        "priority_auroc": auroc(p_high, priority == high),
+        "calibration_error": expected_calibration_error(probabilities[known], diagnosis[:, columns][known]),
+        "worst_disparity": max(float(disparity["tpr"]), float(disparity["fpr"])),
+        "disparity": disparity,
+        "n": int(len(embeddings)),
+    }
+
+
+def gate_candidate(candidate: Mapping[str, Any], current: Mapping[str, Any], gates: GateConfig) -> dict[str, Any]:
+    """Each gate's verdict: {"passed", "value", "limit", "reason"}."""
+    verdicts: dict[str, Any] = {}
+
+    def verdict(name: str, passed: bool, value: Any, limit: Any, reason: str) -> None:
+        verdicts[name] = {"passed": bool(passed), "value": value, "limit": limit, "reason": reason}
+
+    n = int(candidate["n"])
+    verdict("held_out_size", n >= gates.min_held_out, n, gates.min_held_out,
+            f"{n} held-out studies (at least {gates.min_held_out} needed to judge)")
+    cand, cur = candidate.get("mean_auroc"), current.get("mean_auroc")
+    if cand is None:
+        verdict("mean_auroc", False, None, None, "no diagnosis has positive and negative held-out studies")
+    else:
+        limit = None if cur is None else cur - gates.max_mean_auroc_drop
+        verdict("mean_auroc", limit is None or cand >= limit - 1e-9, cand, limit,
+                f"mean AUROC {cand:.3f} vs serving {'n/a' if cur is None else f'{cur:.3f}'}")
+    drops = {name: current["auroc_by_label"][name] - value for name, value in candidate["auroc_by_label"].items()
+             if name in current["auroc_by_label"]}
+    worst = max(drops.items(), key=lambda kv: kv[1], default=(None, 0.0))
+    verdict("label_auroc", worst[1] <= gates.max_label_auroc_drop + 1e-9, round(worst[1], 4),
+            gates.max_label_auroc_drop, f"largest AUROC drop {worst[1]:.3f}" + (f" ({worst[0]})" if worst[0] else ""))
+    cand_p, cur_p = candidate.get("priority_auroc"), current.get("priority_auroc")
+    if cand_p is not None and cur_p is not None:
+        verdict("priority_auroc", cand_p >= cur_p - gates.max_label_auroc_drop - 1e-9, cand_p,
+                cur_p - gates.max_label_auroc_drop, f"priority AUROC {cand_p:.3f} vs serving {cur_p:.3f}")
+    cand_c, cur_c = candidate.get("calibration_error"), current.get("calibration_error")
+    if cand_c is not None:
+        limit = None if cur_c is None else cur_c + gates.max_calibration_increase
+        verdict("calibration", limit is None or cand_c <= limit + 1e-9, cand_c, limit,
+                f"expected calibration error {cand_c:.3f} vs serving {'n/a' if cur_c is None else f'{cur_c:.3f}'}")
+    cand_d, cur_d = candidate["worst_disparity"], current["worst_disparity"]
+    limit = cur_d + gates.max_disparity_increase
+    verdict("fairness", cand_d <= limit + 1e-9, round(cand_d, 4), round(limit, 4),
+            f"largest group TPR/FPR gap {cand_d:.3f} vs serving {cur_d:.3f}")
+    return verdicts
+
+
+# --- the run ----------------------------------------------------------------------------------------------------
+
+
+def _db_sink(engine: Engine, run_id: int) -> MetricsSink:
+    def sink(stage: str, step: int, metrics: Mapping[str, float]) -> None:
+        rows = [{"run_id": run_id, "stage": stage, "step": step, "name": k, "value": float(v), "at": utcnow()}
+                for k, v in metrics.items() if v is not None and np.isfinite(v)]
+        if rows:
+            with engine.begin() as connection:
+                connection.execute(insert(training_metrics), rows)
+    return sink
+
+
+def _last_window_end(connection: Connection) -> datetime | None:
+    row = connection.execute(
+        select(training_runs.c.until).where(training_runs.c.kind == "nightly", training_runs.c.status == "done")
+        .order_by(training_runs.c.id.desc())
+    ).first()
+    return None if row is None or row.until is None else _aware(row.until)
+
+
+def _finish(engine: Engine, outcome: NightlyOutcome, **values: Any) -> NightlyOutcome:
+    with engine.begin() as connection:
+        connection.execute(update(training_runs).where(training_runs.c.id == outcome.run_id).values(
+            status=outcome.status, decision=outcome.decision, finished_at=utcnow(),
+            base_version=outcome.base_version, candidate_version=outcome.candidate_version,
+            result={"reason": outcome.reason, "metrics": outcome.metrics, "gates": outcome.gates}, **values))
+    log.info("nightly run %d: %s, %s (%s)", outcome.run_id, outcome.status, outcome.decision, outcome.reason)
+    return outcome
+
+
+def serving_bundle(engine: Engine, config: NightlyConfig) -> registry.ModelVersion:
+    """The serving version; the configured bundle is registered and promoted when the registry is empty."""
+    serving = registry.serving_version(engine)
+    if serving is not None:
+        return serving
+    if not config.configured_bundle:
+        raise registry.RegistryError("no model serves: the registry is empty and model.bundle is not configured")
+    version = registry.register_bundle(engine, config.configured_bundle, notes="the configured model.bundle")
+    return registry.promote(engine, version.version, actor="configuration",
+                            reason="first nightly run: the configured model.bundle serves until a candidate beats it")
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_nightly(
+    engine: Engine,
+    config: NightlyConfig,
+    console: Console | None = None,
+    now: datetime | None = None,
+    should_stop: Callable[[int], bool] | None = None,
+    candidate_hook: Callable[[Any], None] | None = None,
+) -> NightlyOutcome:
+    """One nightly run (see the module docstring). ``candidate_hook(prima)`` may alter the trained candidate
+    before it is evaluated (tests plant a worse one with it)."""
+    until = now or utcnow()
+    with engine.begin() as connection:
+        since = _last_window_end(connection)
+        run_id = connection.execute(insert(training_runs).values(
+            kind="nightly", status="running", started_at=utcnow(), seed=config.seed, since=since, until=until,
+            parameters=json.loads(json.dumps(asdict(config), default=str)),
+        )).inserted_primary_key[0]
+    outcome = NightlyOutcome(run_id, "running")
+    try:
+        return _run(engine, config, outcome, since, until, console, should_stop, candidate_hook)
+    except TrainingInterrupted as stop:
+        outcome.status, outcome.reason = "interrupted", str(stop)
+        return _finish(engine, outcome)
+    except Exception as error:
+        log.exception("nightly run %d failed", run_id)
+        outcome.status, outcome.reason = "failed", f"{type(error).__name__}: {error}"
+        return _finish(engine, outcome, error=outcome.reason)
+
+
+def _run(engine: Engine, config: NightlyConfig, outcome: NightlyOutcome, since: datetime | None,
+         until: datetime, console: Console | None, should_stop, candidate_hook) -> NightlyOutcome:
+    started = time.perf_counter()
+    with engine.begin() as connection:
+        try:
+            from train.fairness.store import link_reports_to_studies
+
+            link_reports_to_studies(connection)
+        except ImportError:  # the fairness package is optional here
+            pass
+        truth = {uid: t for uid, t in collect_ground_truth(connection).items() if t.labelled_at <= until}
+    new = [uid for uid, t in truth.items() if since is None or t.labelled_at > since]
+    if len(new) < config.min_new_studies:
+        outcome.status = "skipped"
+        outcome.reason = (f"{len(new)} studies with new ground truth since "
+                          f"{since.isoformat() if since else 'the beginning'}; {config.min_new_studies} needed")
+        return _finish(engine, outcome, n_new_studies=len(new))
+
+    serving = serving_bundle(engine, config)
+    outcome.base_version = serving.version
+    base = load_bundle(serving.bundle_path)
+    uids = sorted(truth)
+    embeddings, without = ensure_embeddings(engine, base, uids, config, console)
+    uids = [u for u in uids if u in embeddings]
+    splits = {u: split_of(u, config.seed, config.held_out_fraction, config.validation_fraction) for u in uids}
+    train_uids = [u for u in uids if splits[u] == "train"]
+    validation_uids = [u for u in uids if splits[u] == "validation"]
+    held_out_uids = [u for u in uids if splits[u] == "held_out"]
+    counts = {"n_new_studies": len(new), "n_train": len(train_uids), "n_held_out": len(held_out_uids)}
+    if len(train_uids) < config.min_training_studies:
+        outcome.status = "skipped"
+        outcome.reason = (f"{len(train_uids)} training studies with embeddings ({len(without)} without images); "
+                          f"{config.min_training_studies} needed")
+        return _finish(engine, outcome, **counts)
+
+    names = base.prima.diagnosis_names
+    table = load_triage_table(config.triage_table or None, names, base.priority_classes, base.referral_names)
+
+    def data(selected: list[str]) -> HeadData:
+        diagnosis = np.zeros((len(selected), len(names)), dtype=np.float32)
+        index = {n: i for i, n in enumerate(names)}
+        for row, uid in enumerate(selected):
+            for label, value in truth[uid].labels.items():
+                if label in index:
+                    diagnosis[row, index[label]] = np.nan if value < 0 else float(value)
+        priority, referral = table.targets(np.nan_to_num(diagnosis, nan=0.0), names)
+        vectors = torch.from_numpy(np.stack([embeddings[u] for u in selected])) if selected else torch.zeros(0)
+        return HeadData(vectors, diagnosis, priority, referral)
+
+    training, validation, held_out = data(train_uids), data(validation_uids), data(held_out_uids)
+    if len(validation) == 0:
+        validation = training
+    fingerprint = _fingerprint(serving.version, train_uids, validation_uids, training.diagnosis.tolist(),
+                               asdict(config.heads))
+    checkpoint = config.work_dir / "nightly" / fingerprint / "heads.pt"
+    with engine.begin() as connection:
+        connection.execute(update(training_runs).where(training_runs.c.id == outcome.run_id).values(
+            checkpoint=str(checkpoint), base_version=serving.version, **counts))
+
+    candidate_model = load_bundle(serving.bundle_path)  # the heads start from the serving model's
+    sink = _db_sink(engine, outcome.run_id)
+    report = train_heads(candidate_model.prima, training, validation, replace(config.heads, seed=config.seed),
+                         checkpoint, console, sink, should_stop)
+    if candidate_hook is not None:
+        candidate_hook(candidate_model.prima)
+
+    with engine.connect() as connection:
+        groups = _groups(connection, held_out_uids)
+    if len(held_out):
+        current_metrics = evaluate_model(base.prima, held_out.embeddings, held_out.diagnosis, held_out.priority,
+                                         groups, config.gates)
+        candidate_metrics = evaluate_model(candidate_model.prima, held_out.embeddings, held_out.diagnosis,
+                                           held_out.priority, groups, config.gates)
+    else:
+        empty = {"auroc_by_label": {}, "mean_auroc": None, "priority_auroc": None, "calibration_error": None,
+                 "worst_disparity": 0.0, "disparity": {}, "n": 0}
+        current_metrics, candidate_metrics = empty, dict(empty)
+    gates = gate_candidate(candidate_metrics, current_metrics, config.gates)
+    passed = all(g["passed"] for g in gates.values())
+    sink("evaluation", 0, {f"candidate_{k}": v for k, v in candidate_metrics.items() if isinstance(v, float)})
+    sink("evaluation", 0, {f"serving_{k}": v for k, v in current_metrics.items() if isinstance(v, float)})
+
+    stamp = until.astimezone(UTC).strftime("%Y%m%d-%H%M")
+    version = f"{base.config_name}-nightly-{stamp}-run{outcome.run_id}"
+    folder = config.models_dir / version
+    metrics = {"candidate": candidate_metrics, "serving": current_metrics, "serving_version": serving.version,
+               "validation_auroc": report.validation_auroc, "positives": report.positives, **counts,
+               "seconds": round(time.perf_counter() - started, 1)}
+    metrics = json.loads(json.dumps(metrics, default=float))
+    meta = {k: v for k, v in base.manifest.items()
+            if k in ("provenance", "clinical_use", "backbone_id", "training", "calibration")}
+    meta.update(
+        version=version, parent_version=serving.version, backbone_id=bundle_backbone_id(base),
+        triage_table=table.to_manifest(),
+        notes=(f"heads retrained nightly (run {outcome.run_id}) from {serving.version} on {len(train_uids)} "
+               f"labelled studies; thresholds on {len(validation_uids)} validation studies"),
+        nightly={"run_id": outcome.run_id, "held_out_metrics": candidate_metrics, "gates": gates},
+    )
+    if folder.exists():
+        shutil.rmtree(folder)
+    save_bundle(folder, candidate_model.vqvae, candidate_model.prima, meta)
+    registry.register_bundle(engine, folder, metrics=metrics, gates=gates, training_run_id=outcome.run_id,
+                             parent_version=serving.version)
+    outcome.candidate_version, outcome.metrics, outcome.gates = version, metrics, gates
+    if passed:
+        registry.promote(engine, version, actor="nightly",
+                         reason=f"nightly run {outcome.run_id}: every gate passed")
+        outcome.decision = "promoted"
+        outcome.reason = (f"mean AUROC {candidate_metrics['mean_auroc']:.3f} vs "
+                          f"{current_metrics['mean_auroc'] if current_metrics['mean_auroc'] is None else round(current_metrics['mean_auroc'], 3)}; all gates passed")
+        _rebuild_index(engine, config, bundle_backbone_id(base))
+    else:
+        registry.set_status(engine, version, registry.REJECTED)
+        outcome.decision = "rejected"
+        outcome.reason = "; ".join(f"{name}: {g['reason']}" for name, g in gates.items() if not g["passed"])
+    outcome.status = "done"
+    shutil.rmtree(checkpoint.parent, ignore_errors=True)
+    return _finish(engine, outcome, **counts)
+
+
+def _rebuild_index(engine: Engine, config: NightlyConfig, backbone: str) -> None:
+    from train.study_index import rebuild_study_index
+
+    try:
+        rebuild_study_index(engine, backbone, config.work_dir.parent / "index")
+    except Exception:  # the index is evidence for readers, not part of the promotion decision
+        log.exception("rebuilding the study-embedding index failed")
