@@ -27,6 +27,9 @@ BENCHMARKS: dict[str, str] = {
     "ingest": "worker.bench_ingest:main",
     "labeller": "train.labeller_eval:bench",
     "learn": "train.demo_model:bench",
+    # MedImageInsight slice embeddings and the kNN evidence index (models/bench_slices.py)
+    "embedder": "models.bench_slices:bench_embedder",
+    "knn": "models.bench_slices:bench_knn",
 }
 
 
