@@ -177,8 +177,15 @@ def frame_headers(ds: Dataset, path: Path) -> list[FrameHeader]:
 
 
 def read_dataset(path: Path) -> Dataset:
-    """The whole dataset of one file; pixel data stay encoded until :func:`decode_frames`."""
-    return pydicom.dcmread(path)
+    """The whole dataset of one file; pixel data stay encoded until :func:`decode_frames`.
+
+    Every element is converted here, so a malformed one (an unknown VR, a bad length: pydicom defers these)
+    fails while the file is read, where it is dropped with a reason, not later in the middle of geometry.
+    """
+    ds = pydicom.dcmread(path)
+    for _ in ds.iterall():
+        pass
+    return ds
 
 
 def decode_frames(ds: Dataset) -> np.ndarray:

@@ -165,8 +165,9 @@ def _read_series_datasets(paths: Sequence[Path]) -> tuple[list[tuple[Path, Datas
     for path in paths:
         try:
             datasets.append((path, read_dataset(path)))
-        # BytesLengthException (a RuntimeError): an element whose length does not fit its VR (found by fuzzing).
-        except (InvalidDicomError, OSError, ValueError, EOFError, BytesLengthException) as error:
+        # Found by fuzzing: BytesLengthException (a RuntimeError) for an element whose length does not fit its
+        # VR, NotImplementedError for an unknown VR.
+        except (InvalidDicomError, OSError, ValueError, EOFError, BytesLengthException, NotImplementedError) as error:
             notes.append(f"dropped unreadable file {path.name}: {error}")
     return datasets, notes
 

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 class Sweeper:
-    def __init__(self, engine: Engine, dispatch_run: Callable[[int, str], None],
+    def __init__(self, engine: Engine, dispatch_run: Callable[[int, str, str], None],
                  dispatch_delivery: Callable[[int], None], redispatch_after_s: float, stale_running_s: float,
                  interval_s: float = 5.0) -> None:
         self.engine = engine
@@ -61,7 +61,7 @@ class Sweeper:
         running_before = now - timedelta(seconds=self.stale_running_s)
         with self.engine.connect() as connection:
             runs = connection.execute(
-                select(processing_runs.c.id, processing_runs.c.pipeline, processing_runs.c.status)
+                select(processing_runs.c.id, processing_runs.c.pipeline, processing_runs.c.status, processing_runs.c.lane)
                 .where(or_(
                     and_(processing_runs.c.status == "queued", processing_runs.c.queued_at < queued_before),
                     and_(processing_runs.c.status == "running", processing_runs.c.started_at < running_before,
@@ -75,7 +75,7 @@ class Sweeper:
             ).scalars().all()
         sent_runs = []
         for run in runs:
-            self.dispatch_run(run.id, run.pipeline)
+            self.dispatch_run(run.id, run.pipeline, run.lane or "routine")  # an urgent run stays urgent
             with self.engine.begin() as connection:
                 # queued_at moves on, so the run is not sent again before another full period has passed.
                 connection.execute(update(processing_runs).where(processing_runs.c.id == run.id)
