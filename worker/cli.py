@@ -16,6 +16,9 @@ FEATURE_COMMANDS: tuple[str, ...] = ("worker.delivery", "worker.fairness_command
 #: Intake beyond C-STORE: `triage rules test`, `triage pull`, `triage backfill`, `triage pulls`.
 FEATURE_COMMANDS += ("worker.rules_commands", "worker.pull_commands")
 
+#: `triage index rebuild|delete|stats`: the slice-embedding index of prior studies.
+FEATURE_COMMANDS += ("worker.slice_evidence",)
+
 #: Training: `triage models list|promote|rollback|register`, `triage train nightly|worker|beat`.
 FEATURE_COMMANDS += ("train.registry", "train.nightly_commands")
 

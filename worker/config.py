@@ -137,6 +137,40 @@ DEFAULTS: dict[str, Any] = {
         "top_tokens": 3,
         "max_findings": 2,
     },
+    # Slice evidence (worker/slice_evidence.py): each processed study's slices are embedded with MedImageInsight, the
+    # k most similar prior studies in the index (with their confirmed findings: labels of their final reports) go
+    # into the result and the SR, and the study joins the index. The slice_knn pipeline (studies Prima does not
+    # cover: CR, DX, CT) reports kNN findings from the same neighbours. Evidence never fails a neuro_mri run.
+    "slice_evidence": {
+        "enabled": True,
+        # The official weights file (medimageinsigt-v1.0.0.pt, a safetensors file). Empty: no evidence, except with
+        # config tiny (a seeded random model, for the demo and tests). Never downloaded.
+        "weights": "",
+        # full (the published network) | tiny (same structure, small widths)
+        "config": "full",
+        "device": "auto",
+        # auto: bf16 on a GPU, fp32 on a CPU | fp32 | bf16
+        "precision": "auto",
+        "batch_size": 16,
+        # An evenly spaced subset of each series' slices, and at most this many series (the largest) per study.
+        "max_slices_per_series": 8,
+        "max_series": 8,
+        # The faiss index file (a cache of the slice_embeddings table). Empty: <var_dir>/index/slices.faiss.
+        "index_path": "",
+        # Exact search up to exact_max studies; beyond it ivf (nprobe lists searched) or hnsw.
+        "exact_max": 200000,
+        "approximate": "ivf",
+        "nprobe": 32,
+        # Neighbours that vote in kNN classification (the paper's k), and similar prior studies reported.
+        "k": 20,
+        "evidence_k": 5,
+        # Prior studies less similar than this are not reported as evidence.
+        "min_similarity": 0.0,
+        # slice_knn: a label is a finding from this kNN score on (scores are similarity-weighted vote fractions).
+        "finding_threshold": 0.5,
+        # slice_knn: finding label -> worklist priority (routine | urgent | stat); the highest positive one wins.
+        "priority_of_findings": {},
+    },
     # Where SRs go. Each: {name, kind: dicom, host, port, ae_title, tls} or {name, kind: dicomweb, url}. Empty: SRs
     # stay in <var_dir>/outbox only. results: false makes an entry a destination that routing rules forward images to
     # (routing.rules[].forward) and that gets no SRs.

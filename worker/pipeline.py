@@ -193,6 +193,10 @@ class RunProcessor:
         done. ``worker_name`` (the Celery node name) is recorded with the pid as who ran each run.
         """
         worker_host = f"{worker_name or self.host}:{os.getpid()}"
+        from worker.slice_evidence import slice_knn_processor_for  # CR/DX/CT: kNN findings and evidence only
+
+        if (slice_knn := slice_knn_processor_for(self, run_id)) is not None:
+            return slice_knn.process(run_id, worker_host)
         claimed = self._claim(run_id, worker_host)
         if claimed is None:
             return RunOutcome(run_id, "duplicate")
@@ -386,6 +390,9 @@ class RunProcessor:
         regions = self._explain(predictor, volumes, prediction)
         timings["explain_s"] = time.perf_counter() - t0
         result = make_result(prediction, self.settings, study_uid, model_name, model_version, regions)
+        from worker.slice_evidence import add_slice_evidence  # similar prior studies (slice_evidence.enabled)
+
+        result = add_slice_evidence(self, item, result)
         t0 = time.perf_counter()
         sr_path, sr = self._write_sr(run_id, study_id, study_uid, version, result,
                                      [p for paths in image_paths.values() for p in paths])
