@@ -37,3 +37,23 @@ def random_official_weights(shapes: dict[str, tuple[int, ...]], seed: int = PARI
             value = noise / math.sqrt(math.prod(shape[1:]))
         out[name] = value.to(torch.float32).contiguous()
     return out
+
+
+def write_safetensors_streaming(path, shapes: dict[str, tuple[int, ...]], make) -> None:
+    """A float32 safetensors file written one tensor at a time (``make(name, shape)`` -> tensor), so a 2.5 GB
+    file never needs 2.5 GB of memory to write."""
+    import json
+    import struct
+
+    offsets, start = {}, 0
+    for name, shape in shapes.items():
+        size = 4 * math.prod(shape)
+        offsets[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [start, start + size]}
+        start += size
+    header = json.dumps(offsets, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(header)) + header)
+        for name, shape in shapes.items():
+            tensor = make(name, tuple(shape)).to(torch.float32).contiguous()
+            handle.write(tensor.numpy().tobytes())
