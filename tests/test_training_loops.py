@@ -130,3 +130,17 @@ def test_random_axis_permutation_turns_an_axial_patch_into_the_other_orientation
     patch = torch.zeros(1, 1, 8, 32, 32)
     assert permute_axes(patch, (1, 0, 2)).shape == (1, 1, 32, 8, 32)
     assert permute_axes(patch, (1, 2, 0)).shape == (1, 1, 32, 32, 8)
+
+
+def test_heads_train_on_standardised_embeddings_but_read_the_raw_ones_afterwards():
+    from train.heads_training import _to_raw, _to_standardised, feature_scale
+
+    prima = _prima()
+    x = torch.randn(16, 128) * 0.003 + 5.0  # embeddings that barely differ, as an encoder's can
+    mean, std = feature_scale(x)
+    with torch.no_grad():
+        before = prima.heads(x).diagnosis_logits
+        _to_standardised(prima, mean, std)
+        assert torch.allclose(prima.heads((x - mean) / std).diagnosis_logits, before, atol=1e-4)
+        _to_raw(prima, mean, std)
+        assert torch.allclose(prima.heads(x).diagnosis_logits, before, atol=1e-4)

@@ -10,6 +10,10 @@
 - Referrals: like diagnoses, targets from the same table.
 
 The embeddings are fixed (the study encoder is not trained here), which is what makes nightly retraining cheap.
+The heads train on standardised embeddings (each feature centred and scaled by its training mean and standard
+deviation: study embeddings of one encoder can differ between studies by a few thousandths only, too little for
+an MLP trained from small data in a few hundred steps); the scaling is folded into the first layer of every
+head afterwards, so the bundle's heads read the raw embedding as before.
 Randomness derives from (seed, step); the loop checkpoints and resumes exactly.
 """
 from __future__ import annotations
@@ -112,6 +116,40 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def _first_layers(prima: PrimaModel) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight (..., out, in), bias (..., out)) of the first layer of every head."""
+    first = prima.priority_head[0]
+    return [
+        (prima.diagnosis_heads.weight(0), prima.diagnosis_heads.bias(0)),
+        (prima.referral_heads.weight(0), prima.referral_heads.bias(0)),
+        (first.weight, first.bias),
+    ]
+
+
+@torch.no_grad()
+def _to_standardised(prima: PrimaModel, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Heads reading x -> the same functions of z = (x - mean) / std: W' = W std, b' = b + W mean."""
+    for weight, bias in _first_layers(prima):
+        bias += weight @ mean
+        weight *= std
+
+
+@torch.no_grad()
+def _to_raw(prima: PrimaModel, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """The inverse of :func:`_to_standardised`: W = W' / std, b = b' - W mean."""
+    for weight, bias in _first_layers(prima):
+        weight /= std
+        bias -= weight @ mean
+
+
+def feature_scale(embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and standard deviation (floored at a thousandth of the median one)."""
+    mean = embeddings.mean(0)
+    std = embeddings.std(0, unbiased=False)
+    floor = torch.clamp(std.median() * 1e-3, min=1e-8)
+    return mean, torch.maximum(std, floor)
+
+
 def train_heads(
     prima: PrimaModel,
     training: HeadData,
@@ -138,6 +176,9 @@ def _train_heads(
     should_stop: Callable[[int], bool] | None,
 ) -> HeadsReport:
     heads = {"diagnosis": prima.diagnosis_heads, "referral": prima.referral_heads, "priority": prima.priority_head}
+    mean, std = feature_scale(training.embeddings)
+    _to_standardised(prima, mean, std)  # a checkpoint, if resumed below, holds weights in this space too
+    standardised = (training.embeddings - mean) / std
     for stacked in (prima.diagnosis_heads, prima.referral_heads):  # train on raw logits; thresholds come last
         stacked.set_columns_and_thresholds(stacked.column.tolist(), [0.0] * stacked.n_heads)
     parameters = [p for module in heads.values() for p in module.parameters()]
@@ -165,7 +206,7 @@ def _train_heads(
                 raise TrainingInterrupted(step, checkpoint_path)
             generator = step_generator(config.seed, "heads", step)
             rows = torch.randperm(len(training), generator=generator)[:batch_size].numpy()
-            x = training.embeddings[torch.as_tensor(rows)]
+            x = standardised[torch.as_tensor(rows)]
             loss = (
                 _masked_bce(prima.diagnosis_heads(x), training.diagnosis[rows], diagnosis_weight)
                 + F.cross_entropy(prima.priority_head(x), torch.as_tensor(training.priority[rows]),
@@ -184,6 +225,7 @@ def _train_heads(
                 save_checkpoint(checkpoint_path, step + 1, heads, {"adamw": optimizer}, {"history": history})
     for module in heads.values():
         module.eval()
+    _to_raw(prima, mean, std)
 
     with torch.inference_mode():
         val_diag = prima.diagnosis_heads(validation.embeddings).numpy()

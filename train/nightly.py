@@ -51,10 +51,10 @@ from train import registry
 from train.backbone import bundle_backbone_id
 from train.checkpoint import TrainingInterrupted
 from train.embedding_store import load_embeddings, store_embedding
-from train.evaluation import aurocs_by_label, expected_calibration_error, worst_group_disparity, auroc
+from train.evaluation import auroc, aurocs_by_label, expected_calibration_error, worst_group_disparity
 from train.heads_training import HeadData, HeadsTrainingConfig, train_heads
 from train.progress import MetricsSink, monitor
-from train.triage_table import TriageTable, load_triage_table
+from train.triage_table import load_triage_table
 
 log = logging.getLogger(__name__)
 
@@ -483,8 +483,7 @@ def _run(engine: Engine, config: NightlyConfig, outcome: NightlyOutcome, since: 
         registry.promote(engine, version, actor="nightly",
                          reason=f"nightly run {outcome.run_id}: every gate passed")
         outcome.decision = "promoted"
-        outcome.reason = (f"mean AUROC {candidate_metrics['mean_auroc']:.3f} vs "
-                          f"{current_metrics['mean_auroc'] if current_metrics['mean_auroc'] is None else round(current_metrics['mean_auroc'], 3)}; all gates passed")
+        outcome.reason = "all gates passed: " + gates["mean_auroc"]["reason"]
         _rebuild_index(engine, config, bundle_backbone_id(base))
     else:
         registry.set_status(engine, version, registry.REJECTED)

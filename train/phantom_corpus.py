@@ -6,11 +6,16 @@ saved (float16, compressed) with the token layout and a synthetic report; the DI
 cache is keyed by (lesion, seed), so a corpus grows without redoing what is there. Studies are written in
 parallel processes (one per CPU core).
 
+The cache lives in a folder named after a digest of the code that makes its content (the phantom generator,
+the series loader, the tokenizer): when that code changes, the corpus is made again rather than silently mixing
+old and new tokens.
+
 The synthetic reports are written from what was planted (side and size), in a few phrasings, so that the text
 tower of the CLIP objective sees varied text that names the finding.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
@@ -111,8 +116,26 @@ def study_key(lesion: str, seed: int) -> str:
     return f"{lesion}-{seed}"
 
 
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """Digest of the sources whose behaviour decides a cached study's tokens."""
+    import hashlib
+
+    import models.dicom_frames
+    import models.tokenizer
+    import models.volume
+    import train.phantoms
+
+    digest = hashlib.sha256(str(CACHE_FORMAT).encode())
+    sources = [Path(m.__file__) for m in (models.dicom_frames, models.tokenizer, models.volume)]
+    sources += sorted(Path(train.phantoms.__file__).parent.glob("*.py"))
+    for source in sources:
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def _cache_path(cache_dir: Path, lesion: str, seed: int) -> Path:
-    return cache_dir / "studies" / f"{study_key(lesion, seed)}.npz"
+    return cache_dir / f"studies-{code_fingerprint()}" / f"{study_key(lesion, seed)}.npz"
 
 
 def _write_and_tokenise(cache_dir: Path, lesion: str, seed: int) -> str:
@@ -198,6 +221,10 @@ def build_phantom_corpus(
 ) -> list[CachedStudy]:
     """The cached studies of ``plan``, writing and tokenising those not cached yet (in parallel)."""
     cache_dir = Path(cache_dir)
+    current = _cache_path(cache_dir, "normal", 0).parent.name
+    for stale in cache_dir.glob("studies*"):
+        if stale.is_dir() and stale.name != current:  # made by older code: never read again
+            shutil.rmtree(stale, ignore_errors=True)
     missing = [(lesion, seed) for lesion, seed in plan if not _cache_path(cache_dir, lesion, seed).exists()]
     if missing:
         workers = max(1, min(workers or os.cpu_count() or 1, len(missing)))

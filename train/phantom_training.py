@@ -39,7 +39,8 @@ from train.backbone import backbone_id
 from train.clip_training import ClipTrainingConfig, TrainingStudy, study_embeddings, train_clip
 from train.evaluation import auroc, expected_calibration_error
 from train.heads_training import HeadData, HeadsTrainingConfig, train_heads
-from train.phantom_corpus import CachedStudy, build_phantom_corpus, phantom_plan
+from train.checkpoint import load_checkpoint
+from train.phantom_corpus import CachedStudy, build_phantom_corpus, code_fingerprint, phantom_plan
 from train.progress import MetricsSink, discard_metrics
 from train.triage_table import TriageTable, load_triage_table
 from train.vqvae_training import (
@@ -67,7 +68,11 @@ class PhantomTrainingPlan:
     heads: HeadsTrainingConfig = HeadsTrainingConfig(steps=150, checkpoint_every=50)
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return _digest(asdict(self))
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -157,11 +162,12 @@ def train_on_phantoms(
     table: TriageTable | None = None,
 ) -> PhantomTrainingResult:
     """Train the tiny model on phantoms under ``work_dir`` (corpus cache in ``phantoms/``, checkpoints in
-    ``checkpoints/<plan fingerprint>/``); resumes from those checkpoints. ``should_stop(stage, step)``
-    interrupts a stage (see :class:`train.checkpoint.TrainingInterrupted`)."""
+    ``checkpoints/``); resumes from those checkpoints. Each stage's checkpoint is named by a digest of everything
+    its result depends on, so changing, say, the heads' settings reuses the finished VQ-VAE and CLIP stages.
+    ``should_stop(stage, step)`` interrupts a stage (see :class:`train.checkpoint.TrainingInterrupted`)."""
     work_dir = Path(work_dir)
     table = table or load_triage_table()
-    checkpoints = work_dir / "checkpoints" / plan.fingerprint()
+    checkpoints = work_dir / "checkpoints"
     seconds: dict[str, float] = {}
     stop = (lambda stage: (lambda step: should_stop(stage, step))) if should_stop else (lambda stage: None)
 
@@ -171,6 +177,10 @@ def train_on_phantoms(
                                   phantom_plan(lesions, plan.per_lesion, plan.first_phantom_seed), console)
     seconds["phantoms"] = time.perf_counter() - started
     train_rows, validation_rows, held_out_rows = split_rows(plan, len(lesions))
+    vqvae_key = _digest(code_fingerprint(), plan.seed, plan.first_phantom_seed, plan.per_lesion,
+                        plan.held_out_per_lesion, plan.vqvae_patches_per_series, asdict(plan.vqvae))
+    clip_key = _digest(vqvae_key, plan.validation_per_lesion, asdict(plan.clip))
+    heads_key = _digest(clip_key, asdict(plan.heads), table.to_manifest())
 
     started = time.perf_counter()
     with torch.random.fork_rng():
@@ -181,25 +191,38 @@ def train_on_phantoms(
         [(s.patches, s.thin_axis) for i in train_rows for s in corpus[i].series],
         plan.vqvae_patches_per_series, plan.seed,
     )
-    train_vqvae(vqvae, patches, plan.vqvae, checkpoints / "vqvae.pt", console, sink, stop("vqvae"))
+    train_vqvae(vqvae, patches, plan.vqvae, checkpoints / f"vqvae-{vqvae_key}.pt", console, sink, stop("vqvae"))
     seconds["vqvae"] = time.perf_counter() - started
 
+    # Tokens of every study through the trained VQ-VAE: needed for CLIP and the embeddings, skipped when both
+    # are already on disk.
+    clip_checkpoint = checkpoints / f"clip-{clip_key}.pt"
+    embeddings_file = checkpoints / f"embeddings-{clip_key}.pt"
+    finished = load_checkpoint(clip_checkpoint)
+    reuse = embeddings_file.exists() and finished is not None and finished.step >= plan.clip.steps
     started = time.perf_counter()
-    studies = [training_study(c, vqvae) for c in corpus]
+    if reuse:
+        studies = [TrainingStudy(c.key, [], c.report, c.key, frozenset(c.labels)) for c in corpus]
+    else:
+        studies = [training_study(c, vqvae) for c in corpus]
     seconds["tokens"] = time.perf_counter() - started
 
     started = time.perf_counter()
     train_clip(prima.visual, [studies[i] for i in train_rows + validation_rows], STUDY_DESCRIPTION, plan.clip,
-               checkpoints / "clip.pt", console, sink, stop("clip"))
+               clip_checkpoint, console, sink, stop("clip"))
     seconds["clip"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    embeddings = study_embeddings(prima.visual, studies, STUDY_DESCRIPTION)
+    if reuse:
+        embeddings = torch.load(embeddings_file, weights_only=True)
+    else:
+        embeddings = study_embeddings(prima.visual, studies, STUDY_DESCRIPTION)
+        torch.save(embeddings, embeddings_file)
     diagnosis = np.stack([c.label_vector(prima.diagnosis_names) for c in corpus])
     priority, referral = table.targets(diagnosis, prima.diagnosis_names)
     data = HeadData(embeddings, diagnosis, priority, referral)
     report = train_heads(prima, data.subset(np.array(train_rows)), data.subset(np.array(validation_rows)),
-                         plan.heads, checkpoints / "heads.pt", console, sink, stop("heads"))
+                         plan.heads, checkpoints / f"heads-{heads_key}.pt", console, sink, stop("heads"))
     seconds["heads"] = time.perf_counter() - started
 
     metrics = evaluate_held_out(prima, embeddings[torch.as_tensor(held_out_rows)], diagnosis[held_out_rows],
