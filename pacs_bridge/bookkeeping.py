@@ -67,6 +67,11 @@ class Bookkeeper:
         self._idle.set()
         self._thread = threading.Thread(target=self._run, name="bookkeeper", daemon=True)
         self.last_error: str | None = None
+        # How many items were added and how many are in the database: an item added as the n-th is recorded
+        # once written >= n (the study assembler waits for a closed association's last images this way).
+        self.added = 0
+        self.written = 0
+        self._count_lock = threading.Lock()
 
     def start(self) -> None:
         self._thread.start()
@@ -77,7 +82,9 @@ class Bookkeeper:
 
     def add(self, item: ReceivedInstance | EventRecord) -> None:
         self._idle.clear()
-        self._queue.put(item)
+        with self._count_lock:
+            self.added += 1
+            self._queue.put(item)
 
     def event(self, kind: str, reason: str, **kwargs: Any) -> None:
         self.add(EventRecord(kind=kind, reason=reason, **kwargs))
@@ -116,6 +123,7 @@ class Bookkeeper:
                 continue
             self.last_error = None
             backoff = self.flush_interval_s
+            self.written += len(self._pending)  # items are written in the order they were added
             self._pending.clear()
 
     def _drain(self) -> None:

@@ -11,6 +11,7 @@ import collections
 import logging
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pynetdicom import AE, evt
@@ -104,11 +105,20 @@ OVERSIZED_QUARANTINE_BYTES = 64 * 1024
 
 
 class ActiveStudies:
-    """Which studies open associations are still sending: a study is never complete while one is."""
+    """Which studies are still arriving: a study is never complete while one is.
 
-    def __init__(self) -> None:
+    A study is active while an open association is sending it, and after the association closes until the
+    bookkeeper has written everything that association's images added: otherwise a busy database could make
+    the study look quiet (its last rows not yet written), complete it early, and re-open it as a second
+    version when those rows land.
+    """
+
+    def __init__(self, written: Callable[[], int] = lambda: 1 << 62, added: Callable[[], int] = lambda: 0) -> None:
         self._lock = threading.Lock()
         self._by_association: dict[int, set[str]] = {}
+        self._closing: list[tuple[int, set[str]]] = []  # (items added when it closed, its studies)
+        self._written = written
+        self._added = added
 
     def add(self, association_id: int, study_uid: str) -> None:
         with self._lock:
@@ -116,11 +126,15 @@ class ActiveStudies:
 
     def close(self, association_id: int) -> None:
         with self._lock:
-            self._by_association.pop(association_id, None)
+            studies = self._by_association.pop(association_id, None)
+            if studies:
+                self._closing.append((self._added(), studies))
 
     def current(self) -> set[str]:
+        written = self._written()
         with self._lock:
-            return set().union(*self._by_association.values()) if self._by_association else set()
+            self._closing = [(mark, studies) for mark, studies in self._closing if mark > written]
+            return set().union(*self._by_association.values(), *(studies for _, studies in self._closing))
 
 
 class StorageSCP:
@@ -130,7 +144,7 @@ class StorageSCP:
         self.settings = settings
         self.store = store
         self.bookkeeper = bookkeeper
-        self.active = ActiveStudies()
+        self.active = ActiveStudies(written=lambda: bookkeeper.written, added=lambda: bookkeeper.added)
         # Counts for the metrics endpoint (read by the service's Prometheus collector).
         self.received = 0
         self.deferred = 0  # C-STOREs answered Out of Resources by back-pressure (nothing was kept: the sender has it)

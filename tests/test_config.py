@@ -37,3 +37,10 @@ def test_device_uid_is_stable_per_deployment(tmp_path):
     b = load_settings(environ={"TRIAGE_VAR_DIR": str(tmp_path)}).device_uid
     c = load_settings(environ={"TRIAGE_VAR_DIR": str(tmp_path / "other")}).device_uid
     assert a == b != c
+
+
+def test_environment_variables_outside_the_configuration_are_left_alone_but_typos_inside_are_refused(tmp_path):
+    settings = load_settings(environ={"TRIAGE_VAR_DIR": str(tmp_path), "TRIAGE_TEST_POSTGRES": "postgresql://x"})
+    assert settings.var_dir == tmp_path
+    with pytest.raises(KeyError, match="prot"):
+        load_settings(environ={"TRIAGE_SCP__PROT": "1"})

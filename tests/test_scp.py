@@ -207,3 +207,15 @@ def test_full_disk_or_database_backlog_defers_stores_and_loses_nothing(receiver,
     assert scp.bookkeeper.wait_idle()
     with engine.connect() as c:
         assert c.execute(select(func.count()).select_from(instances)).scalar_one() == 2
+
+
+def test_a_closed_associations_study_stays_active_until_its_last_rows_are_written():
+    from pacs_bridge.scp import ActiveStudies
+
+    added, written = [5], [3]  # the association's last image was the 5th item; only 3 are in the database
+    active = ActiveStudies(written=lambda: written[0], added=lambda: added[0])
+    active.add(1, "1.2.3")
+    active.close(1)
+    assert active.current() == {"1.2.3"}  # not quiet yet: completing now would split the study in two versions
+    written[0] = 5
+    assert active.current() == set()

@@ -168,7 +168,8 @@ def run_load(workdir: Path, study_folders: list[Path], *, database_url: str, bro
 
     done = [r for r in runs if r.status == "done"]
     tat = sorted((_utc(r.delivered_at or r.finished_at) - _utc(r.last_image_at)).total_seconds() for r in done)
-    processing = sorted((_utc(r.finished_at) - _utc(r.queued_at)).total_seconds() for r in done)
+    # A run taken into another run's batch may not have been handed to the broker yet: count from its start.
+    processing = sorted((_utc(r.finished_at) - _utc(r.queued_at or r.started_at)).total_seconds() for r in done)
     elapsed = max(_utc(r.finished_at).timestamp() for r in done) - started if done else 0.0
     runs_per_study = {row.id: 0 for row in study_rows}
     for r in runs:

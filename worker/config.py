@@ -404,6 +404,10 @@ def _environment_overrides(environ: dict[str, str]) -> dict[str, Any]:
         if not name.startswith("TRIAGE_") or name == "TRIAGE_CONFIG":
             continue
         path = name[len("TRIAGE_"):].lower().split("__")
+        if path[0] not in DEFAULTS:
+            # Not a configuration variable (e.g. a test's TRIAGE_TEST_POSTGRES); a wrong key *inside* a known
+            # section (TRIAGE_SCP__PROT) is still refused by _merge.
+            continue
         if path[-1].endswith("_file") and len(path) > 1:
             # TRIAGE_DATABASE__URL_FILE=/run/secrets/db: the value is the file's content (Docker and Kubernetes
             # secrets), so a password is neither in the configuration file nor in the process environment.

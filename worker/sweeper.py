@@ -64,8 +64,9 @@ class Sweeper:
                 select(processing_runs.c.id, processing_runs.c.pipeline, processing_runs.c.status, processing_runs.c.lane)
                 .where(or_(
                     and_(processing_runs.c.status == "queued", processing_runs.c.queued_at < queued_before),
+                    # (queued_at is empty for a run a worker took into another run's batch before it was sent)
                     and_(processing_runs.c.status == "running", processing_runs.c.started_at < running_before,
-                         processing_runs.c.queued_at < running_before),
+                         or_(processing_runs.c.queued_at.is_(None), processing_runs.c.queued_at < running_before)),
                 ))
                 .order_by(processing_runs.c.id)
             ).all()
