@@ -33,11 +33,13 @@ def make_celery(settings: Settings | None = None) -> Celery:
     if settings.broker_url.startswith("filesystem"):
         # The embedded broker: one local folder, no server (verified with Celery 5.7 in performance.md).
         folder = settings.var_dir / "broker"
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         transport_options.update(
             data_folder_in=str(folder / "queue"), data_folder_out=str(folder / "queue"),
             data_folder_processed=str(folder / "processed"), polling_interval=0.2,
+            # kombu otherwise puts its control exchange in ./control of whatever the working directory is.
+            control_folder=str(folder / "control"),
         )
     app.conf.update(
         broker_transport_options=transport_options,
