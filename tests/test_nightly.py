@@ -21,7 +21,7 @@ from train import registry
 from train.backbone import bundle_backbone_id
 from train.embedding_store import store_embedding
 from train.nightly import NightlyConfig, run_nightly
-from train.nightly_commands import NIGHTLY_TASK, TRAINING_QUEUE, beat_schedule, training_app
+from train.nightly_commands import NIGHTLY_TASK, TRAINING_QUEUE, beat_schedule, rebuild_vector_index, training_app
 from worker.config import load_settings
 from worker.database import upgrade
 from worker.pipeline import RunProcessor
@@ -116,9 +116,11 @@ def test_nightly_promotes_a_better_candidate_and_the_running_worker_serves_it_ne
 
     backbone = bundle_backbone_id(load_bundle(settings["model"]["bundle"]))
     _label_studies(engine, backbone, 0, 96, seed=1)
-    outcome = run_nightly(engine, NightlyConfig.from_settings(settings))
+    outcome = run_nightly(engine, NightlyConfig.from_settings(settings),
+                          after_run=lambda result: rebuild_vector_index(settings, result))
 
     assert outcome.status == "done" and outcome.decision == "promoted", outcome.reason
+    assert (settings.var_dir / "index" / "slices.faiss").exists()  # the vector index was rebuilt
     assert outcome.base_version == "baseline-random-tiny"
     assert all(gate["passed"] for gate in outcome.gates.values())
     candidate = outcome.metrics["candidate"]
@@ -129,7 +131,6 @@ def test_nightly_promotes_a_better_candidate_and_the_running_worker_serves_it_ne
         logged = c.execute(select(func.count()).select_from(training_metrics)
                            .where(training_metrics.c.run_id == outcome.run_id)).scalar_one()
     assert run.status == "done" and run.candidate_version == outcome.candidate_version and logged > 5
-    assert (settings.var_dir / "index" / f"studies-{backbone}.faiss").exists()
 
     # The same worker process, not restarted: the next study is served by the promoted version ...
     assert worker.process(run_ids[1]).status == "done"

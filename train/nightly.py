@@ -15,7 +15,10 @@ One run (``triage train nightly``, or the Celery beat entry ``triage.train_night
    "high", expected calibration error, and the largest TPR/FPR gap between a group of a sensitive attribute
    (``study_attributes``) and the population;
 6. write the candidate bundle, register it with its metrics and gates, and promote it only if every gate
-   passes; workers pick it up at their next study. The study-embedding index is rebuilt for the serving model.
+   passes; workers pick it up at their next study.
+7. ``after_run`` (given by the scheduler: ``train.nightly_commands``) rebuilds the vector index of prior studies
+   (the slice-evidence index, :mod:`worker.slice_evidence`) from its table, compacting what a day of additions and
+   deletions left behind.
 
 Gates (``training.gates`` in the configuration) compare the candidate with the serving model on the same
 held-out studies: mean AUROC may not drop, no diagnosis's AUROC may drop by more than ``max_label_auroc_drop``,
@@ -353,9 +356,22 @@ def run_nightly(
     now: datetime | None = None,
     should_stop: Callable[[int], bool] | None = None,
     candidate_hook: Callable[[Any], None] | None = None,
+    after_run: Callable[[NightlyOutcome], None] | None = None,
 ) -> NightlyOutcome:
     """One nightly run (see the module docstring). ``candidate_hook(prima)`` may alter the trained candidate
-    before it is evaluated (tests plant a worse one with it)."""
+    before it is evaluated (tests plant a worse one with it); ``after_run(outcome)`` runs last, whatever the
+    outcome (its failure is logged, never the run's)."""
+    outcome = _run_recorded(engine, config, console, now, should_stop, candidate_hook)
+    if after_run is not None:
+        try:
+            after_run(outcome)
+        except Exception:  # maintenance after the run must not turn a good run into a failed one
+            log.exception("after nightly run %d", outcome.run_id)
+    return outcome
+
+
+def _run_recorded(engine: Engine, config: NightlyConfig, console: Console | None, now: datetime | None,
+                  should_stop, candidate_hook) -> NightlyOutcome:
     until = now or utcnow()
     with engine.begin() as connection:
         since = _last_window_end(connection)
@@ -484,7 +500,6 @@ def _run(engine: Engine, config: NightlyConfig, outcome: NightlyOutcome, since: 
                          reason=f"nightly run {outcome.run_id}: every gate passed")
         outcome.decision = "promoted"
         outcome.reason = "all gates passed: " + gates["mean_auroc"]["reason"]
-        _rebuild_index(engine, config, bundle_backbone_id(base))
     else:
         registry.set_status(engine, version, registry.REJECTED)
         outcome.decision = "rejected"
@@ -492,12 +507,3 @@ def _run(engine: Engine, config: NightlyConfig, outcome: NightlyOutcome, since: 
     outcome.status = "done"
     shutil.rmtree(checkpoint.parent, ignore_errors=True)
     return _finish(engine, outcome, **counts)
-
-
-def _rebuild_index(engine: Engine, config: NightlyConfig, backbone: str) -> None:
-    from train.study_index import rebuild_study_index
-
-    try:
-        rebuild_study_index(engine, backbone, config.work_dir.parent / "index")
-    except Exception:  # the index is evidence for readers, not part of the promotion decision
-        log.exception("rebuilding the study-embedding index failed")

@@ -33,6 +33,24 @@ def beat_schedule(settings) -> dict[str, Any]:
     }
 
 
+def rebuild_vector_index(settings, outcome=None) -> None:
+    """Rebuild the slice-evidence index of prior studies from its table (when slice evidence is on)."""
+    import logging
+
+    if not settings["slice_evidence"]["enabled"]:
+        return
+    from pacs_bridge.schema import make_engine
+    from worker.slice_evidence import SliceIndexBook
+
+    engine = make_engine(settings.database_url)
+    try:
+        book = SliceIndexBook(settings, engine)
+        count = book.rebuild()
+        logging.getLogger(__name__).info("vector index %s rebuilt: %d studies", book.path, count)
+    finally:
+        engine.dispose()
+
+
 def training_app(settings):
     """The Celery app with the nightly task registered and its beat schedule set (``triage train worker|beat``)."""
     from worker.celery_app import make_celery
@@ -44,7 +62,8 @@ def training_app(settings):
         from pacs_bridge.schema import make_engine
         from train.nightly import NightlyConfig, run_nightly
 
-        outcome = run_nightly(make_engine(settings.database_url), NightlyConfig.from_settings(settings))
+        outcome = run_nightly(make_engine(settings.database_url), NightlyConfig.from_settings(settings),
+                              after_run=lambda result: rebuild_vector_index(settings, result))
         return f"{outcome.status}:{outcome.decision}"
 
     app.conf.beat_schedule = beat_schedule(settings)
@@ -63,7 +82,8 @@ def _nightly_command(args: argparse.Namespace) -> int:
     config = NightlyConfig.from_settings(settings)
     if args.seed is not None:
         config = replace(config, seed=args.seed, heads=replace(config.heads, seed=args.seed))
-    outcome = run_nightly(make_engine(args.url or settings.database_url), config, Console(stderr=True))
+    outcome = run_nightly(make_engine(args.url or settings.database_url), config, Console(stderr=True),
+                          after_run=lambda result: rebuild_vector_index(settings, result))
     print(json.dumps({"run_id": outcome.run_id, "status": outcome.status, "decision": outcome.decision,
                       "base_version": outcome.base_version, "candidate_version": outcome.candidate_version,
                       "reason": outcome.reason,
