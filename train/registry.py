@@ -222,12 +222,14 @@ def _list(args: argparse.Namespace) -> int:
                            "created_at": v.created_at.isoformat(),
                            "serving": serving is not None and v.id == serving.id} for v in versions]))
         return 0
-    table = Table("", "version", "status", "created", "mean AUROC", "gates", "parent")
+    table = Table("", "status", "created", "mean AUROC", "gates")
+    table.add_column("version", overflow="fold")
+    table.add_column("parent", overflow="fold")
     for v in versions:
         failed = [n for n, g in (v.gates or {}).items() if not g.get("passed", True)]
         gates = "" if not v.gates else ("passed" if not failed else "failed: " + ", ".join(failed))
-        table.add_row("*" if serving is not None and v.id == serving.id else "", v.version, v.status,
-                      v.created_at.strftime("%Y-%m-%d %H:%M"), _summary(v), gates, v.parent_version or "")
+        table.add_row("*" if serving is not None and v.id == serving.id else "", v.status,
+                      v.created_at.strftime("%Y-%m-%d %H:%M"), _summary(v), gates, v.version, v.parent_version or "")
     Console().print(table)
     if serving is None:
         print("no version promoted: workers use the configured model.bundle")
