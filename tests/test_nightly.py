@@ -20,7 +20,7 @@ from pacs_bridge.storage import InstanceStore
 from train import registry
 from train.backbone import bundle_backbone_id
 from train.embedding_store import store_embedding
-from train.nightly import NightlyConfig, run_nightly
+from train.nightly import GateConfig, NightlyConfig, gate_candidate, run_nightly
 from train.nightly_commands import NIGHTLY_TASK, TRAINING_QUEUE, beat_schedule, rebuild_vector_index, training_app
 from worker.config import load_settings
 from worker.database import upgrade
@@ -123,6 +123,7 @@ def test_nightly_promotes_a_better_candidate_and_the_running_worker_serves_it_ne
     assert (settings.var_dir / "index" / "slices.faiss").exists()  # the vector index was rebuilt
     assert outcome.base_version == "baseline-random-tiny"
     assert all(gate["passed"] for gate in outcome.gates.values())
+    assert {"mean_auroc", "label_auroc", "calibration", "fairness", "flagged_disparities"} <= set(outcome.gates)
     candidate = outcome.metrics["candidate"]
     assert candidate["mean_auroc"] > 0.9 > outcome.metrics["serving"]["mean_auroc"]
     assert registry.serving_version(engine).version == outcome.candidate_version
@@ -214,3 +215,13 @@ def test_beat_sends_the_nightly_job_to_the_training_queue_on_its_schedule(tmp_pa
     assert entry["schedule"].hour == {2} and entry["schedule"].minute == {15}
     app = training_app(settings)
     assert NIGHTLY_TASK in app.tasks
+
+
+def test_a_candidate_less_fair_than_the_serving_model_fails_the_fairness_gates():
+    serving = {"n": 40, "mean_auroc": 0.90, "auroc_by_label": {"x": 0.90}, "priority_auroc": 0.9,
+               "calibration_error": 0.05, "worst_disparity": 0.05, "flagged_disparities": 0}
+    candidate = {**serving, "mean_auroc": 0.93, "auroc_by_label": {"x": 0.93}, "worst_disparity": 0.25,
+                 "flagged_disparities": 1}
+    gates = gate_candidate(candidate, serving, GateConfig())
+    assert gates["mean_auroc"]["passed"]  # better on average ...
+    assert not gates["fairness"]["passed"] and not gates["flagged_disparities"]["passed"]  # ... but less fair

@@ -23,7 +23,8 @@ One run (``triage train nightly``, or the Celery beat entry ``triage.train_night
 Gates (``training.gates`` in the configuration) compare the candidate with the serving model on the same
 held-out studies: mean AUROC may not drop, no diagnosis's AUROC may drop by more than ``max_label_auroc_drop``,
 nor priority's; calibration error may not rise by more than ``max_calibration_increase``; the worst group
-disparity may not rise by more than ``max_disparity_increase``; and there must be ``min_held_out`` held-out
+disparity may not rise by more than ``max_disparity_increase``, nor the number of TPR/FPR disparities the
+fairness analysis (``train.fairness``) flags; and there must be ``min_held_out`` held-out
 studies to judge by.
 """
 from __future__ import annotations
@@ -253,6 +254,7 @@ def evaluate_model(prima, embeddings: torch.Tensor, diagnosis: np.ndarray, prior
     high = prima.priority_classes.index("high")
     p_high = torch.softmax(output.priority_logits, dim=1)[:, high].numpy()
     disparity = worst_group_disparity(margins > 0, diagnosis, groups, gates.min_group_units)
+    flagged = flagged_disparities(margins > 0, diagnosis, groups, prima.diagnosis_names, gates.min_group_units)
     return {
         "auroc_by_label": by_label,
         "mean_auroc": float(np.mean(list(by_label.values()))) if by_label else None,
@@ -260,8 +262,30 @@ def evaluate_model(prima, embeddings: torch.Tensor, diagnosis: np.ndarray, prior
         "calibration_error": expected_calibration_error(probabilities[known], diagnosis[:, columns][known]),
         "worst_disparity": max(float(disparity["tpr"]), float(disparity["fpr"])),
         "disparity": disparity,
+        "flagged_disparities": flagged,
         "n": int(len(embeddings)),
     }
+
+
+def flagged_disparities(called: np.ndarray, truth: np.ndarray, groups: Mapping[str, np.ndarray],
+                        names: tuple[str, ...], min_units: int) -> int:
+    """How many TPR/FPR disparities the fairness analysis (:mod:`train.fairness.analysis`: diagnosis-matched
+    bootstrap, exact test, corrected p-values) flags for these calls on these studies."""
+    from train.fairness.analysis import FairnessConfig, rate_disparities
+    from train.fairness.cohort import MEASURES, Cohort
+
+    n = len(called)
+    cohort = Cohort(
+        study_uids=np.array([f"held-out-{i}" for i in range(n)], dtype=object),
+        attributes={a: np.asarray(groups.get(a, np.full(n, UNKNOWN, dtype=object)), dtype=object)
+                    for a in ATTRIBUTES},
+        durations={m: np.full(n, np.nan) for m in MEASURES}, exam_at=np.full(n, np.nan),
+        reported=np.ones(n, dtype=bool), diagnoses=tuple(names),
+        truth=np.where(np.isnan(truth), -1, truth).astype(np.int8), predicted=np.asarray(called, dtype=bool),
+        as_of=0.0, source="nightly held-out",
+    )
+    config = FairnessConfig(min_group_units=min_units, attributes=ATTRIBUTES, intersections=())
+    return sum(row.flagged for row in rate_disparities(cohort, config))
 
 
 def gate_candidate(candidate: Mapping[str, Any], current: Mapping[str, Any], gates: GateConfig) -> dict[str, Any]:
@@ -299,6 +323,10 @@ def gate_candidate(candidate: Mapping[str, Any], current: Mapping[str, Any], gat
     limit = cur_d + gates.max_disparity_increase
     verdict("fairness", cand_d <= limit + 1e-9, round(cand_d, 4), round(limit, 4),
             f"largest group TPR/FPR gap {cand_d:.3f} vs serving {cur_d:.3f}")
+    cand_f, cur_f = candidate.get("flagged_disparities"), current.get("flagged_disparities")
+    if cand_f is not None and cur_f is not None:
+        verdict("flagged_disparities", cand_f <= cur_f, cand_f, cur_f,
+                f"{cand_f} TPR/FPR disparities flagged by the fairness analysis vs {cur_f} for the serving model")
     return verdicts
 
 
@@ -466,7 +494,7 @@ def _run(engine: Engine, config: NightlyConfig, outcome: NightlyOutcome, since: 
                                            held_out.priority, groups, config.gates)
     else:
         empty = {"auroc_by_label": {}, "mean_auroc": None, "priority_auroc": None, "calibration_error": None,
-                 "worst_disparity": 0.0, "disparity": {}, "n": 0}
+                 "worst_disparity": 0.0, "disparity": {}, "flagged_disparities": 0, "n": 0}
         current_metrics, candidate_metrics = empty, dict(empty)
     gates = gate_candidate(candidate_metrics, current_metrics, config.gates)
     passed = all(g["passed"] for g in gates.values())
