@@ -120,7 +120,7 @@ class RunProcessor:
         self.host = socket.gethostname()
 
     # -- model ---------------------------------------------------------------------------------------------
-    def predictor(self):
+    def predictor(self, refresh: bool = True):
         """The study predictor of the model that should serve now.
 
         Before each batch the model registry is asked which version serves (``train.registry.serving_version``,
@@ -132,9 +132,7 @@ class RunProcessor:
         cannot be loaded is logged and the loaded model keeps serving. The predictor also stores each study's
         embedding for nightly retraining (``train.embedding_store``).
         """
-        import sys
-
-        if self._predictor is not None and sys._getframe(1).f_code.co_name in ("_predict", "_finish"):
+        if self._predictor is not None and not refresh:
             return self._predictor
         from sqlalchemy.exc import SQLAlchemyError
 
@@ -236,7 +234,7 @@ class RunProcessor:
         while remaining:
             t0 = time.perf_counter()
             try:
-                results = self.predictor().predict_batch([prepared[i].volumes for i in remaining])
+                results = self.predictor(refresh=False).predict_batch([prepared[i].volumes for i in remaining])
             except NoUsableSeries as exc:
                 failed = remaining.pop(exc.study_index)
                 outcomes[prepared[failed].claim.run_id] = self._fail(prepared[failed].claim,
@@ -384,7 +382,7 @@ class RunProcessor:
         run_id, study_id, study_uid, version = (item.claim.run_id, item.claim.study_id, item.claim.study_uid,
                                                 item.claim.version)
         volumes, image_paths, timings = item.volumes, item.image_paths, item.timings
-        predictor = self.predictor()
+        predictor = self.predictor(refresh=False)
         model_name, model_version = self._bundle.manifest["family"], self._bundle.version
         t0 = time.perf_counter()
         regions = self._explain(predictor, volumes, prediction)
