@@ -57,7 +57,7 @@ class PlantedLesionProcessor(RunProcessor):
 
     planted: PlantedLesionModel
 
-    def predictor(self):
+    def predictor(self, refresh: bool = True):
         self._bundle = SimpleNamespace(manifest={"family": "prima"}, version="planted-lesion")
         return self.planted
 
