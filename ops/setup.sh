@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debs=(dcmtk orthanc orthanc-dicomweb dicom3tools chromium prometheus systemd)
+debs=(dcmtk orthanc orthanc-dicomweb dicom3tools chromium prometheus systemd pixelmed-apps libpixelmed-java default-jre-headless)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
