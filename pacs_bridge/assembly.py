@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import inspect
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import and_, insert, select, update
@@ -30,9 +29,10 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from pacs_bridge.forwarding import create_forwards
+from pacs_bridge.periodic import PeriodicLoop
 from pacs_bridge.routing import DEFAULT_RULES, RoutingDecision, expected_series_present, route
 from pacs_bridge.rules import RuleSet
-from pacs_bridge.schema import deliveries, events, processing_runs, studies, utcnow
+from pacs_bridge.schema import as_utc, deliveries, events, processing_runs, studies, utcnow
 from pacs_bridge.study_facts import HeaderCache, study_facts_from_database
 
 log = logging.getLogger(__name__)
@@ -52,11 +52,6 @@ class CompletionPolicy:
     max_wait_s: float = 900.0
     #: With all expected series present, how long nothing must have arrived (so the last series is not cut).
     expected_series_settle_s: float = 2.0
-
-
-def _aware(value: datetime) -> datetime:
-    # SQLite returns naive datetimes for timezone-aware columns; everything we store is UTC.
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 def _takes_lane(dispatch: Dispatch) -> bool:
@@ -93,22 +88,13 @@ class StudyAssembler:
         #: The store's incoming/ folder: a forward names the study's folder beside its list of files.
         self.store_root = store_root
         self.headers = HeaderCache(rules.tag_names())
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="assembler", daemon=True)
+        self._loop = PeriodicLoop("completion check", poll_interval_s, self.check_once)
 
     def start(self) -> None:
-        self._thread.start()
+        self._loop.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.poll_interval_s):
-            try:
-                self.check_once()
-            except Exception:  # a database outage must not kill the loop; it retries next poll
-                log.warning("completion check failed; retrying", exc_info=True)
+        self._loop.stop(timeout)
 
     def check_once(self, now: datetime | None = None) -> list[int]:
         """Complete what is due and (re)dispatch runs and forwards not yet handed to the broker; returns the run
@@ -139,8 +125,8 @@ class StudyAssembler:
         decision = route(facts, self.rules)
         quiet_period = self.policy.quiet_period_s if decision.quiet_period_s is None else decision.quiet_period_s
         max_wait = self.policy.max_wait_s if decision.max_wait_s is None else decision.max_wait_s
-        quiet_for = (now - _aware(row.last_received_at)).total_seconds()
-        waited = (now - _aware(row.first_received_at)).total_seconds()
+        quiet_for = (now - as_utc(row.last_received_at)).total_seconds()
+        waited = (now - as_utc(row.first_received_at)).total_seconds()
         if waited >= max_wait:
             return f"maximum wait of {max_wait:g}s reached (rule {decision.rule!r})"
         if sending:

@@ -35,6 +35,14 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def as_utc(value: datetime | None) -> datetime | None:
+    """A timestamp read back from the database, made timezone-aware: SQLite returns naive datetimes for
+    timezone-aware columns, and everything stored here is UTC."""
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
 studies = Table(
     "studies",
     metadata,

@@ -50,7 +50,7 @@ from sqlalchemy.engine import Connection, Engine
 from models.bundle import LoadedBundle, load_bundle, save_bundle
 from pacs_bridge.registry_schema import training_metrics, training_runs
 from pacs_bridge.report_schema import ATTRIBUTES, UNKNOWN, ground_truth_labels, reports, study_attributes
-from pacs_bridge.schema import instances, series, studies, utcnow
+from pacs_bridge.schema import as_utc, instances, series, studies, utcnow
 from train import registry
 from train.backbone import bundle_backbone_id
 from train.checkpoint import TrainingInterrupted
@@ -141,10 +141,6 @@ class StudyTruth:
     labelled_at: datetime
 
 
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
 def collect_ground_truth(connection: Connection) -> dict[str, StudyTruth]:
     """Per study: the labels of its latest final (or corrected) report. Where a label has several sources, a
     person's (``manual:*``) wins over a program's, then the newest."""
@@ -156,7 +152,7 @@ def collect_ground_truth(connection: Connection) -> dict[str, StudyTruth]:
     ).all()
     latest_report: dict[str, tuple[datetime, int]] = {}
     for r in rows:
-        key = (_aware(r.reported_at), r.id)
+        key = (as_utc(r.reported_at), r.id)
         if r.study_instance_uid not in latest_report or key > latest_report[r.study_instance_uid]:
             latest_report[r.study_instance_uid] = key
     chosen: dict[str, dict[str, tuple[tuple, int]]] = defaultdict(dict)
@@ -164,11 +160,11 @@ def collect_ground_truth(connection: Connection) -> dict[str, StudyTruth]:
     for r in rows:
         if latest_report[r.study_instance_uid][1] != r.id:
             continue
-        rank = (r.source.startswith("manual"), _aware(r.created_at))
+        rank = (r.source.startswith("manual"), as_utc(r.created_at))
         current = chosen[r.study_instance_uid].get(r.label)
         if current is None or rank > current[0]:
             chosen[r.study_instance_uid][r.label] = (rank, int(r.value))
-        stamp = _aware(r.created_at)
+        stamp = as_utc(r.created_at)
         labelled_at[r.study_instance_uid] = max(labelled_at.get(r.study_instance_uid, stamp), stamp)
     return {uid: StudyTruth({k: v for k, (_, v) in labels.items()}, labelled_at[uid])
             for uid, labels in chosen.items()}
@@ -348,7 +344,7 @@ def _last_window_end(connection: Connection) -> datetime | None:
         select(training_runs.c.until).where(training_runs.c.kind == "nightly", training_runs.c.status == "done")
         .order_by(training_runs.c.id.desc())
     ).first()
-    return None if row is None or row.until is None else _aware(row.until)
+    return None if row is None or row.until is None else as_utc(row.until)
 
 
 def _finish(engine: Engine, outcome: NightlyOutcome, **values: Any) -> NightlyOutcome:

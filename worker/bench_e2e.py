@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pydicom
@@ -32,7 +31,7 @@ from pydicom.uid import generate_uid
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy import create_engine, func, select
 
-from pacs_bridge.schema import processing_runs, studies
+from pacs_bridge.schema import as_utc, processing_runs, studies
 
 REPO = Path(__file__).resolve().parents[1]
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -72,7 +71,7 @@ def _worker_command(name: str, isolate_hosts: bool) -> list[str]:
     command = [sys.executable, "-m", "worker.cli", "worker", "--hostname", f"{name}@{name}", "--loglevel", "WARNING"]
     if isolate_hosts:
         # A UTS namespace of its own: socket.gethostname() in that worker is `name`, as on a separate machine.
-        return ["unshare", "--uts", "sh", "-c", f'hostname "$0" && exec "$@"', name, *command]
+        return ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', name, *command]
     return command
 
 
@@ -167,10 +166,10 @@ def run_load(workdir: Path, study_folders: list[Path], *, database_url: str, bro
         engine.dispose()
 
     done = [r for r in runs if r.status == "done"]
-    tat = sorted((_utc(r.delivered_at or r.finished_at) - _utc(r.last_image_at)).total_seconds() for r in done)
+    tat = sorted((as_utc(r.delivered_at or r.finished_at) - as_utc(r.last_image_at)).total_seconds() for r in done)
     # A run taken into another run's batch may not have been handed to the broker yet: count from its start.
-    processing = sorted((_utc(r.finished_at) - _utc(r.queued_at or r.started_at)).total_seconds() for r in done)
-    elapsed = max(_utc(r.finished_at).timestamp() for r in done) - started if done else 0.0
+    processing = sorted((as_utc(r.finished_at) - as_utc(r.queued_at or r.started_at)).total_seconds() for r in done)
+    elapsed = max(as_utc(r.finished_at).timestamp() for r in done) - started if done else 0.0
     runs_per_study = {row.id: 0 for row in study_rows}
     for r in runs:
         runs_per_study[r.study_id] = runs_per_study.get(r.study_id, 0) + 1
@@ -203,11 +202,6 @@ def run_load(workdir: Path, study_folders: list[Path], *, database_url: str, bro
         "processing_p50_s": round(percentile(processing, 50), 3),
         "processing_p95_s": round(percentile(processing, 95), 3),
     }
-
-
-def _utc(value: datetime) -> datetime:
-    # SQLite hands back naive datetimes; everything stored is UTC.
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 def main(argv: list[str]) -> int:

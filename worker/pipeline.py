@@ -26,20 +26,13 @@ from sqlalchemy.engine import Engine
 
 from pacs_bridge.results import Finding, ImageRegion, TriageResult
 from pacs_bridge.routing import is_derived_object
-from pacs_bridge.schema import events, instances, predictions, processing_runs, series, studies, utcnow
+from pacs_bridge.schema import as_utc, events, instances, predictions, processing_runs, series, studies, utcnow
 from worker.config import Settings
 from worker.delivery import DeliveryBook
 from worker.publishing import publish_result
 from worker.metrics import BATCH_SIZE, RUNS, STAGE_SECONDS, TURNAROUND_SECONDS
 
 log = logging.getLogger(__name__)
-
-
-def _aware(value):
-    # SQLite gives naive datetimes back; everything stored is UTC.
-    from datetime import timezone
-
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 class RunFailed(Exception):
@@ -424,7 +417,7 @@ class RunProcessor:
                                         .where(processing_runs.c.id == run_id)).one()
         if stamps.last_image_at is not None and stamps.sr_created_at is not None:
             TURNAROUND_SECONDS.labels(pipeline="neuro_mri").observe(
-                (_aware(stamps.sr_created_at) - _aware(stamps.last_image_at)).total_seconds())
+                (as_utc(stamps.sr_created_at) - as_utc(stamps.last_image_at)).total_seconds())
         log.info("run %d study %s v%d: priority %s, %d findings, %.2fs", run_id, study_uid, version,
                  result.priority, len(result.findings), sum(v for k, v in timings.items() if k.endswith("_s")))
         return RunOutcome(run_id, "done", sr_path, result)

@@ -13,7 +13,6 @@ conditional update (one wins), and a delivered row is never sent again.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -21,6 +20,7 @@ from datetime import timedelta
 from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.engine import Engine
 
+from pacs_bridge.periodic import PeriodicLoop
 from pacs_bridge.schema import deliveries, events, processing_runs, utcnow
 
 log = logging.getLogger(__name__)
@@ -37,22 +37,13 @@ class Sweeper:
         self.stale_running_s = stale_running_s
         self.interval_s = interval_s
         self._delivery_sent_at: dict[int, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
+        self._loop = PeriodicLoop("sweep", interval_s, self.sweep_once)
 
     def start(self) -> None:
-        self._thread.start()
+        self._loop.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.sweep_once()
-            except Exception:  # database or broker down: try again next round
-                log.warning("sweep failed; retrying", exc_info=True)
+        self._loop.stop(timeout)
 
     def sweep_once(self) -> tuple[list[int], list[int]]:
         """Returns (run ids, delivery ids) handed to the broker again."""

@@ -31,7 +31,7 @@ from sqlalchemy import and_, func, or_, select
 from pacs_bridge.codes import DIAGNOSIS_CODES, REFERRAL_CODES, SIMILAR_STUDY
 from pacs_bridge.report_schema import reports
 from pacs_bridge.results import PRIORITIES
-from pacs_bridge.schema import deliveries, events, predictions, processing_runs, studies
+from pacs_bridge.schema import as_utc, deliveries, events, predictions, processing_runs, studies
 from worker.api.app import Principal, current_principal, engine_of, require_role
 
 router = APIRouter(prefix="/worklist", tags=["worklist"])
@@ -139,12 +139,6 @@ class PageConfigOut(BaseModel):
 
 
 # --- reading the database ----------------------------------------------------------------------------------
-
-def _aware(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
 
 def finding_name(label: str) -> str:
     """The code meaning for standard codes; for private ones the label without its category, in words."""
@@ -286,7 +280,7 @@ class WorklistReader:
         ai_status = "done" if run_status == "done" and row.get("priority") else \
             "failed" if run_status == "failed" or row["status"] == "failed" else "pending"
         priority = row.get("priority") if ai_status == "done" else None
-        since = [t for t in (_aware(row["first_received_at"]), _aware(row.get("first_run_image_at"))) if t]
+        since = [t for t in (as_utc(row["first_received_at"]), as_utc(row.get("first_run_image_at"))) if t]
         findings = row["findings"][:top] if top else row["findings"]
         return WorklistItem(
             study_instance_uid=row["study_instance_uid"], accession_number=row["accession_number"],
@@ -298,7 +292,7 @@ class WorklistReader:
                                  positive=p.threshold is None or p.probability >= p.threshold)
                       for p in findings],
             referrals=[referral_name(r) for r in row["referrals"]],
-            waiting_since=min(since), processed_at=_aware(row.get("finished_at")),
+            waiting_since=min(since), processed_at=as_utc(row.get("finished_at")),
             model=" ".join(filter(None, (row.get("model_name"), row.get("model_version")))) or None,
             similar_studies=similar_count(row.get("sr_path")) if ai_status == "done" and count_similar else 0,
             priority_changes=[PriorityChangeOut(**{k: d.get(k) for k in PriorityChangeOut.model_fields})
@@ -393,12 +387,12 @@ def study_detail(study_uid: str, request: Request, principal: Reader) -> StudyDe
                                          links=reader._links(uid, accessions.get(uid), None))
                          for uid, similarity, found in similar],
         regions=dict(regions),
-        publications=[PublicationOut(event_id=e.id, at=_aware(e.at), reason=e.reason,
+        publications=[PublicationOut(event_id=e.id, at=as_utc(e.at), reason=e.reason,
                                      **{k: (e.detail or {}).get(k) for k in
                                         ("publisher", "kind", "target", "action", "original", "new")})
                       for e in published],
         deliveries=[{"destination": d.destination, "status": d.status, "attempts": d.attempts,
-                     "delivered_at": _aware(d.delivered_at), "last_error": d.last_error} for d in sent],
+                     "delivered_at": as_utc(d.delivered_at), "last_error": d.last_error} for d in sent],
     )
 
 
