@@ -11,6 +11,7 @@ import collections
 import logging
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -100,6 +101,9 @@ class ScpSettings:
     min_free_bytes: int = 1 << 30
 
 
+#: How often the free space on the store's disk is looked up (a statfs per image would cost more than the write).
+FREE_SPACE_CHECK_S = 1.0
+
 #: How much of a refused oversized object is kept in quarantine (enough to identify it; the rest is not stored).
 OVERSIZED_QUARANTINE_BYTES = 64 * 1024
 
@@ -150,6 +154,7 @@ class StorageSCP:
         self.deferred = 0  # C-STOREs answered Out of Resources by back-pressure (nothing was kept: the sender has it)
         self.rejected_by_status: collections.Counter[int] = collections.Counter()
         self._server = None
+        self._free, self._free_checked_at = 0, float("-inf")
 
         ae = AE(ae_title=settings.ae_title)
         ae.maximum_pdu_size = settings.max_pdu
@@ -269,10 +274,18 @@ class StorageSCP:
         backlog = self.bookkeeper.backlog
         if backlog > self.settings.max_backlog:
             return f"the database is {backlog} instances behind (scp.max_backlog {self.settings.max_backlog})"
-        free = shutil.disk_usage(self.store.incoming_dir).free
+        free = self._free_bytes()
         if free < self.settings.min_free_bytes:
             return f"{free // (1 << 20)} MiB free on the store's disk (scp.min_free_bytes {self.settings.min_free_bytes})"
         return None
+
+    def _free_bytes(self) -> int:
+        """Free space on the store's disk, asked of the filesystem at most every FREE_SPACE_CHECK_S."""
+        now = time.monotonic()
+        if now - self._free_checked_at > FREE_SPACE_CHECK_S:
+            self._free = shutil.disk_usage(self.store.incoming_dir).free
+            self._free_checked_at = now
+        return self._free
 
     def _reject(self, data: bytes, reason: str, status: int, context: dict[str, str]) -> int:
         self.rejected_by_status[status] += 1

@@ -69,9 +69,10 @@ class InstanceStore:
             validate_uid(series_uid, "SeriesInstanceUID"),
             validate_uid(sop_uid, "SOPInstanceUID"),
         ]
-        path = (self.incoming_dir / parts[0] / parts[1] / f"{parts[2]}.dcm").resolve()
-        # Belt and braces: the UID grammar already excludes separators and dots-only components.
-        if self.incoming_dir not in path.parents:
+        path = self.incoming_dir / parts[0] / parts[1] / f"{parts[2]}.dcm"
+        # Belt and braces: the UID grammar already excludes separators and dots-only components. A string check
+        # (no filesystem calls: this runs once per received image) that the normalised path stays in the store.
+        if not os.path.normpath(path).startswith(f"{self.incoming_dir}{os.sep}"):
             raise InvalidUID(f"path {path} would leave the store {self.incoming_dir}")
         return path
 
