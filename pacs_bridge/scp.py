@@ -81,6 +81,8 @@ TRANSFER_SYNTAXES = [
 
 @dataclass
 class ScpSettings:
+    #: pynetdicom (this module) or dcmtk (:mod:`pacs_bridge.dcmtk_front`).
+    engine: str = "pynetdicom"
     ae_title: str = "TRIAGE"
     host: str = "127.0.0.1"
     port: int = 11112

@@ -11,6 +11,7 @@ received is dropped.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -76,17 +77,33 @@ class InstanceStore:
             raise InvalidUID(f"path {path} would leave the store {self.incoming_dir}")
         return path
 
-    def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredInstance:
-        """Write ``data`` (a complete DICOM file, preamble and meta included) for the given UIDs."""
+    def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes,
+              source: Path | None = None) -> StoredInstance:
+        """Write ``data`` (a complete DICOM file, preamble and meta included) for the given UIDs.
+
+        ``source``: a file on the store's filesystem that holds exactly ``data`` (a spool file); it is moved into
+        place instead of writing the bytes again, and removed when the store already holds an identical copy.
+        """
         path = self.path_for(study_uid, series_uid, sop_uid)
         digest = hashlib.sha256(data).hexdigest()
         replaced = False
         if path.exists():
             if path.stat().st_size == len(data) and _sha256_of(path) == digest:
+                if source is not None:
+                    source.unlink(missing_ok=True)
                 return StoredInstance(path, len(data), digest, is_new=False, replaced=False)
             replaced = True
         path.parent.mkdir(parents=True, exist_ok=True)
+        if source is not None:
+            try:
+                os.replace(source, path)  # atomic, and no second write of the bytes
+                return StoredInstance(path, len(data), digest, is_new=True, replaced=replaced)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:  # another filesystem: write the bytes instead
+                    raise
         _atomic_write(path, data)
+        if source is not None:
+            source.unlink(missing_ok=True)
         return StoredInstance(path, len(data), digest, is_new=True, replaced=replaced)
 
     def quarantine(self, data: bytes, reason: str, context: dict[str, object] | None = None) -> Path:

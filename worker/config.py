@@ -35,6 +35,11 @@ DEFAULTS: dict[str, Any] = {
         "visibility_timeout_s": 7200,
     },
     "scp": {
+        # pynetdicom: the C-STORE SCP in this process (TLS, per-image refusals with A700/A900/C000; ~150 images/s
+        # per association). dcmtk: dcmtk's storescp on the wire, one process per association, with the same AE
+        # checks and back-pressure applied when associations are requested, and objects that fail our checks
+        # quarantined after storescp answered them (~10x the images per second; no TLS). See RUNBOOK.md.
+        "engine": "pynetdicom",
         "ae_title": "TRIAGE",
         "host": "127.0.0.1",
         "port": 11112,

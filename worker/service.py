@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import REGISTRY
 
 from pacs_bridge.assembly import CompletionPolicy, StudyAssembler
 from pacs_bridge.bookkeeping import Bookkeeper
+from pacs_bridge.dcmtk_front import DcmtkFront
 from pacs_bridge.dicom_tls import TlsFiles
 from pacs_bridge.rules import RuleSet
 from pacs_bridge.schema import make_engine
@@ -33,7 +35,8 @@ class ReceiverCollector:
         received = CounterMetricFamily("triage_images_received", "Instances accepted by the SCP")
         received.add_metric([], self.service.scp.received)
         yield received
-        deferred = CounterMetricFamily("triage_images_deferred", "C-STOREs answered Out of Resources by back-pressure")
+        deferred = CounterMetricFamily("triage_images_deferred",
+                                       "C-STOREs answered Out of Resources, or associations refused, by back-pressure")
         deferred.add_metric([], self.service.scp.deferred)
         yield deferred
         rejected = CounterMetricFamily("triage_images_rejected", "Instances refused and quarantined", labels=["status"])
@@ -69,7 +72,7 @@ def queue_depths(settings: Settings):
 @dataclass
 class ReceivingService:
     settings: Settings
-    scp: StorageSCP
+    scp: StorageSCP | DcmtkFront
     bookkeeper: Bookkeeper
     assembler: StudyAssembler
     sweeper: Sweeper | None = None
@@ -116,24 +119,33 @@ def routing_rules(settings: Settings) -> RuleSet:
     return RuleSet.from_config(settings["routing"], destinations=[d.get("name") for d in settings["destinations"]])
 
 
+def make_receiver(settings: ScpSettings, store: InstanceStore, bookkeeper: Bookkeeper,
+                  spool_dir: Path) -> StorageSCP | DcmtkFront:
+    """The C-STORE receiver of the configured engine (scp.engine)."""
+    if settings.engine == "pynetdicom":
+        return StorageSCP(settings, store, bookkeeper)
+    if settings.engine == "dcmtk":
+        return DcmtkFront(settings, store, bookkeeper, spool_dir)
+    raise ValueError(f"scp.engine {settings.engine!r} is not one of pynetdicom, dcmtk")
+
+
 def build_receiving_service(settings: Settings) -> ReceivingService:
     engine = make_engine(settings.database_url)
     scp_settings = settings["scp"]
     store = InstanceStore(settings.incoming_dir, settings.quarantine_dir)
     bookkeeper = Bookkeeper(engine)
-    scp = StorageSCP(
-        ScpSettings(
-            ae_title=scp_settings["ae_title"], host=scp_settings["host"], port=int(scp_settings["port"]),
-            allowed_calling_aets=list(scp_settings["allowed_calling_aets"] or []),
-            max_pdu=int(scp_settings["max_pdu"]), max_associations=int(scp_settings["max_associations"]),
-            network_timeout_s=float(scp_settings["network_timeout_s"]),
-            ae_hosts=dict(scp_settings["ae_hosts"] or {}), tls=TlsFiles.from_config(scp_settings["tls"]),
-            max_object_bytes=int(scp_settings["max_object_bytes"] or 0),
-            max_backlog=int(scp_settings["max_backlog"]),
-            min_free_bytes=int(scp_settings["min_free_bytes"]),
-        ),
-        store, bookkeeper,
+    receiver_settings = ScpSettings(
+        engine=str(scp_settings["engine"]),
+        ae_title=scp_settings["ae_title"], host=scp_settings["host"], port=int(scp_settings["port"]),
+        allowed_calling_aets=list(scp_settings["allowed_calling_aets"] or []),
+        max_pdu=int(scp_settings["max_pdu"]), max_associations=int(scp_settings["max_associations"]),
+        network_timeout_s=float(scp_settings["network_timeout_s"]),
+        ae_hosts=dict(scp_settings["ae_hosts"] or {}), tls=TlsFiles.from_config(scp_settings["tls"]),
+        max_object_bytes=int(scp_settings["max_object_bytes"] or 0),
+        max_backlog=int(scp_settings["max_backlog"]),
+        min_free_bytes=int(scp_settings["min_free_bytes"]),
     )
+    scp = make_receiver(receiver_settings, store, bookkeeper, spool_dir=settings.var_dir / "spool")
     assembly = settings["assembly"]
     celery_app = make_celery(settings)
     dispatch_run = dispatcher(celery_app)

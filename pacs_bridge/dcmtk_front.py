@@ -1,0 +1,410 @@
+"""A C-STORE receiver with dcmtk's ``storescp`` on the wire, for sites that send more than pynetdicom can take.
+
+pynetdicom receives about 150 images/s on one association here (polling reactors, PDUs parsed in Python);
+dcmtk's storescp about 1500 on the same machine. This engine keeps the decisions in Python and gives dcmtk only
+the bytes:
+
+1. We accept each TCP connection and read its A-ASSOCIATE-RQ without consuming it (``MSG_PEEK``), decoded by
+   pynetdicom. The calling and called AE titles and the peer address are checked against the same allow-list and
+   AE-host bindings as the pynetdicom SCP, and back-pressure (intake backlog, free disk, association limit) is
+   applied here; a refused association is answered with an A-ASSOCIATE-RJ.
+2. An accepted connection becomes the stdin/stdout of ``storescp --inetd`` (one process per association, as
+   inetd would run it), which negotiates and writes each object as it came (``+B``) into a spool folder of that
+   association, under a name of its own making (``+uf``: never one taken from the sender's UIDs).
+3. The intake sees each file closed (inotify ``IN_CLOSE_WRITE``), checks it as the pynetdicom SCP checks a
+   C-STORE (:mod:`pacs_bridge.intake`), moves it into the store and queues its bookkeeping with the
+   association's AE titles and peer. What fails the checks is quarantined with its reason.
+
+Why not storescp's ``--fork`` with ``--exec-on-reception "... #a"`` (what mercure does)? dcmtk 3.6.7 pastes the
+calling AE title into a ``/bin/sh -c`` command line unquoted: a sender calling itself ``$(touch x)`` runs
+commands on the receiver (tried here). The AE titles never reach a shell in this design.
+
+What differs from the pynetdicom engine: storescp answers Success for every object it could write, so an object
+our checks refuse is quarantined after the sender was told it arrived (an event says so) instead of being
+refused on the wire; back-pressure refuses new associations (rejected-transient, local limit exceeded) instead
+of answering C-STOREs with A700; DICOM TLS is not offered (the association request must be readable before the
+connection is handed on).
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from inotify_simple import INotify, flags
+from pynetdicom.pdu import A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+
+from pacs_bridge.bookkeeping import Bookkeeper, ReceivedInstance
+from pacs_bridge.dicom_tls import PeerBindings
+from pacs_bridge.intake import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, RejectedInstance, check_received
+from pacs_bridge.scp import STORAGE_SOP_CLASSES, ActiveStudies, ScpSettings
+from pacs_bridge.storage import InstanceStore
+
+log = logging.getLogger(__name__)
+
+#: An A-ASSOCIATE-RQ larger than this is not read (real ones are a few KB: 128 presentation contexts at most).
+MAX_ASSOCIATE_RQ_BYTES = 64 * 1024
+#: The sidecar that tells a restarted intake whose files a spool folder holds.
+ASSOCIATION_FILE = "association.json"
+
+# A-ASSOCIATE-RJ result, source and reason (PS3.8 9.3.4).
+_REJECTED_PERMANENT, _REJECTED_TRANSIENT = 0x01, 0x02
+_SOURCE_USER, _SOURCE_PROVIDER_PRESENTATION = 0x01, 0x03
+_REASON_CALLING_AE_NOT_RECOGNISED, _REASON_LOCAL_LIMIT_EXCEEDED = 0x03, 0x02
+
+
+@dataclass
+class Association:
+    """One accepted association: who sent it and the spool folder its storescp writes into."""
+
+    number: int
+    calling_aet: str
+    called_aet: str
+    peer_address: str
+    folder: Path
+    process: subprocess.Popen | None = None
+    watch: int | None = None
+
+
+class DcmtkFront:
+    """The receiver engine ``dcmtk``: same interface and counts as :class:`pacs_bridge.scp.StorageSCP`."""
+
+    def __init__(self, settings: ScpSettings, store: InstanceStore, bookkeeper: Bookkeeper, spool_dir: Path,
+                 storescp: str = "storescp") -> None:
+        if settings.tls is not None:
+            raise ValueError("scp.engine dcmtk does not offer DICOM TLS (the association request must be read "
+                             "before the connection is handed to storescp): use scp.engine pynetdicom for TLS")
+        executable = shutil.which(storescp)
+        if executable is None:
+            raise ValueError(f"scp.engine dcmtk needs dcmtk's {storescp} (Debian package dcmtk; ops/setup.sh)")
+        self.settings = settings
+        self.store = store
+        self.bookkeeper = bookkeeper
+        self.spool_dir = Path(spool_dir)
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.storescp = executable
+        self.active = ActiveStudies(written=lambda: bookkeeper.written, added=lambda: bookkeeper.added)
+        self.bindings = PeerBindings(settings.ae_hosts)
+        self.allowed = set(settings.allowed_calling_aets) | set(self.bindings.ae_titles)
+        # Counts for the metrics endpoint, as the pynetdicom SCP keeps them.
+        self.received = 0
+        self.deferred = 0  # associations refused by back-pressure (the sender keeps its images and retries)
+        self.refused_associations = 0
+        self.rejected_by_status: collections.Counter[int] = collections.Counter()
+        self._associations: dict[int, Association] = {}
+        self._lock = threading.Lock()
+        self._numbers = itertools.count(1)
+        self._inotify = INotify()
+        self._by_watch: dict[int, Association] = {}
+        self._finished: collections.deque[Association] = collections.deque()
+        self._stop = threading.Event()
+        self._listener: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+        self._free, self._free_checked_at = 0, float("-inf")
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._recover_spool()
+        self._listener = socket.create_server((self.settings.host, self.settings.port), backlog=64)
+        self._listener.settimeout(0.5)
+        self._stop.clear()
+        self._threads = [threading.Thread(target=self._accept_loop, name="dcmtk-front accept", daemon=True),
+                         threading.Thread(target=self._intake_loop, name="dcmtk-front intake", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+        log.info("SCP %s (dcmtk storescp) listening on %s:%d", self.settings.ae_title, self.settings.host, self.port)
+
+    @property
+    def port(self) -> int:
+        if self._listener is not None:
+            return self._listener.getsockname()[1]
+        return self.settings.port
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Block until every association has ended and its files are taken in and recorded."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                busy = bool(self._associations) or bool(self._finished)
+            if not busy:
+                return self.bookkeeper.wait_idle(max(0.1, deadline - time.monotonic()))
+            time.sleep(0.02)
+        return False
+
+    def stop(self) -> None:
+        """Stop listening, let running associations finish (up to the network timeout), take in their files."""
+        self._stop.set()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        deadline = time.monotonic() + self.settings.network_timeout_s
+        for association in list(self._associations.values()):
+            if association.process is not None:
+                try:
+                    association.process.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    association.process.kill()
+                    association.process.wait()
+        for thread in self._threads:
+            thread.join(10)
+        for association in list(self._associations.values()):  # what the intake thread did not get to
+            self._finish(association)
+        self._inotify.close()
+
+    # -- the network side ------------------------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, (address, port) = self._listener.accept()  # type: ignore[union-attr]
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    return
+                raise
+            # Reading the association request may take up to the network timeout: not on the accepting thread.
+            threading.Thread(target=self._handle_connection, args=(connection, address),
+                             name=f"dcmtk-front {address}:{port}", daemon=True).start()
+
+    def _handle_connection(self, connection: socket.socket, address: str) -> None:
+        try:
+            request = self._peek_associate_rq(connection)
+            if request is None:
+                connection.close()
+                return
+            calling, called = request.calling_ae_title.strip(), request.called_ae_title.strip()
+            refusal = self._refusal(calling, address)
+            if refusal is not None:
+                result, source, reason, why = refusal
+                self._reject(connection, result, source, reason)
+                if result == _REJECTED_TRANSIENT:
+                    self.deferred += 1
+                    if self.deferred % 100 == 1:
+                        log.warning("refusing associations for now (the sender retries): %s", why)
+                else:
+                    self.refused_associations += 1
+                    log.warning("refused association: %s", why)
+                    self.bookkeeper.event("association_refused", why,
+                                          detail={"calling_aet": calling, "peer": address})
+                return
+            self._hand_to_storescp(connection, calling, called, address)
+        except Exception:  # one broken connection never stops the receiver
+            log.exception("connection from %s not handled", address)
+            connection.close()
+
+    def _peek_associate_rq(self, connection: socket.socket) -> A_ASSOCIATE_RQ | None:
+        """The peer's A-ASSOCIATE-RQ, left unread in the socket for storescp; None if it is not one."""
+        connection.settimeout(self.settings.network_timeout_s)  # a silent peer is dropped, not waited for
+        try:
+            head = connection.recv(6, socket.MSG_PEEK | socket.MSG_WAITALL)
+            if len(head) < 6 or head[0] != 0x01:
+                return None
+            length = int.from_bytes(head[2:6], "big")
+            if length > MAX_ASSOCIATE_RQ_BYTES:
+                log.warning("association request of %d bytes refused (more than %d)", length, MAX_ASSOCIATE_RQ_BYTES)
+                return None
+            pdu = connection.recv(6 + length, socket.MSG_PEEK | socket.MSG_WAITALL)
+        except OSError:
+            return None
+        if len(pdu) < 6 + length:
+            return None
+        request = A_ASSOCIATE_RQ()
+        try:
+            request.decode(pdu)
+        except Exception:
+            return None
+        return request
+
+    def _refusal(self, calling: str, address: str) -> tuple[int, int, int, str] | None:
+        if (self.allowed and calling not in self.allowed) or not self.bindings.permits(calling, address):
+            return (_REJECTED_PERMANENT, _SOURCE_USER, _REASON_CALLING_AE_NOT_RECOGNISED,
+                    f"calling AE title {calling} is not allowed from {address}")
+        busy = self._busy_reason()
+        if busy is not None:
+            return _REJECTED_TRANSIENT, _SOURCE_PROVIDER_PRESENTATION, _REASON_LOCAL_LIMIT_EXCEEDED, busy
+        return None
+
+    def _busy_reason(self) -> str | None:
+        with self._lock:
+            running = sum(1 for a in self._associations.values() if a.process is not None)
+        if running >= self.settings.max_associations:
+            return f"{running} associations running (scp.max_associations {self.settings.max_associations})"
+        backlog = self.bookkeeper.backlog
+        if backlog > self.settings.max_backlog:
+            return f"the database is {backlog} instances behind (scp.max_backlog {self.settings.max_backlog})"
+        now = time.monotonic()
+        if now - self._free_checked_at > 1.0:
+            self._free, self._free_checked_at = shutil.disk_usage(self.spool_dir).free, now
+        if self._free < self.settings.min_free_bytes:
+            return (f"{self._free // (1 << 20)} MiB free on the store's disk "
+                    f"(scp.min_free_bytes {self.settings.min_free_bytes})")
+        return None
+
+    @staticmethod
+    def _reject(connection: socket.socket, result: int, source: int, reason: int) -> None:
+        rejection = A_ASSOCIATE_RJ()
+        rejection.result, rejection.source, rejection.reason_diagnostic = result, source, reason
+        try:
+            # Read the request first: closing a socket with unread data resets it, and the peer might never see
+            # the rejection.
+            length = int.from_bytes(connection.recv(6, socket.MSG_PEEK | socket.MSG_WAITALL)[2:6], "big")
+            connection.recv(6 + length, socket.MSG_WAITALL)
+            connection.sendall(rejection.encode())
+            connection.shutdown(socket.SHUT_WR)
+            connection.settimeout(2.0)
+            connection.recv(1)  # the peer closes after reading the rejection
+        except OSError:
+            pass
+        finally:
+            connection.close()
+
+    def _hand_to_storescp(self, connection: socket.socket, calling: str, called: str, address: str) -> None:
+        number = next(self._numbers)
+        folder = self.spool_dir / f"{os.getpid()}-{number}"
+        folder.mkdir()
+        (folder / ASSOCIATION_FILE).write_text(json.dumps(
+            {"calling_aet": calling, "called_aet": called, "peer_address": address}))
+        association = Association(number, calling, called, address, folder)
+        with self._lock:
+            association.watch = self._inotify.add_watch(folder, flags.CLOSE_WRITE)
+            self._by_watch[association.watch] = association
+            self._associations[number] = association
+        timeout = str(max(1, int(self.settings.network_timeout_s)))
+        connection.settimeout(None)
+        with (folder.parent / f"{folder.name}.log").open("wb") as log_file:
+            association.process = subprocess.Popen(
+                [self.storescp, "--inetd", "+B", "+uf", "+xa", "-dhl", "-aet", self.settings.ae_title,
+                 "-pdu", str(min(max(self.settings.max_pdu, 4096), 131072)), "-ta", timeout, "-ts", timeout,
+                 "-od", str(folder)],
+                stdin=connection, stdout=connection, stderr=log_file, close_fds=True,
+                # Debian's dcmtk leaves Nagle's algorithm on unless told: every response would wait ~40 ms.
+                env={**os.environ, "TCP_NODELAY": "1"},
+            )
+        connection.close()  # storescp holds it now
+        threading.Thread(target=self._wait_for, args=(association,), name=f"storescp {number}", daemon=True).start()
+
+    def _wait_for(self, association: Association) -> None:
+        code = association.process.wait()  # type: ignore[union-attr]
+        if code != 0:
+            log.warning("storescp for %s from %s ended with %d (see %s.log)", association.calling_aet,
+                        association.peer_address, code, association.folder)
+        with self._lock:
+            self._finished.append(association)
+
+    # -- the intake side -------------------------------------------------------------------------------------
+    def _intake_loop(self) -> None:
+        while not (self._stop.is_set() and not self._running_or_finished()):
+            for event in self._inotify.read(timeout=100):
+                with self._lock:
+                    association = self._by_watch.get(event.wd)
+                if association is not None and event.name and event.name != ASSOCIATION_FILE:
+                    self._take_in(association, association.folder / event.name)
+            while True:
+                with self._lock:
+                    if not self._finished:
+                        break
+                    association = self._finished.popleft()
+                self._finish(association)
+
+    def _running_or_finished(self) -> bool:
+        with self._lock:
+            return bool(self._finished) or any(a.process is not None and a.process.poll() is None
+                                               for a in self._associations.values())
+
+    def _finish(self, association: Association) -> None:
+        """After storescp has exited: take in what is left in the folder, remove it, close the association."""
+        with self._lock:
+            if self._associations.pop(association.number, None) is None:
+                return
+            if association.watch is not None:
+                self._by_watch.pop(association.watch, None)
+                try:
+                    self._inotify.rm_watch(association.watch)
+                except OSError:
+                    pass
+        for path in sorted(association.folder.iterdir()):
+            if path.name != ASSOCIATION_FILE:
+                self._take_in(association, path)
+        left = [p.name for p in association.folder.iterdir() if p.name != ASSOCIATION_FILE]
+        if left:  # not storable now (the store's disk): kept for the next start, never deleted
+            log.error("%d file(s) left in %s, taken in at the next start", len(left), association.folder)
+        else:
+            shutil.rmtree(association.folder, ignore_errors=True)
+        log_path = association.folder.parent / f"{association.folder.name}.log"
+        if log_path.exists() and log_path.stat().st_size == 0:
+            log_path.unlink()
+        self.active.close(association.number)
+
+    def _take_in(self, association: Association, path: Path) -> None:
+        """Check one file storescp wrote, then store and book it, or quarantine it with the reason."""
+        context = {"calling_aet": association.calling_aet, "peer": association.peer_address,
+                   "spool_file": path.name}
+        data = b""
+        try:
+            size = path.stat().st_size
+            limit = self.settings.max_object_bytes
+            if limit and size > limit:
+                raise RejectedInstance(f"object of {size} bytes exceeds scp.max_object_bytes ({limit})",
+                                       STATUS_OUT_OF_RESOURCES)
+            data = path.read_bytes()
+            header = check_received(data)
+            if header.sop_class_uid not in _ACCEPTED_SOP_CLASSES:
+                raise RejectedInstance(f"SOP class {header.sop_class_uid} is not one this receiver takes",
+                                       STATUS_CANNOT_UNDERSTAND)
+            stored = self.store.store(header.study_instance_uid, header.series_instance_uid,
+                                      header.sop_instance_uid, data, source=path)
+        except FileNotFoundError:
+            return  # taken in already (an inotify event for a file the finishing pass got to first)
+        except RejectedInstance as exc:
+            self._quarantine(path, data, exc.reason, exc.status, context)
+            return
+        except OSError as exc:  # the store's disk: leave the file in the spool, it is taken in at the next start
+            log.error("could not store %s: %s (left in the spool)", path, exc)
+            return
+        self.active.add(association.number, header.study_instance_uid)
+        self.bookkeeper.add(ReceivedInstance(header=header, stored=stored, calling_aet=association.calling_aet,
+                                             called_aet=association.called_aet,
+                                             peer_address=association.peer_address))
+        self.received += 1
+
+    def _quarantine(self, path: Path, data: bytes, reason: str, status: int, context: dict[str, str]) -> None:
+        self.rejected_by_status[status] += 1
+        kept = None
+        try:
+            kept = self.store.quarantine(data or path.read_bytes()[:65536], reason,
+                                         {**context, "status": f"0x{status:04X}", "answered": "success (storescp)"})
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            reason = f"{reason}; quarantine also failed: {exc} (left in the spool)"
+        log.warning("quarantined object from %s: %s", context["calling_aet"], reason)
+        self.bookkeeper.event("quarantine", reason, detail={**context, "status": status,
+                                                             "path": str(kept) if kept else None})
+
+    def _recover_spool(self) -> None:
+        """Take in what a previous run left in the spool (it stopped, or was killed, before its intake ran)."""
+        for folder in sorted(p for p in self.spool_dir.iterdir() if p.is_dir()):
+            try:
+                sender = json.loads((folder / ASSOCIATION_FILE).read_text())
+            except (OSError, ValueError):
+                sender = {"calling_aet": "", "called_aet": "", "peer_address": ""}
+            association = Association(0, str(sender.get("calling_aet", "")), str(sender.get("called_aet", "")),
+                                      str(sender.get("peer_address", "")), folder)
+            files = [p for p in sorted(folder.iterdir()) if p.name != ASSOCIATION_FILE]
+            log.info("taking in %d file(s) left in %s", len(files), folder)
+            for path in files:
+                self._take_in(association, path)
+            if not any(p.name != ASSOCIATION_FILE for p in folder.iterdir()):
+                shutil.rmtree(folder, ignore_errors=True)
+        self.active.close(0)  # what was recovered is not being sent by anyone
+
+
+_ACCEPTED_SOP_CLASSES = frozenset(STORAGE_SOP_CLASSES.values())

@@ -1,0 +1,199 @@
+"""The dcmtk receiver engine with real peers: storescu and pynetdicom send, storescp receives, we check and book."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select
+
+from pacs_bridge.bookkeeping import Bookkeeper
+from pacs_bridge.dcmtk_front import ASSOCIATION_FILE, DcmtkFront
+from pacs_bridge.schema import events, instances, make_engine, series
+from pacs_bridge.scp import ScpSettings
+from pacs_bridge.storage import InstanceStore
+from tests.conftest import free_port
+from tests.dicom_factory import mr_slice, write_mr_series
+from worker.database import upgrade
+
+pytestmark = pytest.mark.skipif(shutil.which("storescp") is None or shutil.which("storescu") is None,
+                                reason="dcmtk is not installed (run ops/setup.sh)")
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+class Front:
+    """A DcmtkFront over a fresh SQLite database and store under one folder; restartable on the same folder."""
+
+    def __init__(self, root, **settings) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{root / 'triage.db'}"
+        upgrade(url)
+        self.engine = make_engine(url)
+        self.settings = ScpSettings(engine="dcmtk", port=free_port(), **settings)
+        self.front: DcmtkFront | None = None
+
+    def start(self) -> DcmtkFront:
+        store = InstanceStore(self.root / "incoming", self.root / "quarantine")
+        bookkeeper = Bookkeeper(self.engine, flush_interval_s=0.05)
+        bookkeeper.start()
+        self.front = DcmtkFront(self.settings, store, bookkeeper, self.root / "spool")
+        self.front.start()
+        return self.front
+
+    def stop(self) -> None:
+        if self.front is not None:
+            self.front.stop()
+            self.front.bookkeeper.stop()
+            self.front = None
+
+    def count(self, table=instances) -> int:
+        with self.engine.connect() as c:
+            return c.execute(select(func.count()).select_from(table)).scalar_one()
+
+
+@pytest.fixture
+def front(tmp_path):
+    running = Front(tmp_path / "receiver", allowed_calling_aets=["STORESCU", "PYSCU", "$(touch pwned)"])
+    running.start()
+    yield running
+    running.stop()
+    running.engine.dispose()
+
+
+def storescu(port: int, *files, aet: str = "STORESCU", cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(["storescu", "-aet", aet, "-aec", "TRIAGE", "127.0.0.1", str(port), *map(str, files)],
+                          capture_output=True, text=True, env=DCMTK_ENV, timeout=60, cwd=cwd)
+
+
+def test_a_series_is_stored_and_recorded_with_its_sender(front, tmp_path):
+    files = write_mr_series(tmp_path / "send", n=6)
+    result = storescu(front.front.port, *files)
+    assert result.returncode == 0, result.stderr
+    assert front.front.wait_idle()
+    assert front.count() == 6 and front.front.received == 6
+    with front.engine.connect() as c:
+        row = c.execute(select(series.c.calling_aet, series.c.called_aet, series.c.peer_address,
+                               series.c.instance_count)).one()
+        paths = c.execute(select(instances.c.path)).scalars().all()
+    assert tuple(row) == ("STORESCU", "TRIAGE", "127.0.0.1", 6)
+    # Stored under the store's own layout, dataset bytes as sent; the spool is empty again.
+    sent = {f.read_bytes()[f.read_bytes().index(b"\x08\x00\x16\x00"):] for f in files}
+    for path in paths:
+        assert str(path).startswith(str(front.root / "incoming"))
+        kept = open(path, "rb").read()
+        assert kept[kept.index(b"\x08\x00\x16\x00"):] in sent
+    assert [p.name for p in (front.root / "spool").iterdir()] == []
+    assert front.front.active.current() == set()
+
+
+def test_calling_ae_titles_are_checked_before_storescp_sees_the_association(front, tmp_path):
+    files = write_mr_series(tmp_path / "send", n=1)
+    result = storescu(front.front.port, *files, aet="INTRUDER")
+    assert result.returncode != 0 and "Rejected" in (result.stdout + result.stderr)
+    assert front.front.wait_idle()
+    assert front.count() == 0 and front.front.refused_associations == 1
+    with front.engine.connect() as c:
+        reasons = c.execute(select(events.c.reason).where(events.c.kind == "association_refused")).scalars().all()
+    assert reasons == ["calling AE title INTRUDER is not allowed from 127.0.0.1"]
+
+
+def test_an_ae_title_bound_to_another_host_is_refused(tmp_path):
+    bound = Front(tmp_path / "r", ae_hosts={"STORESCU": ["10.9.9.9"]})
+    front = bound.start()
+    try:
+        files = write_mr_series(tmp_path / "send", n=1)
+        assert storescu(front.port, *files).returncode != 0
+        assert front.wait_idle() and bound.count() == 0
+    finally:
+        bound.stop()
+
+
+def test_a_hostile_calling_ae_title_is_only_data(front, tmp_path):
+    """dcmtk's own --exec-on-reception would hand this title to /bin/sh; here it is a string in the database."""
+    files = write_mr_series(tmp_path / "send", n=1)
+    (tmp_path / "cwd").mkdir()
+    assert storescu(front.front.port, *files, aet="$(touch pwned)", cwd=tmp_path / "cwd").returncode == 0
+    assert front.front.wait_idle()
+    with front.engine.connect() as c:
+        assert c.execute(select(series.c.calling_aet)).scalar_one() == "$(touch pwned)"
+    assert not list(tmp_path.rglob("pwned")) and not os.path.exists("pwned")
+
+
+def test_bad_objects_are_quarantined_with_reasons_and_the_receiver_goes_on(front, tmp_path):
+    good = write_mr_series(tmp_path / "good", n=1)[0]
+    truncated = tmp_path / "truncated.dcm"  # pixel data cut short (storescp stores what it was sent)
+    ds = mr_slice(generate_uid(), generate_uid(), 0)
+    ds.save_as(truncated, enforce_file_format=True)
+    data = truncated.read_bytes()
+    pixel_tag = data.rindex(b"\xe0\x7f\x10\x00")
+    # shorten the Pixel Data value and its length field consistently: a well-formed but too-short element
+    value_length = int.from_bytes(data[pixel_tag + 8:pixel_tag + 12], "little")
+    truncated.write_bytes(data[:pixel_tag + 8] + (value_length - 512).to_bytes(4, "little")
+                          + data[pixel_tag + 12:len(data) - 512])
+    hostile = tmp_path / "hostile.dcm"
+    ds = mr_slice(generate_uid(), generate_uid(), 0)
+    ds.SOPInstanceUID = "1.2.3/../../../../escaped"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(hostile, enforce_file_format=True)
+
+    for path in (truncated, hostile):
+        storescu(front.front.port, path)
+    assert storescu(front.front.port, good).returncode == 0  # still serving
+    assert front.front.wait_idle()
+
+    sidecars = [json.loads(p.read_text()) for p in sorted((front.root / "quarantine").glob("*.json"))]
+    reasons = [s["reason"] for s in sidecars]
+    assert any("truncated" in r for r in reasons), reasons
+    assert any("not a valid DICOM UID" in r for r in reasons), reasons
+    assert all(s["calling_aet"] == "STORESCU" for s in sidecars)
+    assert front.count() == 1
+    assert not any("escaped" in p.name for p in front.root.rglob("*") if "quarantine" not in p.parts)
+    with front.engine.connect() as c:
+        assert c.execute(select(func.count()).select_from(events).where(events.c.kind == "quarantine")
+                         ).scalar_one() == len(sidecars)
+
+
+def test_back_pressure_refuses_associations_for_now_and_the_retry_is_stored(front, tmp_path):
+    files = write_mr_series(tmp_path / "send", n=2)
+    front.front.settings.min_free_bytes = 1 << 62  # "the disk is full"
+    result = storescu(front.front.port, *files)
+    assert result.returncode != 0 and front.front.deferred == 1
+    front.front.settings.min_free_bytes = 0
+    front.front.settings.max_backlog = -1  # "the database is far behind"
+    assert storescu(front.front.port, *files).returncode != 0 and front.front.deferred == 2
+    assert not list((front.root / "incoming").rglob("*.dcm"))
+    front.front.settings.max_backlog = 20000
+    assert storescu(front.front.port, *files).returncode == 0
+    assert front.front.wait_idle() and front.count() == 2
+
+
+def test_files_left_in_the_spool_by_a_stopped_receiver_are_taken_in_at_the_next_start(tmp_path):
+    receiver = Front(tmp_path / "r")
+    # What a receiver killed mid-association leaves: a spool folder with its sender and a written file.
+    folder = tmp_path / "r" / "spool" / "4242-7"
+    folder.mkdir(parents=True)
+    (folder / ASSOCIATION_FILE).write_text(json.dumps(
+        {"calling_aet": "MR1", "called_aet": "TRIAGE", "peer_address": "10.1.2.3"}))
+    shutil.copy(write_mr_series(tmp_path / "send", n=1)[0], folder / "MR.X.1.2.3")
+    front = receiver.start()
+    try:
+        assert front.wait_idle()
+        assert receiver.count() == 1 and not folder.exists()
+        with receiver.engine.connect() as c:
+            assert tuple(c.execute(select(series.c.calling_aet, series.c.peer_address)).one()) == ("MR1",
+                                                                                                 "10.1.2.3")
+    finally:
+        receiver.stop()
+
+
+def test_tls_is_refused_with_a_clear_error(tmp_path):
+    from pacs_bridge.dicom_tls import TlsFiles
+
+    with pytest.raises(ValueError, match="TLS"):
+        DcmtkFront(ScpSettings(engine="dcmtk", tls=TlsFiles(cert="c.pem", key="k.pem", ca="")),
+                   InstanceStore(tmp_path / "i", tmp_path / "q"), Bookkeeper(make_engine("sqlite://")),
+                   tmp_path / "spool")
