@@ -19,12 +19,12 @@ import yaml
 from pacs_bridge.assembly import CompletionPolicy, StudyAssembler
 from pacs_bridge.bookkeeping import Bookkeeper
 from pacs_bridge.schema import make_engine, utcnow
-from pacs_bridge.scp import ScpSettings, StorageSCP
+from pacs_bridge.scp import ScpSettings
 from pacs_bridge.storage import InstanceStore
 from tests.conftest import free_port
 from worker.config import Settings, load_settings
 from worker.database import upgrade
-from worker.service import routing_rules
+from worker.service import make_receiver, routing_rules
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 _PHANTOM_DIR = Path(tempfile.mkdtemp(prefix="intake-phantoms-"))
@@ -71,8 +71,9 @@ class Receiver:
         self.store = InstanceStore(self.settings.incoming_dir, self.settings.quarantine_dir)
         self.bookkeeper = Bookkeeper(self.engine, flush_interval_s=0.05)
         scp = self.settings["scp"]
-        self.scp = StorageSCP(ScpSettings(ae_title=scp["ae_title"], port=int(scp["port"]) or free_port()),
-                              self.store, self.bookkeeper)
+        self.scp = make_receiver(ScpSettings(engine=scp["engine"], ae_title=scp["ae_title"],
+                                             port=int(scp["port"]) or free_port()),
+                                 self.store, self.bookkeeper, spool_dir=self.settings.var_dir / "spool")
         assembly = self.settings["assembly"]
         self.assembler = StudyAssembler(
             self.engine, lambda run_id, pipeline, lane: self.dispatched.append((run_id, pipeline, lane)),
@@ -94,6 +95,8 @@ class Receiver:
 
     def send(self, *paths: Path, aet: str = "MODALITY", called: str = "TRIAGE") -> None:
         storescu(self.scp.port, *paths, aet=aet, called=called)
+        if hasattr(self.scp, "wait_idle"):  # the dcmtk engine: its intake runs after storescp has answered
+            assert self.scp.wait_idle()
         assert self.bookkeeper.wait_idle()
 
     def complete(self, after_s: float = 3600.0) -> list[int]:

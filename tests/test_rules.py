@@ -256,13 +256,14 @@ def test_expected_series_complete_a_study_before_its_quiet_period(receiver):
             studies.c.study_instance_uid == partial.study_instance_uid)).scalar_one() == "queued"
 
 
-def test_a_rule_on_the_calling_ae_title_sets_the_studys_own_quiet_period(tmp_path):
+@pytest.mark.parametrize("engine", ["pynetdicom", "dcmtk"])
+def test_a_rule_on_the_calling_ae_title_sets_the_studys_own_quiet_period(tmp_path, engine):
     rules = [{"name": "from-research", "pipeline": "neuro_mri", "quiet_period_s": 120,
               "match": {"all": [{"tag": "calling_aet", "equals": "RESEARCH"},
                                 {"tag": "called_aet", "regex": "^TRIAGE"}]}},
              *RULES]
     receiver = receiver_for(tmp_path, routing={"rules": rules}, destinations=DESTINATIONS,
-                            assembly={"quiet_period_s": 10}).start()
+                            assembly={"quiet_period_s": 10}, scp={"engine": engine}).start()
     try:
         mr = phantom("normal", 5, ("AX T2 FLAIR", "AX DWI"))
         receiver.send(mr.folder, aet="RESEARCH", called="TRIAGE_NEURO")
