@@ -35,6 +35,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -164,7 +165,7 @@ class DcmtkFront:
     def _accept_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                connection, (address, port) = self._listener.accept()  # type: ignore[union-attr]
+                connection, peer = self._listener.accept()  # type: ignore[union-attr]
             except (TimeoutError, socket.timeout):
                 continue
             except OSError:
@@ -172,6 +173,7 @@ class DcmtkFront:
                     return
                 raise
             # Reading the association request may take up to the network timeout: not on the accepting thread.
+            address, port = peer[0], peer[1]  # IPv6 peers come as 4-tuples
             threading.Thread(target=self._handle_connection, args=(connection, address),
                              name=f"dcmtk-front {address}:{port}", daemon=True).start()
 
@@ -185,7 +187,7 @@ class DcmtkFront:
             refusal = self._refusal(calling, address)
             if refusal is not None:
                 result, source, reason, why = refusal
-                self._reject(connection, result, source, reason)
+                # Counted and recorded before the rejection goes out: whoever sees the rejection sees the count.
                 if result == _REJECTED_TRANSIENT:
                     self.deferred += 1
                     if self.deferred % 100 == 1:
@@ -195,6 +197,7 @@ class DcmtkFront:
                     log.warning("refused association: %s", why)
                     self.bookkeeper.event("association_refused", why,
                                           detail={"calling_aet": calling, "peer": address})
+                self._reject(connection, result, source, reason)
                 return
             self._hand_to_storescp(connection, calling, called, address)
         except Exception:  # one broken connection never stops the receiver
@@ -269,8 +272,8 @@ class DcmtkFront:
 
     def _hand_to_storescp(self, connection: socket.socket, calling: str, called: str, address: str) -> None:
         number = next(self._numbers)
-        folder = self.spool_dir / f"{os.getpid()}-{number}"
-        folder.mkdir()
+        # Unique even beside a folder a crashed run with the same process id left and could not take in.
+        folder = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-{number}-", dir=self.spool_dir))
         (folder / ASSOCIATION_FILE).write_text(json.dumps(
             {"calling_aet": calling, "called_aet": called, "peer_address": address}))
         association = Association(number, calling, called, address, folder)
