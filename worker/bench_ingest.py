@@ -1,7 +1,8 @@
 """``triage bench ingest``: our receiver against dcmtk's storescp and Orthanc, with the same files, same sender.
 
 dcmtk's storescu sends the same MR files (256×256, 16-bit, as in shared/reference/performance.md §1) over loopback
-to each receiver in turn, on one association, ``--repeats`` times; the median is reported. Our receiver is run
+to each receiver in turn, on one association (or ``--associations`` at once, the files split between them),
+``--repeats`` times; the median is reported. Our receiver is run
 with both engines (``scp.engine``): ``ours_*`` is the dcmtk engine (storescp on the wire, our checks and
 bookkeeping behind it), ``ours_pynetdicom_*`` the in-process pynetdicom SCP. For our receiver the clock stops when
 every image is both acknowledged and recorded in the database (what completion waits for), and its CPU time per
@@ -83,13 +84,20 @@ def write_files(folder: Path, count: int, size: int = 256) -> list[Path]:
     return paths
 
 
-def _send(folder: Path, port: int, called: str) -> float:
+def _send(folders: list[Path], port: int, called: str) -> float:
+    """Seconds for one storescu per folder, all at once (one association each), to send everything."""
     start = time.perf_counter()
-    result = subprocess.run(["storescu", "-aet", "BENCH", "-aec", called, "+sd", "127.0.0.1", str(port),
-                             str(folder)], capture_output=True, text=True, env=DCMTK_ENV, timeout=1800)
+    senders = [subprocess.Popen(["storescu", "-aet", "BENCH", "-aec", called, "+sd", "127.0.0.1", str(port),
+                                 str(folder)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=DCMTK_ENV) for folder in folders]
+    failures = []
+    for sender in senders:
+        _, stderr = sender.communicate(timeout=1800)
+        if sender.returncode != 0:
+            failures.append(stderr[-500:])
     elapsed = time.perf_counter() - start
-    if result.returncode != 0:
-        raise RuntimeError(f"storescu to {called} failed: {result.stderr[-500:]}")
+    if failures:
+        raise RuntimeError(f"storescu to {called} failed: {failures[0]}")
     return elapsed
 
 
@@ -108,21 +116,23 @@ def _stop(process: subprocess.Popen) -> None:
             os.killpg(process.pid, signal.SIGKILL)
 
 
-def bench_dcmtk(folder: Path, work: Path) -> float:
+def bench_dcmtk(folders: list[Path], work: Path) -> float:
     port = _free_port()
     out = work / "storescp"
     out.mkdir()
-    process = subprocess.Popen(["storescp", "-aet", "STORESCP", "+B", "-od", str(out), str(port)], env=DCMTK_ENV,
+    # One process per association when there are several (storescp alone serves one association at a time).
+    fork = ["--fork"] if len(folders) > 1 else []
+    process = subprocess.Popen(["storescp", *fork, "-aet", "STORESCP", "+B", "-od", str(out), str(port)], env=DCMTK_ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait(lambda: _port_open(port), 30, "storescp")
-        return _send(folder, port, "STORESCP")
+        return _send(folders, port, "STORESCP")
     finally:
         _stop(process)
         shutil.rmtree(out, ignore_errors=True)
 
 
-def bench_orthanc(folder: Path, work: Path) -> float:
+def bench_orthanc(folders: list[Path], work: Path) -> float:
     http_port, dicom_port = _free_port(), _free_port()
     storage = work / "orthanc"
     config = {"Name": "bench", "StorageDirectory": str(storage), "IndexDirectory": str(storage),
@@ -142,13 +152,13 @@ def bench_orthanc(folder: Path, work: Path) -> float:
                 return False
 
         _wait(alive, 60, "Orthanc")
-        return _send(folder, dicom_port, "ORTHANC")
+        return _send(folders, dicom_port, "ORTHANC")
     finally:
         _stop(process)
         shutil.rmtree(storage, ignore_errors=True)
 
 
-def bench_ours(folder: Path, work: Path, count: int, database_url: str | None,
+def bench_ours(folders: list[Path], work: Path, count: int, database_url: str | None,
                engine: str = "dcmtk") -> tuple[float, float]:
     """Seconds until all images are acknowledged and in the database, and the receiver's CPU seconds."""
     from sqlalchemy import create_engine, func, select
@@ -172,7 +182,7 @@ def bench_ours(folder: Path, work: Path, count: int, database_url: str | None,
         _wait(lambda: _port_open(port), 120, "our SCP")
         cpu_before = _cpu_seconds(process.pid)
         start = time.perf_counter()
-        _send(folder, port, "TRIAGE")
+        _send(folders, port, "TRIAGE")
 
         def recorded() -> bool:
             with engine.connect() as c:
@@ -192,6 +202,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="triage bench ingest")
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--associations", type=int, default=1,
+                        help="send over this many associations at once (the files split between them)")
     parser.add_argument("--database-url", help="record into this database (default: a fresh SQLite file)")
     args = parser.parse_args(argv)
     for tool in ("storescu", "storescp"):
@@ -203,12 +215,17 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="triage-bench-ingest-") as tmp:
         work = Path(tmp)
         files = write_files(work / "files", args.images)
-        size_mb = sum(p.stat().st_size for p in files) / 1e6
+        folders = [work / "files" / f"association-{n}" for n in range(max(1, args.associations))]
+        for folder in folders:
+            folder.mkdir()
+        for index, path in enumerate(files):
+            path.rename(folders[index % len(folders)] / path.name)
+        size_mb = sum(p.stat().st_size for p in (work / "files").rglob("*.dcm")) / 1e6
         for repeat in range(args.repeats):
-            peers["dcmtk"].append(bench_dcmtk(work / "files", work))
-            peers["orthanc"].append(bench_orthanc(work / "files", work))
+            peers["dcmtk"].append(bench_dcmtk(folders, work))
+            peers["orthanc"].append(bench_orthanc(folders, work))
             for engine in ENGINES:
-                elapsed, cpu_seconds = bench_ours(work / "files", work, args.images, args.database_url, engine)
+                elapsed, cpu_seconds = bench_ours(folders, work, args.images, args.database_url, engine)
                 ours[engine][0].append(elapsed)
                 ours[engine][1].append(cpu_seconds)
             print(f"repeat {repeat + 1}/{args.repeats} done", file=sys.stderr)
@@ -221,7 +238,7 @@ def main(argv: list[str]) -> int:
         return round(1000 * statistics.median(cpu_seconds) / n, 2)
 
     result = {
-        "images": n, "megabytes": round(size_mb, 1), "repeats": args.repeats, "associations": 1,
+        "images": n, "megabytes": round(size_mb, 1), "repeats": args.repeats, "associations": len(folders),
         # "ours" is the receiver engine for high image rates (scp.engine: dcmtk); the in-process pynetdicom SCP
         # (the default engine) is reported beside it.
         "engine": "dcmtk",
