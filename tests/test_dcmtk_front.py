@@ -197,3 +197,12 @@ def test_tls_is_refused_with_a_clear_error(tmp_path):
         DcmtkFront(ScpSettings(engine="dcmtk", tls=TlsFiles(cert="c.pem", key="k.pem", ca="")),
                    InstanceStore(tmp_path / "i", tmp_path / "q"), Bookkeeper(make_engine("sqlite://")),
                    tmp_path / "spool")
+
+
+def test_echo_is_answered_and_the_association_limit_holds(front):
+    echo = ["echoscu", "-aet", "STORESCU", "-aec", "TRIAGE", "127.0.0.1", str(front.front.port)]
+    assert subprocess.run(echo, capture_output=True, env=DCMTK_ENV, timeout=30).returncode == 0
+    front.front.settings.max_associations = 0  # "every association slot is taken"
+    refused = subprocess.run(echo, capture_output=True, text=True, env=DCMTK_ENV, timeout=30)
+    assert refused.returncode != 0 and "Local Limit Exceeded" in refused.stdout + refused.stderr
+    assert front.front.deferred == 1
