@@ -281,19 +281,27 @@ class DcmtkFront:
             association.watch = self._inotify.add_watch(folder, flags.CLOSE_WRITE)
             self._by_watch[association.watch] = association
             self._associations[number] = association
-        timeout = str(max(1, int(self.settings.network_timeout_s)))
         connection.settimeout(None)
         with (folder.parent / f"{folder.name}.log").open("wb") as log_file:
-            association.process = subprocess.Popen(
-                [self.storescp, "--inetd", "+B", "+uf", "+xa", "-dhl", "-aet", self.settings.ae_title,
-                 "-pdu", str(min(max(self.settings.max_pdu, 4096), 131072)), "-ta", timeout, "-ts", timeout,
-                 "-od", str(folder)],
-                stdin=connection, stdout=connection, stderr=log_file, close_fds=True,
-                # Debian's dcmtk leaves Nagle's algorithm on unless told: every response would wait ~40 ms.
-                env={**os.environ, "TCP_NODELAY": "1"},
-            )
+            try:
+                association.process = self._run_storescp(folder, connection, log_file)
+            except OSError:  # not started (no processes or memory left): the association is over, unserved
+                with self._lock:
+                    self._finished.append(association)
+                raise
         connection.close()  # storescp holds it now
         threading.Thread(target=self._wait_for, args=(association,), name=f"storescp {number}", daemon=True).start()
+
+    def _run_storescp(self, folder: Path, connection: socket.socket, log_file) -> subprocess.Popen:
+        timeout = str(max(1, int(self.settings.network_timeout_s)))
+        return subprocess.Popen(
+            [self.storescp, "--inetd", "+B", "+uf", "+xa", "-dhl", "-aet", self.settings.ae_title,
+             "-pdu", str(min(max(self.settings.max_pdu, 4096), 131072)), "-ta", timeout, "-ts", timeout,
+             "-od", str(folder)],
+            stdin=connection, stdout=connection, stderr=log_file, close_fds=True,
+            # Debian's dcmtk leaves Nagle's algorithm on unless told: every response would wait ~40 ms.
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
 
     def _wait_for(self, association: Association) -> None:
         code = association.process.wait()  # type: ignore[union-attr]
