@@ -74,6 +74,7 @@ class Association:
     folder: Path
     process: subprocess.Popen | None = None
     watch: int | None = None
+    finishing: bool = False
 
 
 class DcmtkFront:
@@ -238,7 +239,8 @@ class DcmtkFront:
 
     def _busy_reason(self) -> str | None:
         with self._lock:
-            running = sum(1 for a in self._associations.values() if a.process is not None)
+            running = sum(1 for a in self._associations.values()
+                          if a.process is not None and a.process.poll() is None)
         if running >= self.settings.max_associations:
             return f"{running} associations running (scp.max_associations {self.settings.max_associations})"
         backlog = self.bookkeeper.backlog
@@ -334,8 +336,9 @@ class DcmtkFront:
     def _finish(self, association: Association) -> None:
         """After storescp has exited: take in what is left in the folder, remove it, close the association."""
         with self._lock:
-            if self._associations.pop(association.number, None) is None:
+            if association.finishing or association.number not in self._associations:
                 return
+            association.finishing = True  # stays listed (wait_idle sees it) until its files are booked
             if association.watch is not None:
                 self._by_watch.pop(association.watch, None)
                 try:
@@ -354,6 +357,8 @@ class DcmtkFront:
         if log_path.exists() and log_path.stat().st_size == 0:
             log_path.unlink()
         self.active.close(association.number)
+        with self._lock:
+            self._associations.pop(association.number, None)
 
     def _take_in(self, association: Association, path: Path) -> None:
         """Check one file storescp wrote, then store and book it, or quarantine it with the reason."""
