@@ -111,6 +111,12 @@ class Bookkeeper:
                 self._idle.set()
                 time.sleep(self.flush_interval_s)
                 continue
+            if len(self._pending) < self.max_batch and not self._stop.is_set():
+                # Let the batch fill: a write costs about as much for one row as for hundreds, and writing
+                # whatever arrived during the previous write makes batches of a few rows under load (0.23 ms per
+                # row at 20 rows a batch, 0.04 at 500, on SQLite here).
+                self._stop.wait(self.flush_interval_s)
+                self._drain()
             try:
                 with self.engine.begin() as connection:
                     write_batch(connection, self._pending)
