@@ -106,6 +106,9 @@ class ScpSettings:
 #: How often the free space on the store's disk is looked up (a statfs per image would cost more than the write).
 FREE_SPACE_CHECK_S = 1.0
 
+#: Room for an A-ASSOCIATE-RQ, whose length the negotiated maximum does not bound (real ones are a few KB).
+MAX_ASSOCIATION_PDU_BYTES = 64 * 1024
+
 #: How much of a refused oversized object is kept in quarantine (enough to identify it; the rest is not stored).
 OVERSIZED_QUARANTINE_BYTES = 64 * 1024
 
@@ -212,6 +215,10 @@ class StorageSCP:
         # pynetdicom leaves accepted sockets blocking: a peer that stalls mid-PDU (or mid-TLS-handshake) would hold
         # an association slot for ever. With a timeout every read gives up after network_timeout_s of silence.
         event.assoc.dul.socket.socket.settimeout(self.settings.network_timeout_s)
+        # pynetdicom reads a PDU of whatever length its header claims, into memory, before anything checks it.
+        limit = max(self.settings.max_pdu, MAX_ASSOCIATION_PDU_BYTES) if self.settings.max_pdu else 0
+        if limit:
+            _limit_pdu_reads(event.assoc.dul.socket, limit, event.assoc.requestor.address)
 
     def _on_association_requested(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
@@ -302,6 +309,29 @@ class StorageSCP:
             detail={**context, "status": status, "path": str(path) if path else None},
         )
         return status
+
+
+class PduTooLarge(Exception):
+    """A peer announced a PDU longer than it may send; the association is aborted before it is read."""
+
+
+def _limit_pdu_reads(association_socket: object, limit: int, peer: str) -> None:
+    """Refuse, on this association's socket, any read longer than ``limit`` bytes.
+
+    pynetdicom reads a PDU as a 6-byte header, then one read of the length the header claims. A P-DATA-TF PDU may
+    not be longer than the maximum length we negotiated (PS3.8 D.1); raising here makes pynetdicom abort the
+    association (A-ABORT) instead of filling memory with whatever a hostile peer sends.
+    """
+    read = association_socket.recv  # type: ignore[attr-defined]
+
+    def recv(nr_bytes: int) -> bytearray:
+        if nr_bytes > limit:
+            log.warning("aborting the association from %s: it announced a PDU of %d bytes (limit %d)",
+                        peer, nr_bytes, limit)
+            raise PduTooLarge(f"PDU of {nr_bytes} bytes announced, more than {limit}")
+        return read(nr_bytes)
+
+    association_socket.recv = recv  # type: ignore[attr-defined]
 
 
 def _dataset_size(dataset: object) -> int:

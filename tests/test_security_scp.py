@@ -224,6 +224,28 @@ def test_stalled_connections_are_cut_off_and_do_not_use_up_the_association_slots
             sock.close()
 
 
+def test_a_peer_announcing_a_huge_pdu_is_cut_off_before_it_is_read(make_receiver, tmp_path):
+    scp, engine, _ = make_receiver(network_timeout_s=60.0)
+    sock = socket.create_connection(("127.0.0.1", scp.port))
+    try:
+        # "an A-ASSOCIATE-RQ of 1 GiB follows", and the bytes start coming
+        sock.sendall(bytes([0x01, 0x00]) + (1 << 30).to_bytes(4, "big"))
+        started = time.monotonic()
+        sock.settimeout(10)
+        answer = b""
+        try:
+            sock.sendall(b"\0" * 65536)
+            answer = sock.recv(16)  # a receiver still reading the 1 GiB would answer nothing: a timeout here
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+        # Aborted (A-ABORT is PDU type 0x07) or closed at once: not read for the minute of the network timeout.
+        assert answer in (b"",) or answer[0] == 0x07
+        assert time.monotonic() - started < 10
+    finally:
+        sock.close()
+    _still_serves(scp, engine, tmp_path)
+
+
 def test_a_sender_that_goes_quiet_mid_association_is_aborted(make_receiver, tmp_path):
     scp, engine, _ = make_receiver(network_timeout_s=1.0)
     ae = AE(ae_title="PYSCU")
