@@ -102,9 +102,24 @@ def _send(folders: list[Path], port: int, called: str) -> float:
 
 
 def _cpu_seconds(pid: int) -> float:
-    """CPU seconds of a process and of its children that have ended (the dcmtk engine's storescp processes)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of a process and all its descendants: those running (the dcmtk engine's intake processes)
+    and those that have ended and were waited for (its storescp processes)."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry.name)] = (int(fields[1]), sum(int(value) for value in fields[11:15]))
+    tree, total, frontier = {pid}, 0, [pid]
+    while frontier:
+        parent = frontier.pop()
+        total += stats.get(parent, (0, 0))[1]
+        children = [child for child, (ppid, _) in stats.items() if ppid == parent and child not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _stop(process: subprocess.Popen) -> None:
