@@ -9,7 +9,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -23,6 +22,7 @@ from sqlalchemy import create_engine, func, select
 
 from pacs_bridge.schema import deliveries, instances, predictions, processing_runs, studies
 from tests.conftest import free_port, wait_for
+from worker.processes import stop_process_groups
 
 pytestmark = pytest.mark.slow
 
@@ -42,13 +42,6 @@ def _start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
                             stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 def test_study_sent_by_storescu_comes_back_as_a_valid_sr_in_orthanc(
@@ -106,8 +99,7 @@ def test_study_sent_by_storescu_comes_back_as_a_valid_sr_in_orthanc(
         assert 'triage_runs_total{outcome="done",pipeline="neuro_mri"} 1.0' in scraped
         assert phantom_study.study_instance_uid not in scraped
     finally:
-        _stop(serve)
-        _stop(worker)
+        stop_process_groups(serve, worker)
 
     sr_path = tmp_path / "sr.dcm"
     sr_path.write_bytes(sr_bytes)

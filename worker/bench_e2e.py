@@ -16,7 +16,6 @@ import concurrent.futures
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sqlalchemy import create_engine, func, select
 
 from pacs_bridge.schema import as_utc, processing_runs, studies
+from worker.processes import stop_process_groups
 
 REPO = Path(__file__).resolve().parents[1]
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -155,14 +155,7 @@ def run_load(workdir: Path, study_folders: list[Path], *, database_url: str, bro
             runs = c.execute(select(processing_runs)).all()
             study_rows = c.execute(select(studies.c.id, studies.c.study_instance_uid)).all()
     finally:
-        for process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        stop_process_groups(*processes, grace_s=30)
         engine.dispose()
 
     done = [r for r in runs if r.status == "done"]

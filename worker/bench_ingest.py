@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+
+from worker.processes import stop_process_groups
 
 REPO = Path(__file__).resolve().parents[1]
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -122,15 +123,6 @@ def _cpu_seconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-
-
 def bench_dcmtk(folders: list[Path], work: Path) -> float:
     port = _free_port()
     out = work / "storescp"
@@ -143,7 +135,7 @@ def bench_dcmtk(folders: list[Path], work: Path) -> float:
         _wait(lambda: _port_open(port), 30, "storescp")
         return _send(folders, port, "STORESCP")
     finally:
-        _stop(process)
+        stop_process_groups(process)
         shutil.rmtree(out, ignore_errors=True)
 
 
@@ -169,7 +161,7 @@ def bench_orthanc(folders: list[Path], work: Path) -> float:
         _wait(alive, 60, "Orthanc")
         return _send(folders, dicom_port, "ORTHANC")
     finally:
-        _stop(process)
+        stop_process_groups(process)
         shutil.rmtree(storage, ignore_errors=True)
 
 
@@ -209,7 +201,7 @@ def bench_ours(folders: list[Path], work: Path, count: int, database_url: str | 
         return elapsed, _cpu_seconds(process.pid) - cpu_before
     finally:
         engine.dispose()
-        _stop(process)
+        stop_process_groups(process)
         shutil.rmtree(var, ignore_errors=True)
 
 

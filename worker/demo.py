@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pacs_bridge.dicom_send import DicomDestination, c_store
 from pacs_bridge.schema import make_engine, processing_runs, studies
 from worker.config import load_settings
 from worker.database import upgrade
+from worker.processes import stop_process_groups
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("receiving", "queued", "processing", "done")
@@ -123,12 +123,7 @@ def run_demo(lesion: str = "subdural_haemorrhage", seed: int = 7, workdir: str |
                 time.sleep(0.3)
         engine.dispose()
     finally:
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
+        stop_process_groups(worker)
         service.stop()
 
     if run.status != "done":
