@@ -47,7 +47,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pacs_bridge.bookkeeping import Bookkeeper, ReceivedInstance
 from pacs_bridge.dicom_tls import PeerBindings
 from pacs_bridge.intake import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES, RejectedInstance, check_received
-from pacs_bridge.scp import STORAGE_SOP_CLASSES, ActiveStudies, ScpSettings
+from pacs_bridge.scp import STORAGE_SOP_CLASSES, ActiveStudies, BackPressure, ScpSettings
 from pacs_bridge.storage import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class DcmtkFront:
         self._stop = threading.Event()
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
-        self._free, self._free_checked_at = 0, float("-inf")
+        self.back_pressure = BackPressure(settings, bookkeeper, self.spool_dir)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -243,16 +243,7 @@ class DcmtkFront:
                           if a.process is not None and a.process.poll() is None)
         if running >= self.settings.max_associations:
             return f"{running} associations running (scp.max_associations {self.settings.max_associations})"
-        backlog = self.bookkeeper.backlog
-        if backlog > self.settings.max_backlog:
-            return f"the database is {backlog} instances behind (scp.max_backlog {self.settings.max_backlog})"
-        now = time.monotonic()
-        if now - self._free_checked_at > 1.0:
-            self._free, self._free_checked_at = shutil.disk_usage(self.spool_dir).free, now
-        if self._free < self.settings.min_free_bytes:
-            return (f"{self._free // (1 << 20)} MiB free on the store's disk "
-                    f"(scp.min_free_bytes {self.settings.min_free_bytes})")
-        return None
+        return self.back_pressure.reason()
 
     @staticmethod
     def _reject(connection: socket.socket, result: int, source: int, reason: int) -> None:

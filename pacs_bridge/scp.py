@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
@@ -106,6 +107,35 @@ class ScpSettings:
 #: How often the free space on the store's disk is looked up (a statfs per image would cost more than the write).
 FREE_SPACE_CHECK_S = 1.0
 
+
+class BackPressure:
+    """Why the receiver should not take more now (the database far behind, the disk nearly full), or None.
+
+    Both receiver engines ask it: pynetdicom per C-STORE (answered A700), dcmtk per association request
+    (rejected-transient). The thresholds are read from ``settings`` at each call, so they can be changed live.
+    """
+
+    def __init__(self, settings: ScpSettings, bookkeeper: Bookkeeper, disk: Path) -> None:
+        self.settings, self.bookkeeper, self.disk = settings, bookkeeper, disk
+        self._free, self._free_checked_at = 0, float("-inf")
+
+    def reason(self) -> str | None:
+        backlog = self.bookkeeper.backlog
+        if backlog > self.settings.max_backlog:
+            return f"the database is {backlog} instances behind (scp.max_backlog {self.settings.max_backlog})"
+        free = self._free_bytes()
+        if free < self.settings.min_free_bytes:
+            return f"{free // (1 << 20)} MiB free on the store's disk (scp.min_free_bytes {self.settings.min_free_bytes})"
+        return None
+
+    def _free_bytes(self) -> int:
+        """Free space on the store's disk, asked of the filesystem at most every FREE_SPACE_CHECK_S."""
+        now = time.monotonic()
+        if now - self._free_checked_at > FREE_SPACE_CHECK_S:
+            self._free = shutil.disk_usage(self.disk).free
+            self._free_checked_at = now
+        return self._free
+
 #: Room for an A-ASSOCIATE-RQ, whose length the negotiated maximum does not bound (real ones are a few KB).
 MAX_ASSOCIATION_PDU_BYTES = 64 * 1024
 
@@ -159,7 +189,7 @@ class StorageSCP:
         self.deferred = 0  # C-STOREs answered Out of Resources by back-pressure (nothing was kept: the sender has it)
         self.rejected_by_status: collections.Counter[int] = collections.Counter()
         self._server = None
-        self._free, self._free_checked_at = 0, float("-inf")
+        self.back_pressure = BackPressure(settings, bookkeeper, store.incoming_dir)
 
         ae = AE(ae_title=settings.ae_title)
         ae.maximum_pdu_size = settings.max_pdu
@@ -244,7 +274,7 @@ class StorageSCP:
             "affected_sop_class_uid": str(request.AffectedSOPClassUID),
             "affected_sop_instance_uid": str(request.AffectedSOPInstanceUID)[:128],
         }
-        busy = self._busy_reason()
+        busy = self.back_pressure.reason()
         if busy is not None:
             self.deferred += 1
             if self.deferred % 100 == 1:
@@ -278,23 +308,6 @@ class StorageSCP:
                                              called_aet=called_aet, peer_address=event.assoc.requestor.address))
         self.received += 1
         return STATUS_SUCCESS
-
-    def _busy_reason(self) -> str | None:
-        backlog = self.bookkeeper.backlog
-        if backlog > self.settings.max_backlog:
-            return f"the database is {backlog} instances behind (scp.max_backlog {self.settings.max_backlog})"
-        free = self._free_bytes()
-        if free < self.settings.min_free_bytes:
-            return f"{free // (1 << 20)} MiB free on the store's disk (scp.min_free_bytes {self.settings.min_free_bytes})"
-        return None
-
-    def _free_bytes(self) -> int:
-        """Free space on the store's disk, asked of the filesystem at most every FREE_SPACE_CHECK_S."""
-        now = time.monotonic()
-        if now - self._free_checked_at > FREE_SPACE_CHECK_S:
-            self._free = shutil.disk_usage(self.store.incoming_dir).free
-            self._free_checked_at = now
-        return self._free
 
     def _reject(self, data: bytes, reason: str, status: int, context: dict[str, str]) -> int:
         self.rejected_by_status[status] += 1
