@@ -49,6 +49,28 @@ class IndexSettings:
     hnsw_ef_construction: int = 80
 
 
+#: Partition of vectors whose study has no known modality or region.
+UNKNOWN_PART = "UNKNOWN"
+
+
+def partition_key(modality: str, region: str) -> str:
+    """The partition of a study's vectors: its modality and body region, e.g. ``MR-HEAD``.
+
+    Embeddings of different kinds of image are not comparable evidence (a brain MR must never find CT heads as
+    similar), so each (modality, region) is an index of its own. Letters and digits only, so the key is safe in a
+    file name; an empty part becomes ``UNKNOWN``.
+    """
+    parts = ["".join(ch for ch in text.upper() if ch.isascii() and ch.isalnum()) or UNKNOWN_PART
+             for text in (modality, region)]
+    return "-".join(parts)[:64]
+
+
+def partition_path(path: str | Path, partition: str) -> Path:
+    """The file of one partition's index beside ``path`` (``slices.faiss`` -> ``slices.MR-HEAD.faiss``)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.{partition}{path.suffix}") if partition else path
+
+
 def choose_kind(n: int, settings: IndexSettings) -> str:
     if n <= settings.exact_max:
         return "flat"

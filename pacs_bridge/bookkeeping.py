@@ -43,7 +43,7 @@ _MAX_BACKOFF_S = 5.0
 _LOG_EVERY_S = 30.0
 
 #: A study in one of these states has been handed on; a new image re-opens it as a new version.
-_DISPATCHED_STATES = ("queued", "processing", "done", "failed", "ignored")
+_DISPATCHED_STATES = ("queued", "processing", "done", "failed", "ignored", "not analysed")
 
 
 @dataclass(frozen=True)

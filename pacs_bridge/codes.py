@@ -26,7 +26,7 @@ from highdicom.sr import CodedConcept
 from pydicom.sr.coding import Code
 
 #: Version of the label -> code table; written as the Coding Scheme Version of 99PRIMA.
-CODE_TABLE_VERSION = "2026.1"
+CODE_TABLE_VERSION = "2026.2"
 
 #: Designator of our private coding scheme (private designators start with "99", PS3.16 §8.1).
 PRIVATE_SCHEME = "99PRIMA"
@@ -147,6 +147,19 @@ PROCEDURES_REPORTED: Mapping[str, Code] = {
 PROCEDURE_IMAGING = Code("363679005", "SCT", "Imaging procedure")
 #: Performed Procedure Code Sequence (0040,A372) entry for a brain MR study.
 PERFORMED_PROCEDURE_MR_BRAIN = Code("24590-2", "LN", "MR Brain")
+PERFORMED_PROCEDURE_CT_HEAD = Code("24725-4", "LN", "CT Head")
+#: BodyPartExamined values (upper case, as PS3.16 Annex L defines them and scanners write them) of the head.
+HEAD_BODY_PARTS = frozenset({"HEAD", "BRAIN", "SKULL", "CEREBRUM", "HEADNECK"})
+#: (modality, region) -> the LOINC code of the procedure, where the region is known: the header's Performed
+#: Procedure Code Sequence when the images carry no Procedure Code Sequence of their own. TID 1500 "Procedure
+#: reported" stays the modality's CID 100 code (PixelMed refuses codes outside CID 100 there, and CID 100 has no
+#: head codes); the region goes to each finding as its Finding Site (FINDING_SITES).
+PROCEDURES_BY_REGION: Mapping[tuple[str, str], Code] = {
+    ("MR", "HEAD"): PERFORMED_PROCEDURE_MR_BRAIN,
+    ("CT", "HEAD"): PERFORMED_PROCEDURE_CT_HEAD,
+}
+#: Body region -> TID 1501 "Finding Site" (CID 7151 style anatomic codes) of every finding of such a study.
+FINDING_SITES: Mapping[str, Code] = {"HEAD": Code("12738006", "SCT", "Brain")}
 #: TID 1500 row 12 container of study-level evaluations.
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 PRIORITY = Code("260870009", "SCT", "Priority")
@@ -164,6 +177,48 @@ PRIORITY_SCORE = Code("PRIORITY-SCORE", PRIVATE_SCHEME, "Priority score")
 SIMILAR_STUDY = Code("SIMILAR-STUDY", PRIVATE_SCHEME, "Similar prior study")
 #: Finding of the single measurement group written when the model reported no diagnosis at all.
 NO_DIAGNOSIS_REPORTED = Code("NO-DX-REPORTED", PRIVATE_SCHEME, "No diagnosis reported by the model")
+#: NUM under a finding: the operating threshold the probability is compared with (UCUM "1", 0-1). No standard
+#: concept names a classifier's decision threshold.
+OPERATING_THRESHOLD = Code("OPERATING-POINT", PRIVATE_SCHEME, "Operating point threshold")
+#: CODE under a finding (TID 1501 qualitative evaluation): whether the model calls the finding. SNOMED CT
+#: "Presence" with the values below (confirm FSN and status in a SNOMED browser before a clinical release):
+#: Present = at or above the operating threshold (called); Absent = below it for a label the site has the model
+#: rule out (``model.report_absent``); Undetermined = below it, listed only as part of the differential.
+PRESENCE = Code("705057003", "SCT", "Presence")
+PRESENT = Code("52101004", "SCT", "Present")
+ABSENT = Code("272519000", "SCT", "Absent")
+UNDETERMINED = Code("373068000", "SCT", "Undetermined")
+#: Finding of a measurement group that stands for one similar prior study (its tracking identifier is a
+#: pseudonymous reference, never the other study's UID), with its similarity and its confirmed findings.
+SIMILAR_PRIOR_STUDY = Code("SIMILAR-PRIOR", PRIVATE_SCHEME, "Similar prior study")
+SIMILARITY = Code("SIMILARITY", PRIVATE_SCHEME, "Similarity to this study")
+CONFIRMED_FINDING = Code("CONFIRMED-DX", PRIVATE_SCHEME, "Finding confirmed by its final report")
+#: A study the input adequacy gate turned away: the finding of its one measurement group, the study-level
+#: outcome, and a reason (TEXT) per check that failed.
+NOT_ANALYSED = Code("NOT-ANALYSED", PRIVATE_SCHEME, "Not analysed: input inadequate for the model")
+AI_OUTCOME = Code("AI-OUTCOME", PRIVATE_SCHEME, "AI analysis outcome")
+NOT_ANALYSED_REASON = Code("NOT-ANALYSED-WHY", PRIVATE_SCHEME, "Reason not analysed")
+
+
+def body_region(body_part: str) -> str:
+    """The region a BodyPartExamined value names, for procedure codes and index partitions ("" if none)."""
+    text = "".join(ch for ch in body_part.upper() if ch.isalnum())
+    return "HEAD" if text in HEAD_BODY_PARTS else text
+
+
+def procedure_reported(modality: str) -> Code:
+    """TID 1500 "Procedure reported" (CID 100) for a modality."""
+    return PROCEDURES_REPORTED.get(modality, PROCEDURE_IMAGING)
+
+
+def performed_procedure(modality: str, body_part: str) -> Code | None:
+    """The region-specific procedure a study's modality and body part say was done (MR Brain, CT Head), if known."""
+    return PROCEDURES_BY_REGION.get((modality, body_region(body_part)))
+
+
+def finding_site(body_part: str) -> Code | None:
+    """TID 1501 Finding Site of the findings of a study of this body part, if the product knows it."""
+    return FINDING_SITES.get(body_region(body_part))
 
 
 def _concept(row: _Row) -> CodedConcept:

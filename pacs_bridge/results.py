@@ -36,19 +36,35 @@ class Finding:
     probability: float
     threshold: float
     regions: tuple[ImageRegion, ...] = ()
+    #: Below threshold and reported as explicitly absent (a label the site has the model rule out), rather than
+    #: merely listed as part of the differential.
+    reported_absent: bool = False
+
+    def __post_init__(self) -> None:
+        if self.reported_absent and self.positive:
+            raise ValueError(f"finding {self.label!r} is at or above its threshold and cannot be reported absent")
 
     @property
     def positive(self) -> bool:
         return self.probability >= self.threshold
+
+    @property
+    def call(self) -> str:
+        """What the model says of the finding: "present" (called), "absent" (ruled out) or "not called"."""
+        return "present" if self.positive else "absent" if self.reported_absent else "not called"
 
 
 @dataclass(frozen=True)
 class SimilarStudy:
     """A prior study found by the slice-embedding index: evidence for the radiologist."""
 
+    #: The other study's UID: known to the worker, never written to an SR (it is another patient's study).
     study_instance_uid: str
     similarity: float
     findings: tuple[str, ...] = ()
+    #: A pseudonymous reference to the other study (a keyed hash of its UID) that the SR carries instead, and that
+    #: the worklist resolves for authorised users (worker.slice_evidence.resolve_study_references).
+    reference: str = ""
 
 
 @dataclass(frozen=True)
@@ -70,3 +86,18 @@ class TriageResult:
         for f in self.findings:
             if not 0.0 <= f.probability <= 1.0:
                 raise ValueError(f"finding {f.label!r} has probability {f.probability} outside 0..1")
+
+
+@dataclass(frozen=True)
+class NotAnalysed:
+    """A study the input adequacy gate turned away: no model result, and why (worker.input_gate)."""
+
+    study_instance_uid: str
+    pipeline: str
+    reasons: tuple[str, ...]
+    model_name: str = "prima"
+    model_version: str = "unknown"
+
+    def __post_init__(self) -> None:
+        if not self.reasons or not all(r.strip() for r in self.reasons):
+            raise ValueError(f"study {self.study_instance_uid}: a not-analysed outcome needs its reasons")

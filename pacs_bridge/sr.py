@@ -11,31 +11,45 @@ Content tree (PS3.16 template and row in brackets)::
       HAS CONCEPT MOD  CODE Language of Content Item and Descendants = en-US    [TID 1204]
       HAS OBS CONTEXT  Observer Type = Device; Device Observer UID, Name,       [TID 1002, 1004]
                        Manufacturer, Model Name
-      HAS CONCEPT MOD  CODE Procedure reported = (25056-3, LN, "MRI unspecified body region"),
-                       per evidence modality (pacs_bridge.codes.PROCEDURES_REPORTED)
+      HAS CONCEPT MOD  CODE Procedure reported = the CID 100 code of each       [TID 1500 row 4]
+                       evidence modality (MRI / CT unspecified body region); the region-specific
+                       procedure (the images' Procedure Code Sequence, else LN 24590-2 "MR Brain",
+                       LN 24725-4 "CT Head") is the header's Performed Procedure Code Sequence
       CONTAINS CONTAINER Imaging Measurements                                   [TID 1500 row 6]
         CONTAINS CONTAINER Measurement Group, one per finding                   [TID 1501]
           TEXT Tracking Identifier "dx-<code value>"; UIDREF Tracking Unique Identifier
           CODE Finding = the diagnosis code (pacs_bridge.codes)
-          TEXT Algorithm Name, Algorithm Version,                               [TID 4019]
-               Algorithm Parameters "threshold=<operating threshold>"
+          CODE Finding Site = (12738006, SCT, "Brain") for a head study         [TID 1501 row 6]
+          TEXT Algorithm Name, Algorithm Version                                [TID 4019]
           NUM  (122157, DCM, "Probability"), UCUM "1", 0-1                      [TID 300]
+          NUM  (OPERATING-POINT, 99PRIMA, "Operating point threshold"), UCUM "1" [TID 300]
           NUM  (ATTRIB-WEIGHT, 99PRIMA, "Attribution weight"), UCUM "1"         [TID 300], one per region
             INFERRED FROM SCOORD POLYLINE, closed                               [TID 320]
               SELECTED FROM IMAGE, the source image
+          CODE (705057003, SCT, "Presence") = Present | Absent | Undetermined   [TID 1501 row 11]
+        CONTAINS CONTAINER Measurement Group, one per similar prior study       [TID 1501]
+          TEXT Tracking Identifier "prior-<keyed hash>" (never the other study's UID)
+          CODE Finding = (SIMILAR-PRIOR, 99PRIMA, "Similar prior study"); TID 4019
+          NUM  (SIMILARITY, 99PRIMA, "Similarity to this study"), UCUM "1"
+          CODE (CONFIRMED-DX, 99PRIMA) = a diagnosis of its final report, 0-n   [TID 1501 row 11]
       CONTAINS CONTAINER (C0034375, UMLS, "Qualitative Evaluations")            [TID 1500 row 12]
         CODE (260870009, SCT, "Priority") = Routine | Urgent | Stat             [row 13]
         CODE (3457005, SCT, "Patient referral") = CID 7030 service, 0-n         [row 13]
         TEXT (PRIORITY-SCORE, 99PRIMA, "Priority score") "<class>=<score>", 0-n [row 14]
-        TEXT (SIMILAR-STUDY, 99PRIMA, "Similar prior study") JSON object, 0-n   [row 14]
+
+A study the input adequacy gate turned away (:class:`~pacs_bridge.results.NotAnalysed`) gets the same document
+with one measurement group whose Finding is (NOT-ANALYSED, 99PRIMA), and a Qualitative Evaluations container
+holding CODE (AI-OUTCOME, 99PRIMA) = NOT-ANALYSED and one TEXT (NOT-ANALYSED-WHY, 99PRIMA) per reason; no
+priority, no finding. Its Series Description starts "AI triage NOT ANALYSED".
 
 Decisions worth knowing:
 
-* Every finding of the result is written, in order, positive or not: the worker decides which diagnoses are
-  reported (those above their operating point plus the top-k, so that a normal study still shows its
-  differential), and each group carries its threshold, so :attr:`~pacs_bridge.results.Finding.positive` reads
-  back. A result without any finding is written as one group whose Finding is (NO-DX-REPORTED, 99PRIMA),
-  because TID 1500 needs at least one measurement group; it reads back as no findings.
+* Every finding of the result is written, in order, and its Presence says which it is (IHE AIR asks that a
+  reader can tell them apart): Present = at or above its operating threshold (called); Undetermined = below it,
+  listed only to show the differential (the worker tops the reported diagnoses up to ``report_top_k``); Absent =
+  below it for a label the site has the model rule out (``model.report_absent``). A result without any finding
+  is written as one group whose Finding is (NO-DX-REPORTED, 99PRIMA), because TID 1500 needs at least one
+  measurement group; it reads back as no findings.
 * A finding's explanation regions sit inside that finding's group: one "Attribution weight" NUM per region,
   inferred from a closed 2-D POLYLINE on its source image (TID 1501 -> TID 300 -> TID 320). TID 1410 groups
   would be siblings of the finding, tied to it only by a shared tracking UID; 2-D SCOORD is also what viewers
@@ -46,14 +60,19 @@ Decisions worth knowing:
   :func:`build_sr` rounds them to float32 and :func:`read_sr` returns those values, so results whose vertices
   are float32-representable (pixel corners, half pixels) read back equal, and others come back rounded.
 * The row 12 container accepts only CODE and TEXT items (and TID 4019, whose TEXT items PixelMed then
-  mismatches against row 14): priority class scores and similar prior studies are therefore TEXT items with
-  private concept names, and the algorithm is identified in each measurement group.
+  mismatches against row 14): priority class scores are therefore TEXT items with a private concept name, and
+  the algorithm is identified in each measurement group.
+* Similar prior studies belong to other patients: the SR names them only by a pseudonymous reference (a keyed
+  hash of the other study's UID, :func:`worker.slice_evidence.study_reference`), which the worklist resolves
+  for authorised users; their findings are codes, their similarity a NUM. :func:`read_sr` returns them with an
+  empty ``study_instance_uid`` and the ``reference``.
+* SeriesDate/SeriesTime are set (the SR's creation), and descriptions are cut between words to fit 64 characters.
 * Tracking UIDs are derived from (study, label), so a revised SR tracks a finding under the same UID.
 """
 from __future__ import annotations
 
-import json
 import math
+import re
 import uuid
 from collections.abc import Collection, Container, Sequence
 from copy import deepcopy
@@ -66,7 +85,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import UID, generate_uid
 
 from pacs_bridge import codes
-from pacs_bridge.results import Finding, ImageRegion, SimilarStudy, TriageResult
+from pacs_bridge.results import Finding, ImageRegion, NotAnalysed, SimilarStudy, TriageResult
 
 #: Series Number of our SR series by default, and the range that :func:`is_our_sr` treats as ours.
 DEFAULT_SERIES_NUMBER = 990
@@ -76,11 +95,19 @@ DEFAULT_MANUFACTURER = "Triage Worker Project"
 PRODUCT_NAME = "triage-worker"
 #: Start of the Series Description (0008,103E) of every SR we write; the model name and version follow.
 SERIES_DESCRIPTION_PREFIX = "AI triage (not for diagnosis)"
+#: Start of the Series Description of an SR that says the study was not analysed.
+NOT_ANALYSED_DESCRIPTION_PREFIX = "AI triage NOT ANALYSED"
 
 #: SR SOP classes :func:`read_sr` decodes (we write Comprehensive 3D SR; Comprehensive SR is the fallback).
 _READABLE_SOP_CLASSES = {pydicom.uid.Comprehensive3DSRStorage, pydicom.uid.ComprehensiveSRStorage}
+#: Read only: SRs written before the threshold was a NUM carried it as this TID 4019 parameter.
 _THRESHOLD_PARAMETER = "threshold="
+_PRESENCE_OF_CALL = {"present": codes.PRESENT, "absent": codes.ABSENT, "not called": codes.UNDETERMINED}
+_CALL_OF_PRESENCE = {(c.scheme_designator, c.value): call for call, c in _PRESENCE_OF_CALL.items()}
 _NO_DIAGNOSIS_TRACKING_ID = "dx-none"
+_NOT_ANALYSED_TRACKING_ID = "not-analysed"
+#: What a pseudonymous reference to another study looks like (worker.slice_evidence.study_reference).
+_REFERENCE = re.compile(r"prior-[0-9a-f]{32}")
 _TRACKING_NAMESPACE = uuid.UUID("6f6e8f8e-2a4b-5c1d-9e0f-7472696167e5")
 _LO_MAX = 64
 _REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
@@ -95,7 +122,7 @@ _CONTAINS = hd.sr.RelationshipTypeValues.CONTAINS
 
 
 def build_sr(
-    result: TriageResult,
+    result: TriageResult | NotAnalysed,
     evidence: Sequence[pydicom.Dataset],
     *,
     series_instance_uid: str | None = None,
@@ -141,6 +168,7 @@ def build_sr(
     """
     evidence = _checked_evidence(result.study_instance_uid, evidence)
     instances = {ds.SOPInstanceUID: ds for ds in evidence}
+    analysed = isinstance(result, TriageResult)
     _check_text("model_name", result.model_name)
     _check_text("model_version", result.model_version)
     device_uid = _checked_uid("device_uid", device_uid)
@@ -159,22 +187,27 @@ def build_sr(
             ),
         )
     )
-    if result.findings:
-        groups = [_measurement_group(result, finding, instances) for finding in result.findings]
+    if not analysed:
+        groups = [_not_analysed_group(result)]
+    elif result.findings:
+        sites = _finding_sites(evidence)
+        groups = [_measurement_group(result, finding, instances, sites) for finding in result.findings]
     else:
         groups = [_no_diagnosis_group(result)]
-    modalities = dict.fromkeys(str(ds.get("Modality", "")) for ds in evidence)
-    procedures = list(dict.fromkeys(
-        codes.PROCEDURES_REPORTED.get(modality, codes.PROCEDURE_IMAGING) for modality in modalities))
+    if analysed:
+        groups += [_similar_study_group(result, study) for study in result.similar_studies]
+    procedures = _procedures(evidence)
     report = hd.sr.MeasurementReport(
         observation_context=observation_context,
         procedure_reported=procedures,
         imaging_measurements=groups,
     )
-    report[0].ContentSequence.append(_qualitative_evaluations(result))
+    report[0].ContentSequence.append(
+        _qualitative_evaluations(result) if analysed else _not_analysed_evaluations(result))
 
     requests = _requested_procedures(result.study_instance_uid, evidence)
-    return hd.sr.Comprehensive3DSR(
+    description = SERIES_DESCRIPTION_PREFIX if analysed else NOT_ANALYSED_DESCRIPTION_PREFIX
+    sr = hd.sr.Comprehensive3DSR(
         # A copy first: highdicom shares data elements of evidence[0] with the SR, and whoever edits the SR
         # must not edit the evidence.
         evidence=[_with_type2_defaults(deepcopy(evidence[0])), *evidence[1:]],
@@ -188,20 +221,24 @@ def build_sr(
         is_final=False,
         is_verified=False,
         institution_name=institution_name,
-        performed_procedure_codes=[codes.PERFORMED_PROCEDURE_MR_BRAIN] if "MR" in modalities else None,
+        performed_procedure_codes=_performed_procedures(evidence) or None,
         requested_procedures=requests or None,
         previous_versions=[previous_sr] if previous_sr is not None else None,
         record_evidence=True,
-        series_description=_truncate(
-            f"{SERIES_DESCRIPTION_PREFIX} - {result.model_name} {result.model_version}"),
+        series_description=_truncate(f"{description} - {result.model_name} {result.model_version}"),
         manufacturer_model_name=PRODUCT_NAME,
         software_versions=_truncate(f"{result.model_name} {result.model_version}"),
         coding_schemes=[codes.coding_scheme_identification()],
     )
+    # Series Date/Time (Type 3 in the SR Document Series module) are what a PACS files a series under; without
+    # them Orthanc lists the SR under "?". The series is made now, with the content.
+    sr.SeriesDate, sr.SeriesTime = sr.ContentDate, sr.ContentTime
+    return sr
 
 
 def read_sr(ds: pydicom.Dataset) -> TriageResult:
-    """Decode an SR written by :func:`build_sr` back to the triage result it encodes.
+    """Decode an SR written by :func:`build_sr` back to the triage result it encodes (see :func:`read_outcome`
+    for SRs that may say the study was not analysed).
 
     ``read_sr(build_sr(r, evidence, ...)) == r`` for every result whose polygon vertices are
     float32-representable; other vertices come back rounded to float32 (see the module docstring).
@@ -209,8 +246,23 @@ def read_sr(ds: pydicom.Dataset) -> TriageResult:
     Raises
     ------
     ValueError
-        When ``ds`` is not a TID 1500 Comprehensive (3D) SR of our layout; the message names its SOP Instance
-        UID and the part that does not fit.
+        When ``ds`` is not a TID 1500 Comprehensive (3D) SR of our layout, or says the study was not analysed;
+        the message names its SOP Instance UID and the part that does not fit.
+    """
+    outcome = read_outcome(ds)
+    if isinstance(outcome, NotAnalysed):
+        raise ValueError(f"SR {ds.SOPInstanceUID} says study {outcome.study_instance_uid} was not analysed: "
+                         + "; ".join(outcome.reasons))
+    return outcome
+
+
+def read_outcome(ds: pydicom.Dataset) -> TriageResult | NotAnalysed:
+    """Decode an SR written by :func:`build_sr`: the triage result, or the not-analysed outcome with its reasons.
+
+    Raises
+    ------
+    ValueError
+        When ``ds`` is not a TID 1500 Comprehensive (3D) SR of our layout.
     """
     sop_uid = str(ds.get("SOPInstanceUID", "<no SOPInstanceUID>"))
     if ds.get("SOPClassUID") not in _READABLE_SOP_CLASSES:
@@ -231,20 +283,30 @@ def read_sr(ds: pydicom.Dataset) -> TriageResult:
     model_name = _text_value(groups[0][0], dcm_codes.DCM.AlgorithmName, f"SR {sop_uid}")
     model_version = _text_value(groups[0][0], dcm_codes.DCM.AlgorithmVersion, f"SR {sop_uid}")
     findings = []
+    similar_studies: list[SimilarStudy] = []
+    not_analysed = False
     for group in groups:
         if group.finding_type is None:
             raise ValueError(f"SR {sop_uid}: measurement group {group.tracking_identifier!r} has no Finding")
-        if group.finding_type != codes.NO_DIAGNOSIS_REPORTED:
+        if group.finding_type == codes.NOT_ANALYSED:
+            not_analysed = True
+        elif group.finding_type == codes.SIMILAR_PRIOR_STUDY:
+            similar_studies.append(_read_similar_study(group, f"SR {sop_uid}"))
+        elif group.finding_type != codes.NO_DIAGNOSIS_REPORTED:
             findings.append(_read_finding(group, series_of, f"SR {sop_uid}"))
 
     evaluations = _single(
         hd.sr.utils.find_content_items(report[0], name=codes.QUALITATIVE_EVALUATIONS),
         f"SR {sop_uid}: Qualitative Evaluations container",
     )
+    if not_analysed:
+        reasons = tuple(str(item.TextValue) for item in evaluations.ContentSequence
+                        if _concept_name(item) == codes.NOT_ANALYSED_REASON)
+        return NotAnalysed(study_instance_uid=str(ds.StudyInstanceUID), pipeline="", reasons=reasons,
+                           model_name=model_name, model_version=model_version)
     priority = None
     referrals: list[str] = []
     priority_scores: dict[str, float] = {}
-    similar_studies: list[SimilarStudy] = []
     for item in evaluations.ContentSequence:
         name = _concept_name(item)
         if name == codes.PRIORITY:
@@ -254,7 +316,7 @@ def read_sr(ds: pydicom.Dataset) -> TriageResult:
         elif name == codes.PRIORITY_SCORE:
             label, score = _parse_priority_score(item.TextValue, f"SR {sop_uid}")
             priority_scores[label] = score
-        elif name == codes.SIMILAR_STUDY:
+        elif name == codes.SIMILAR_STUDY:  # SRs written before similar studies were measurement groups
             similar_studies.append(_parse_similar_study(item.TextValue, f"SR {sop_uid}"))
     if priority is None:
         raise ValueError(f"SR {sop_uid}: no Priority (260870009, SCT) in the Qualitative Evaluations")
@@ -375,8 +437,44 @@ def _finite(what: str, value: float) -> float:
 
 
 def _truncate(text: str) -> str:
-    """``text`` cut to the 64 characters of a LO value (plain ASCII: the character set is the evidence's)."""
-    return text[:_LO_MAX]
+    """``text`` fitted to the 64 characters of a LO value, cut between words (plain ASCII: the character set is
+    the evidence's); a single word longer than that is cut where it must be."""
+    text = " ".join(text.split())
+    if len(text) <= _LO_MAX:
+        return text
+    cut = text[: _LO_MAX + 1].rsplit(" ", 1)[0].rstrip(" -")
+    return cut if cut and len(cut) <= _LO_MAX else text[:_LO_MAX]
+
+
+def _procedures(evidence: Sequence[pydicom.Dataset]) -> list[Code]:
+    """TID 1500 "Procedure reported": the CID 100 code of each modality of the evidence."""
+    return list(dict.fromkeys(codes.procedure_reported(str(ds.get("Modality", ""))) for ds in evidence))
+
+
+def _finding_sites(evidence: Sequence[pydicom.Dataset]) -> list[hd.sr.FindingSite]:
+    """The Finding Site of the study's findings, from its body part (one region, else none)."""
+    sites = {codes.finding_site(str(ds.get("BodyPartExamined") or "")) for ds in evidence}
+    sites.discard(None)
+    return [hd.sr.FindingSite(anatomic_location=sites.pop())] if len(sites) == 1 else []
+
+
+def _performed_procedures(evidence: Sequence[pydicom.Dataset]) -> list[Code]:
+    """Performed Procedure Code Sequence: the study's own Procedure Code Sequence (0008,1032) where the images
+    carry one (what the RIS ordered and the modality performed), else the region-specific procedure the
+    modality and body part name (MR Brain, CT Head), else none."""
+    from_study: dict[tuple[str, str], Code] = {}
+    for ds in evidence:
+        for item in ds.get("ProcedureCodeSequence") or []:
+            try:
+                code = hd.sr.CodedConcept.from_dataset(item)
+            except (AttributeError, TypeError, ValueError):
+                continue  # an incomplete code item in an image header is not ours to repair
+            from_study.setdefault((code.scheme_designator, code.value), code)
+    if from_study:
+        return list(from_study.values())
+    derived = (codes.performed_procedure(str(ds.get("Modality", "")), str(ds.get("BodyPartExamined") or ""))
+               for ds in evidence)
+    return list(dict.fromkeys(code for code in derived if code is not None))
 
 
 def _tracking_uid(study_instance_uid: str, key: str) -> str:
@@ -388,7 +486,7 @@ def _tracking_uid(study_instance_uid: str, key: str) -> str:
     return f"2.25.{uuid.uuid5(_TRACKING_NAMESPACE, f'{study_instance_uid}/{key}').int}"
 
 
-def _algorithm_identification(result: TriageResult, parameters: Sequence[str] | None = None
+def _algorithm_identification(result: TriageResult | NotAnalysed, parameters: Sequence[str] | None = None
                               ) -> hd.sr.AlgorithmIdentification:
     # No Algorithm Manufacturer (TEXT 122405): the PixelMed template tables do not know it and warn
     # (dicom-results.md §2); the vendor is the Device observer's manufacturer.
@@ -396,7 +494,8 @@ def _algorithm_identification(result: TriageResult, parameters: Sequence[str] | 
                                          parameters=parameters)
 
 
-def _measurement_group(result: TriageResult, finding: Finding, instances: dict[str, pydicom.Dataset]
+def _measurement_group(result: TriageResult, finding: Finding, instances: dict[str, pydicom.Dataset],
+                       finding_sites: Sequence[hd.sr.FindingSite] = ()
                        ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """The TID 1501 group of one finding: its code, probability, threshold and explanation regions."""
     code = codes.code_for_label(finding.label)
@@ -406,7 +505,8 @@ def _measurement_group(result: TriageResult, finding: Finding, instances: dict[s
             name=codes.PROBABILITY,
             value=_finite(f"probability of finding {finding.label!r}", finding.probability),
             unit=codes.UNIT_ONE,
-        )
+        ),
+        hd.sr.Measurement(name=codes.OPERATING_THRESHOLD, value=threshold, unit=codes.UNIT_ONE),
     ]
     for index, region in enumerate(finding.regions):
         measurements.append(_attribution(f"region {index} of finding {finding.label!r}", region, instances))
@@ -414,8 +514,10 @@ def _measurement_group(result: TriageResult, finding: Finding, instances: dict[s
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=_tracking_uid(result.study_instance_uid, finding.label), identifier=f"dx-{code.value}"),
         finding_type=code,
-        algorithm_id=_algorithm_identification(result, [f"{_THRESHOLD_PARAMETER}{threshold!r}"]),
+        algorithm_id=_algorithm_identification(result),
+        finding_sites=list(finding_sites) or None,
         measurements=measurements,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.PRESENCE, _PRESENCE_OF_CALL[finding.call])],
     )
 
 
@@ -477,19 +579,57 @@ def _qualitative_evaluations(result: TriageResult) -> hd.sr.ContainerContentItem
     for label, score in result.priority_scores.items():
         score = _finite(f"priority score {label!r}", score)
         items.append(hd.sr.TextContentItem(codes.PRIORITY_SCORE, f"{label}={score!r}", _CONTAINS))
-    for study in result.similar_studies:
-        items.append(hd.sr.TextContentItem(codes.SIMILAR_STUDY, _format_similar_study(study), _CONTAINS))
     container = hd.sr.ContainerContentItem(name=codes.QUALITATIVE_EVALUATIONS, relationship_type=_CONTAINS)
     container.ContentSequence = hd.sr.ContentSequence(items)
     return container
 
 
-def _format_similar_study(study: SimilarStudy) -> str:
-    """The TEXT value of a similar prior study: a JSON object, legible in a viewer and exact to read back."""
-    uid = _checked_uid("similar study", study.study_instance_uid)
-    similarity = _finite(f"similarity of similar study {uid}", study.similarity)
-    record = {"study_instance_uid": uid, "similarity": similarity, "findings": list(study.findings)}
-    return json.dumps(record, ensure_ascii=False)
+def _similar_study_group(result: TriageResult, study: SimilarStudy) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """A TID 1501 group for one similar prior study, naming it only by its pseudonymous reference.
+
+    The other study belongs to another patient: its UID never enters this SR. Its tracking identifier is the
+    reference (a keyed hash the worklist resolves for authorised users), its similarity a NUM, and each finding
+    of its final report a CODE "Finding confirmed by its final report" (labels without a code are left out).
+    """
+    reference = study.reference.strip()
+    if not _REFERENCE.fullmatch(reference):
+        raise ValueError(
+            f"similar study of {result.study_instance_uid} has no pseudonymous reference ({reference!r}): set "
+            "SimilarStudy.reference (worker.slice_evidence.study_reference); the SR never names another study")
+    similarity = _finite(f"similarity of similar study {reference}", study.similarity)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=_tracking_uid(result.study_instance_uid, f"similar/{reference}"), identifier=reference),
+        finding_type=codes.SIMILAR_PRIOR_STUDY,
+        algorithm_id=_algorithm_identification(result),
+        measurements=[hd.sr.Measurement(name=codes.SIMILARITY, value=similarity, unit=codes.UNIT_ONE)],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(codes.CONFIRMED_FINDING, codes.code_for_label(label))
+            for label in study.findings if label in codes.DIAGNOSIS_CODES
+        ] or None,
+    )
+
+
+def _not_analysed_group(outcome: NotAnalysed) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The one group of a not-analysed SR (TID 1500 needs one): its finding says no analysis was made."""
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=_tracking_uid(outcome.study_instance_uid, _NOT_ANALYSED_TRACKING_ID),
+            identifier=_NOT_ANALYSED_TRACKING_ID),
+        finding_type=codes.NOT_ANALYSED,
+        algorithm_id=_algorithm_identification(outcome),
+    )
+
+
+def _not_analysed_evaluations(outcome: NotAnalysed) -> hd.sr.ContainerContentItem:
+    """The row 12 container of a not-analysed SR: the outcome, and one TEXT per reason. No priority: none was
+    judged, and a reader must not take the absence of a finding for a normal study."""
+    items: list[hd.sr.ContentItem] = [hd.sr.CodeContentItem(codes.AI_OUTCOME, codes.NOT_ANALYSED, _CONTAINS)]
+    for reason in outcome.reasons:
+        items.append(hd.sr.TextContentItem(codes.NOT_ANALYSED_REASON, reason.strip(), _CONTAINS))
+    container = hd.sr.ContainerContentItem(name=codes.QUALITATIVE_EVALUATIONS, relationship_type=_CONTAINS)
+    container.ContentSequence = hd.sr.ContentSequence(items)
+    return container
 
 
 def _requested_procedures(study_uid: str, evidence: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
@@ -558,7 +698,18 @@ def _parse_priority_score(text: str, where: str) -> tuple[str, float]:
     return label, _parse_float(score, f"{where}: priority score {label!r}")
 
 
+def _read_similar_study(group: hd.sr.MeasurementsAndQualitativeEvaluations, where: str) -> SimilarStudy:
+    reference = str(_text_value(group[0], dcm_codes.DCM.TrackingIdentifier, f"{where}: similar prior study"))
+    what = f"{where}: similar prior study {reference}"
+    similarity = _single(group.get_measurements(name=codes.SIMILARITY), f"{what}: Similarity").value
+    findings = tuple(codes.label_for_code(hd.sr.CodeContentItem.from_dataset(item).value)
+                     for item in hd.sr.utils.find_content_items(group[0], name=codes.CONFIRMED_FINDING))
+    return SimilarStudy(study_instance_uid="", similarity=float(similarity), findings=findings, reference=reference)
+
+
 def _parse_similar_study(text: str, where: str) -> SimilarStudy:
+    import json
+
     what = f"{where}: similar prior study {text!r}"
     try:
         record = json.loads(text)
@@ -575,11 +726,19 @@ def _read_finding(group: hd.sr.MeasurementsAndQualitativeEvaluations, series_of:
                   ) -> Finding:
     label = codes.label_for_code(group.finding_type)
     what = f"{where}: finding {label!r}"
-    parameters = hd.sr.utils.find_content_items(group[0], name=dcm_codes.DCM.AlgorithmParameters)
-    thresholds = [str(item.TextValue).removeprefix(_THRESHOLD_PARAMETER) for item in parameters
-                  if str(item.TextValue).startswith(_THRESHOLD_PARAMETER)]
-    threshold = _parse_float(_single(thresholds, f"{what}: threshold parameter"), f"{what}: threshold")
+    numeric = group.get_measurements(name=codes.OPERATING_THRESHOLD)
+    if numeric:
+        threshold = float(_single(numeric, f"{what}: Operating point threshold").value)
+    else:  # an SR of an earlier version: the threshold as a TID 4019 parameter
+        parameters = hd.sr.utils.find_content_items(group[0], name=dcm_codes.DCM.AlgorithmParameters,
+                                                    recursive=True)
+        thresholds = [str(item.TextValue).removeprefix(_THRESHOLD_PARAMETER) for item in parameters
+                      if str(item.TextValue).startswith(_THRESHOLD_PARAMETER)]
+        threshold = _parse_float(_single(thresholds, f"{what}: threshold parameter"), f"{what}: threshold")
     probability = _single(group.get_measurements(name=codes.PROBABILITY), f"{what}: Probability").value
+    presence = [hd.sr.CodeContentItem.from_dataset(item).value
+                for item in hd.sr.utils.find_content_items(group[0], name=codes.PRESENCE)]
+    call = _CALL_OF_PRESENCE.get((presence[0].scheme_designator, presence[0].value)) if presence else None
 
     regions = []
     for measurement in group.get_measurements(name=codes.ATTRIBUTION_WEIGHT):
@@ -596,4 +755,5 @@ def _read_finding(group: hd.sr.MeasurementsAndQualitativeEvaluations, series_of:
             polygon=tuple((float(np.float32(c)), float(np.float32(r))) for c, r in coordinates.value),
             weight=float(measurement.value),
         ))
-    return Finding(label=label, probability=float(probability), threshold=threshold, regions=tuple(regions))
+    return Finding(label=label, probability=float(probability), threshold=threshold, regions=tuple(regions),
+                   reported_absent=call == "absent")

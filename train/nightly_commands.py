@@ -40,13 +40,12 @@ def rebuild_vector_index(settings, outcome=None) -> None:
     if not settings["slice_evidence"]["enabled"]:
         return
     from pacs_bridge.schema import make_engine
-    from worker.slice_evidence import SliceIndexBook
+    from worker.slice_evidence import rebuild_all
 
     engine = make_engine(settings.database_url)
     try:
-        book = SliceIndexBook(settings, engine)
-        count = book.rebuild()
-        logging.getLogger(__name__).info("vector index %s rebuilt: %d studies", book.path, count)
+        counts = rebuild_all(settings, engine)  # one index per partition (modality and body region)
+        logging.getLogger(__name__).info("vector index rebuilt: %s studies by partition", counts)
     finally:
         engine.dispose()
 

@@ -146,6 +146,46 @@ DEFAULTS: dict[str, Any] = {
         "priority_map": {"none": "routine", "low": "urgent", "medium": "urgent", "high": "stat"},
         # Referral heads whose probability reaches this value are reported.
         "referral_threshold": 0.5,
+        # Diagnosis labels the site has the model rule out: below their threshold they are reported (in the SR) as
+        # explicitly Absent, beside the called (Present) findings and the rest of the differential (Undetermined).
+        "report_absent": [],
+    },
+    # The input adequacy gate (worker/input_gate.py), checked from the image headers before the model runs. A study
+    # that fails it is "not analysed": run status not_analysed, study status "not analysed", an event of kind
+    # not_analysed with the reasons, the metric triage_runs_total{outcome="not_analysed"}, no priority raised, no
+    # forward after processing, and (write_sr) an SR that says it was not analysed and why.
+    # How long a study waits for its series: it is judged when it is complete (assembly: all of the routing rule's
+    # expected_series present and nothing arrived for expected_series_settle_s; else quiet_period_s of silence with
+    # no association sending; at the latest max_wait_s after its first image). A series that arrives after that
+    # re-opens the study, and the new version is judged again (and analysed, once adequate).
+    "input_gate": {
+        "enabled": True,
+        # Write an SR for a study that is not analysed (to the same destinations as results). false: none.
+        "write_sr": True,
+        # Per pipeline: modalities (series of other modalities do not count); body_part_regex (Python re.search on
+        # BodyPartExamined; empty: any); accept_missing_body_part (series without BodyPartExamined count, as many
+        # scanners leave it empty); required_series (SeriesDescription patterns, each must match a series that
+        # counts; null: the routing rule's expected_series, with the same matching as completion; []: none);
+        # min_slices (distinct slice positions) and min_coverage_mm (along the slice normal, first to last slice
+        # plus one slice thickness) that a series needs to count; at least one series must count.
+        "neuro_mri": {
+            "modalities": ["MR"],
+            "body_part_regex": r"(?i)^(brain|head|skull|cerebrum|neuro|headneck|head_neck)$",
+            "accept_missing_body_part": True,
+            "required_series": None,
+            # The study encoder tokenises 4-slice blocks over the brain (about 140 mm head to foot).
+            "min_slices": 12,
+            "min_coverage_mm": 80.0,
+        },
+        "slice_knn": {
+            "modalities": ["CT", "CR", "DX", "MR"],
+            "body_part_regex": "",
+            "accept_missing_body_part": True,
+            "required_series": None,
+            # CR/DX images have no slice geometry: their coverage counts as 0 mm.
+            "min_slices": 1,
+            "min_coverage_mm": 0.0,
+        },
     },
     "explain": {
         # LIME over the volume tokens of the series that carries each positive finding; the top tokens become
@@ -173,8 +213,14 @@ DEFAULTS: dict[str, Any] = {
         # An evenly spaced subset of each series' slices, and at most this many series (the largest) per study.
         "max_slices_per_series": 8,
         "max_series": 8,
-        # The faiss index file (a cache of the slice_embeddings table). Empty: <var_dir>/index/slices.faiss.
+        # The faiss index file (a cache of the slice_embeddings table). Empty: <var_dir>/index/slices.faiss. The index
+        # is partitioned by the study's modality and body region (one file each, slices.MR-HEAD.faiss, ...): a study
+        # is compared only with studies of its own partition, so brain MRs never list CT heads as similar.
         "index_path": "",
+        # The site key of the pseudonymous references by which an SR names similar prior studies (never by their
+        # UIDs: they are other patients' studies); the worklist resolves them for authorised users. Empty: a random
+        # key made once at <var_dir>/keys/study-reference.key. Workers on several hosts must share one key file.
+        "reference_key_file": "",
         # Exact search up to exact_max studies; beyond it ivf (nprobe lists searched) or hnsw.
         "exact_max": 200000,
         "approximate": "ivf",

@@ -30,6 +30,8 @@ TURNAROUND_SECONDS = Histogram(
     buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
 )
 RUNS = Counter("triage_runs_total", "Processing runs by outcome", ["pipeline", "outcome"])
+INPUT_GATE_REFUSALS = Counter("triage_input_gate_refusals_total",
+                              "Studies not analysed by the input gate, by the check that failed", ["pipeline", "check"])
 FAILURES = Counter("triage_failures_total", "Failures by component", ["component"])
 DELIVERIES = Counter("triage_deliveries_total", "Delivery attempts by outcome", ["outcome"])
 DEAD_LETTERS = Counter("triage_dead_letters_total", "Deliveries given up after their last attempt")

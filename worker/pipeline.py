@@ -24,19 +24,25 @@ from pydicom.uid import generate_uid
 from sqlalchemy import and_, case, insert, or_, select, update
 from sqlalchemy.engine import Engine
 
-from pacs_bridge.results import Finding, ImageRegion, TriageResult
+from pacs_bridge.results import Finding, ImageRegion, NotAnalysed, TriageResult
 from pacs_bridge.routing import is_derived_object
 from pacs_bridge.schema import as_utc, events, instances, predictions, processing_runs, series, studies, utcnow
 from worker.config import Settings
 from worker.delivery import DeliveryBook
+from worker.input_gate import GatePolicy, GateVerdict, assess, read_headers, series_inputs
 from worker.publishing import publish_result
-from worker.metrics import BATCH_SIZE, RUNS, STAGE_SECONDS, TURNAROUND_SECONDS
+from worker.metrics import BATCH_SIZE, INPUT_GATE_REFUSALS, RUNS, STAGE_SECONDS, TURNAROUND_SECONDS
 
 log = logging.getLogger(__name__)
 
 
 class RunFailed(Exception):
     """The study cannot be processed (no usable series, say); the reason is recorded and not retried."""
+
+
+#: Run status and study status of a study the input gate turned away.
+NOT_ANALYSED_RUN = "not_analysed"
+NOT_ANALYSED_STUDY = "not analysed"
 
 
 @dataclass(frozen=True)
@@ -57,14 +63,18 @@ class Prepared:
     image_paths: dict[str, list[Path]]
     volumes: list
     timings: dict[str, float]
+    #: The input gate's verdict; an inadequate study is not loaded and never reaches the model.
+    verdict: "GateVerdict | None" = None
+    #: The slice index partition of the study (modality and body region).
+    partition: str = ""
 
 
 @dataclass(frozen=True)
 class RunOutcome:
     run_id: int
-    status: str  # done | duplicate | failed
+    status: str  # done | not_analysed | duplicate | failed
     sr_path: Path | None = None
-    result: TriageResult | None = None
+    result: TriageResult | NotAnalysed | None = None
 
 
 def make_result(prediction, settings: Settings, study_uid: str, model_name: str, model_version: str,
@@ -83,6 +93,14 @@ def make_result(prediction, settings: Settings, study_uid: str, model_name: str,
         Finding(label=label, probability=float(prediction.diagnosis_probs[label]),
                 threshold=float(prediction.thresholds[label]), regions=regions.get(label, ()))
         for label in sorted(reported, key=lambda name: prediction.diagnosis_probs[name], reverse=True)
+    )
+    # Labels the site has the model rule out: below threshold, reported as explicitly absent (not just unlisted).
+    findings += tuple(
+        Finding(label=label, probability=float(prediction.diagnosis_probs[label]),
+                threshold=float(prediction.thresholds[label]), reported_absent=True)
+        for label in model_settings["report_absent"]
+        if label in prediction.diagnosis_probs and label not in reported
+        and prediction.diagnosis_probs[label] < prediction.thresholds[label]
     )
     top_class = max(prediction.priority_probs, key=prediction.priority_probs.get)
     priority = model_settings["priority_map"].get(top_class)
@@ -205,9 +223,19 @@ class RunProcessor:
         with concurrent.futures.ThreadPoolExecutor(max(1, min(len(batch), 4))) as pool:
             for claim, future in [(c, pool.submit(self._prepare, c)) for c in batch]:
                 try:
-                    prepared.append(future.result())
+                    item = future.result()
                 except Exception as exc:
                     outcomes[claim.run_id] = self._fail(claim, exc)
+                    continue
+                if item.verdict is not None and not item.verdict.adequate:
+                    try:
+                        outcomes[claim.run_id] = self.not_analysed(
+                            claim, "neuro_mri", item.verdict, item.image_paths, self._bundle.manifest["family"],
+                            self._bundle.version)
+                    except Exception as exc:
+                        outcomes[claim.run_id] = self._fail(claim, exc)
+                    continue
+                prepared.append(item)
         predictions = self._predict(prepared, outcomes)
         for item, prediction in zip(prepared, predictions):
             if prediction is None:
@@ -354,6 +382,14 @@ class RunProcessor:
         if not image_paths:
             raise RunFailed("the study has no image instances")
 
+        from worker.slice_evidence import study_partition
+
+        t0 = time.perf_counter()
+        headers = read_headers(image_paths)
+        verdict = self.judge_input(claim, "neuro_mri", headers)
+        timings["gate_s"] = time.perf_counter() - t0
+        if verdict is not None and not verdict.adequate:
+            return Prepared(claim, dict(image_paths), [], timings, verdict)
         model_name, model_version = self._bundle.manifest["family"], self._bundle.version
         t0 = time.perf_counter()
         volumes, skipped = load_study(dict(image_paths))
@@ -368,7 +404,7 @@ class RunProcessor:
                 ])
         if not volumes:
             raise RunFailed(f"no usable series: {skipped}")
-        return Prepared(claim, dict(image_paths), volumes, timings)
+        return Prepared(claim, dict(image_paths), volumes, timings, verdict, study_partition(headers))
 
     def _finish(self, item: "Prepared", prediction) -> RunOutcome:
         """After the model: explanation, result, SR, predictions, publications, deliveries, bookkeeping."""
@@ -383,7 +419,7 @@ class RunProcessor:
         result = make_result(prediction, self.settings, study_uid, model_name, model_version, regions)
         from worker.slice_evidence import add_slice_evidence  # similar prior studies (slice_evidence.enabled)
 
-        result = add_slice_evidence(self, item, result)
+        result = add_slice_evidence(self, item, result)  # within the study's partition (item.partition)
         t0 = time.perf_counter()
         sr_path, sr = self._write_sr(run_id, study_id, study_uid, version, result,
                                      [p for paths in image_paths.values() for p in paths])
@@ -422,6 +458,67 @@ class RunProcessor:
                  result.priority, len(result.findings), sum(v for k, v in timings.items() if k.endswith("_s")))
         return RunOutcome(run_id, "done", sr_path, result)
 
+    # -- the input gate ---------------------------------------------------------------------------------------
+    def judge_input(self, claim: "Claimed", pipeline: str, headers: dict) -> GateVerdict | None:
+        """The input gate's verdict on a run's study (headers by series), or None when the gate is off.
+
+        The required series are the gate's own, or the routing rule's ``expected_series`` (looked up by the rule
+        name the run was created under), searched in SeriesDescription as completion searches them.
+        """
+        gate = self.settings["input_gate"]
+        if not gate["enabled"] or pipeline not in gate:
+            return None
+        policy = GatePolicy.from_config(pipeline, gate[pipeline])
+        expected: tuple = ()
+        if policy.required_series is None:
+            from pacs_bridge.rules import RuleSet
+
+            with self.engine.connect() as connection:
+                routing = connection.execute(select(processing_runs.c.routing)
+                                             .where(processing_runs.c.id == claim.run_id)).scalar_one_or_none()
+            rule = RuleSet.from_config(self.settings["routing"]).rule(str((routing or {}).get("rule") or ""))
+            expected = rule.expected_series if rule is not None else ()
+        return assess(series_inputs(headers), policy, expected)
+
+    def not_analysed(self, claim: "Claimed", pipeline: str, verdict: GateVerdict, image_paths: dict[str, list[Path]],
+                     model_name: str, model_version: str) -> RunOutcome:
+        """Record a study the input gate turned away: no priority raised, no forward after processing, an event,
+        the metric, run status ``not_analysed``, study status "not analysed", and the SR that says why (unless
+        ``input_gate.write_sr`` is off), delivered like any result SR."""
+        run_id = claim.run_id
+        outcome = NotAnalysed(claim.study_uid, pipeline, verdict.reasons, model_name, model_version)
+        log.info("run %d study %s v%d (%s): not analysed: %s", run_id, claim.study_uid, claim.version, pipeline,
+                 "; ".join(verdict.reasons))
+        sr_path, delivery_ids = None, []
+        if self.settings["input_gate"]["write_sr"]:
+            sr_path, sr = self._write_sr(run_id, claim.study_id, claim.study_uid, claim.version, outcome,
+                                         [p for paths in image_paths.values() for p in paths])
+            self._stamp(run_id, "sr_created_at", sr_sop_instance_uid=str(sr.SOPInstanceUID), sr_path=str(sr_path))
+            delivery_ids = self.deliveries.create(run_id, str(sr.SOPInstanceUID), sr_path)
+            for delivery_id in delivery_ids:
+                self.enqueue_delivery(delivery_id)
+        finished = utcnow()
+        with self.engine.begin() as connection:
+            connection.execute(update(processing_runs).where(processing_runs.c.id == run_id).values(
+                status=NOT_ANALYSED_RUN, finished_at=finished, priority=None, model_name=model_name[:64],
+                model_version=model_version[:128],
+                error="not analysed: " + "; ".join(verdict.reasons),
+                delivered_at=None if delivery_ids else finished))
+            connection.execute(update(studies).where(and_(studies.c.id == claim.study_id,
+                                                          studies.c.version == claim.version))
+                               .values(status=NOT_ANALYSED_STUDY))
+            connection.execute(predictions.delete().where(predictions.c.run_id == run_id))
+            connection.execute(insert(events).values(
+                at=finished, kind="not_analysed", study_instance_uid=claim.study_uid,
+                reason=f"run {run_id} ({pipeline}) not analysed: " + "; ".join(verdict.reasons),
+                detail={"run_id": run_id, "pipeline": pipeline, "version": claim.version,
+                        "reasons": list(verdict.reasons), "checks": list(verdict.checks),
+                        "sr_written": sr_path is not None}))
+        RUNS.labels(pipeline=pipeline, outcome=NOT_ANALYSED_RUN).inc()
+        for check in verdict.checks:
+            INPUT_GATE_REFUSALS.labels(pipeline=pipeline, check=check).inc()
+        return RunOutcome(run_id, NOT_ANALYSED_RUN, sr_path, outcome)
+
     def _explain(self, predictor, volumes, prediction) -> dict[str, tuple[ImageRegion, ...]]:
         """LIME regions for the positive findings (the most probable first, up to ``explain.max_findings``)."""
         settings = self.settings["explain"]
@@ -455,8 +552,8 @@ class RunProcessor:
             connection.execute(update(processing_runs).where(processing_runs.c.id == run_id)
                                .values(**{column: utcnow()}, **values))
 
-    def _write_sr(self, run_id: int, study_id: int, study_uid: str, version: int, result: TriageResult,
-                  image_paths: list[Path]):
+    def _write_sr(self, run_id: int, study_id: int, study_uid: str, version: int,
+                  result: TriageResult | NotAnalysed, image_paths: list[Path]):
         from pacs_bridge.sr import build_sr
 
         evidence = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(image_paths)]

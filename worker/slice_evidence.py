@@ -60,18 +60,21 @@ def _settings_dim(settings: Settings) -> int:
 
 # -- the index and its table ---------------------------------------------------------------------------------------
 class SliceIndexBook:
-    """The study-level vector index of one model, kept in step with the ``slice_embeddings`` table."""
+    """The study-level vector index of one model and one partition (modality and body region, e.g. ``MR-HEAD``),
+    kept in step with the ``slice_embeddings`` table. Studies are searched only within their own partition."""
 
-    def __init__(self, settings: Settings, engine, model: str | None = None, dim: int | None = None) -> None:
-        from models.vector_index import IndexSettings
+    def __init__(self, settings: Settings, engine, model: str | None = None, dim: int | None = None,
+                 partition: str = "") -> None:
+        from models.vector_index import IndexSettings, partition_path
 
         self.settings, self.engine = settings, engine
+        self.partition = partition
         self.model = model or model_key(settings)
         self.dim = dim or _settings_dim(settings)
         cfg = settings["slice_evidence"]
         self.index_settings = IndexSettings(exact_max=int(cfg["exact_max"]), approximate=cfg["approximate"],
                                             nprobe=int(cfg["nprobe"]))
-        self.path = index_path(settings)
+        self.path = partition_path(index_path(settings), partition)
         self._index = None
         self._last_id = 0
 
@@ -80,7 +83,7 @@ class SliceIndexBook:
             return connection.execute(
                 select(slice_embeddings.c.id, slice_embeddings.c.vector)
                 .where(and_(slice_embeddings.c.model == self.model, slice_embeddings.c.series_instance_uid.is_(None),
-                            slice_embeddings.c.id > after_id))
+                            slice_embeddings.c.index_partition == self.partition, slice_embeddings.c.id > after_id))
                 .order_by(slice_embeddings.c.id)
             ).all()
 
@@ -88,7 +91,7 @@ class SliceIndexBook:
         with self.engine.connect() as connection:
             return int(connection.execute(
                 select(func.count()).select_from(slice_embeddings)
-                .where(and_(slice_embeddings.c.model == self.model,
+                .where(and_(slice_embeddings.c.model == self.model, slice_embeddings.c.index_partition == self.partition,
                             slice_embeddings.c.series_instance_uid.is_(None)))).scalar_one())
 
     def _vectors(self, rows) -> tuple[np.ndarray, np.ndarray]:
@@ -153,32 +156,110 @@ class SliceIndexBook:
             connection.execute(delete(slice_embeddings).where(and_(
                 slice_embeddings.c.study_instance_uid == study_uid, slice_embeddings.c.model == self.model)))
             rows = [{"study_instance_uid": study_uid, "series_instance_uid": uid, "run_id": run_id,
-                     "model": self.model, "dim": self.dim, "n_slices": n,
+                     "model": self.model, "index_partition": self.partition, "dim": self.dim, "n_slices": n,
                      "vector": np.asarray(v, "<f4").tobytes(), "created_at": now}
                     for uid, (v, n) in series_vectors.items()]
             if rows:
                 connection.execute(insert(slice_embeddings), rows)
             study_id = connection.execute(insert(slice_embeddings).values(
                 study_instance_uid=study_uid, series_instance_uid=None, run_id=run_id, model=self.model,
-                dim=self.dim, n_slices=n_slices, vector=np.asarray(study_vector, "<f4").tobytes(),
+                index_partition=self.partition, dim=self.dim, n_slices=n_slices, vector=np.asarray(study_vector, "<f4").tobytes(),
                 created_at=now)).inserted_primary_key[0]
         index = self.index()  # adds the new row; a replaced study's count mismatch rebuilds
         index.save(self.path)
         return int(study_id)
 
     def delete_study(self, study_uid: str) -> int:
-        """Remove a study's vectors (all models) from the table and the index; returns the rows deleted."""
+        """Remove a study's vectors (all models) from the table and from the index of each partition it was in;
+        returns the rows deleted."""
         with self.engine.begin() as connection:
-            ids = connection.execute(select(slice_embeddings.c.id).where(
+            found = connection.execute(select(slice_embeddings.c.id, slice_embeddings.c.index_partition).where(
                 and_(slice_embeddings.c.study_instance_uid == study_uid,
-                     slice_embeddings.c.model == self.model))).scalars().all()
+                     slice_embeddings.c.model == self.model))).all()
             deleted = connection.execute(delete(slice_embeddings).where(
                 slice_embeddings.c.study_instance_uid == study_uid)).rowcount
-        if ids:
-            index = self.index() if self._index is None else self._index
+        by_partition: dict[str, list[int]] = defaultdict(list)
+        for row in found:
+            by_partition[row.index_partition].append(row.id)
+        for partition, ids in by_partition.items():
+            book = self if partition == self.partition else SliceIndexBook(self.settings, self.engine, self.model,
+                                                                           self.dim, partition)
+            index = book.index() if book._index is None else book._index
             index.remove(ids)
-            index.save(self.path)
+            index.save(book.path)
         return int(deleted or 0)
+
+
+def partitions(settings: Settings, engine, model: str | None = None) -> list[str]:
+    """The partitions that hold vectors of the current (or the given) model."""
+    with engine.connect() as connection:
+        return sorted(connection.execute(
+            select(slice_embeddings.c.index_partition).distinct()
+            .where(slice_embeddings.c.model == (model or model_key(settings)))).scalars())
+
+
+def rebuild_all(settings: Settings, engine) -> dict[str, int]:
+    """Every partition's index made anew from the table: partition -> studies in it."""
+    return {partition: SliceIndexBook(settings, engine, partition=partition).rebuild()
+            for partition in partitions(settings, engine)}
+
+
+def study_partition(headers_by_series) -> str:
+    """The index partition of a study: modality and body region of its series with the most images."""
+    from models.vector_index import partition_key
+    from pacs_bridge.codes import body_region
+
+    ranked = sorted((h for h in headers_by_series.values() if h), key=len, reverse=True)
+    if not ranked:
+        return partition_key("", "")
+    first = ranked[0][0]
+    return partition_key(str(first.get("Modality") or ""), body_region(str(first.get("BodyPartExamined") or "")))
+
+
+# -- pseudonymous references to similar studies ---------------------------------------------------------------------
+def study_reference_key(settings: Settings) -> bytes:
+    """The site key of pseudonymous study references: ``slice_evidence.reference_key_file``, or a random key
+    made once under ``<var_dir>/keys`` (readable by this user only). Workers on several hosts must share it."""
+    import os
+
+    configured = settings["slice_evidence"]["reference_key_file"]
+    path = Path(configured) if configured else settings.var_dir / "keys" / "study-reference.key"
+    if not path.exists() and not configured:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another worker made it first
+            pass
+        else:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(os.urandom(32).hex().encode())
+                handle.flush()
+                os.fsync(handle.fileno())
+    try:
+        key = path.read_bytes().strip()
+    except OSError as exc:
+        raise ValueError(f"slice_evidence.reference_key_file {path} cannot be read: {exc}") from None
+    if len(key) < 16:
+        raise ValueError(f"the study reference key in {path} is shorter than 16 bytes")
+    return key
+
+
+def study_reference(settings: Settings, study_uid: str) -> str:
+    from pacs_bridge.study_reference import study_reference as reference
+
+    return reference(study_reference_key(settings), study_uid)
+
+
+def resolve_study_references(settings: Settings, engine, references) -> dict[str, str]:
+    """reference -> Study Instance UID for the references of studies this site indexed (for authorised users)."""
+    from pacs_bridge.study_reference import resolve
+
+    references = [r for r in references if r]
+    if not references:
+        return {}
+    with engine.connect() as connection:
+        candidates = connection.execute(select(slice_embeddings.c.study_instance_uid).distinct()).scalars().all()
+    return resolve(study_reference_key(settings), references, candidates)
 
 
 def confirmed_findings(engine, study_uids: list[str]) -> dict[str, frozenset[str] | None]:
@@ -226,8 +307,16 @@ class SliceEvidence:
         precision = cfg["precision"] if cfg["precision"] != "auto" else ("bf16" if device == "cuda" else "fp32")
         model = load_slice_model(cfg["weights"] or None, cfg["config"], device=device, precision=precision)
         self.embedder = SliceEmbedder(model, device=device, batch_size=int(cfg["batch_size"]))
-        self.book = SliceIndexBook(settings, engine, dim=self.embedder.dim)
+        self._books: dict[str, SliceIndexBook] = {}
         self.model_version = model_key(settings).split(":", 1)[1]
+        self.reference_key = study_reference_key(settings)
+
+    def book(self, partition: str) -> SliceIndexBook:
+        """The index of one partition, kept for the process's life."""
+        if partition not in self._books:
+            self._books[partition] = SliceIndexBook(self.settings, self.engine, dim=self.embedder.dim,
+                                                    partition=partition)
+        return self._books[partition]
 
     def embed_study(self, image_paths: dict[str, list[Path]]) -> tuple[np.ndarray | None,
                                                                         dict[str, tuple[np.ndarray, int]],
@@ -248,9 +337,11 @@ class SliceEvidence:
         return median_embedding(np.stack([v for v, _ in per_series.values()])), per_series, problems
 
     def process_study(self, study_uid: str, run_id: int | None, image_paths: dict[str, list[Path]],
-                      timings: dict[str, float] | None = None) -> StudyEvidence:
-        """Embed, search (before adding, so the study never finds itself), store; the evidence found."""
+                      timings: dict[str, float] | None = None, partition: str = "") -> StudyEvidence:
+        """Embed, search (within the study's partition, before adding, so the study never finds itself), store;
+        the evidence found, each similar study with its pseudonymous reference."""
         from models.knn import Neighbour
+        from pacs_bridge.study_reference import study_reference as reference
 
         timings = timings if timings is not None else {}
         t0 = time.perf_counter()
@@ -262,13 +353,15 @@ class SliceEvidence:
             raise ValueError(f"study {study_uid}: no slice could be embedded ({len(problems)} files failed)")
         t0 = time.perf_counter()
         k = max(int(self.cfg["k"]), int(self.cfg["evidence_k"]))
-        found = self.book.neighbours(study_vector, k, exclude_study=study_uid)
+        book = self.book(partition)
+        found = book.neighbours(study_vector, k, exclude_study=study_uid)
         truth = confirmed_findings(self.engine, [uid for uid, _ in found])
         neighbours = [Neighbour(uid, s, truth[uid]) for uid, s in found]
         minimum = float(self.cfg["min_similarity"])
-        similar = tuple(SimilarStudy(n.key, float(n.similarity), tuple(sorted(n.labels or ())))
+        similar = tuple(SimilarStudy(n.key, float(n.similarity), tuple(sorted(n.labels or ())),
+                                     reference=reference(self.reference_key, n.key))
                         for n in neighbours[: int(self.cfg["evidence_k"])] if n.similarity >= minimum)
-        self.book.add_study(study_uid, run_id, study_vector, per_series)
+        book.add_study(study_uid, run_id, study_vector, per_series)
         timings["slice_search_s"] = time.perf_counter() - t0
         return StudyEvidence(similar, neighbours[: int(self.cfg["k"])], len(per_series),
                              sum(n for _, n in per_series.values()))
@@ -300,7 +393,8 @@ def add_slice_evidence(processor, item, result: TriageResult) -> TriageResult:
         evidence = evidence_for(processor)
         if evidence is None:
             return result
-        found = evidence.process_study(item.claim.study_uid, item.claim.run_id, item.image_paths, item.timings)
+        found = evidence.process_study(item.claim.study_uid, item.claim.run_id, item.image_paths, item.timings,
+                                       partition=item.partition)
     except Exception as exc:  # evidence is an addition: the triage result goes out without it
         log.error("study %s: no slice evidence: %s: %s", item.claim.study_uid, type(exc).__name__, exc,
                   exc_info=True)
@@ -337,6 +431,11 @@ def knn_result(study_uid: str, neighbours: list, settings: Settings, model_versi
             reported.append(label)
     findings = tuple(Finding(label=label, probability=min(max(scores[label], 0.0), 1.0), threshold=threshold)
                      for label in sorted(reported, key=lambda name: (-scores[name], name)))
+    # Labels the site has the model rule out: reported as explicitly absent when below the threshold.
+    findings += tuple(Finding(label=label, probability=min(max(scores.get(label, 0.0), 0.0), 1.0),
+                              threshold=threshold, reported_absent=True)
+                      for label in settings["model"]["report_absent"]
+                      if label in DIAGNOSIS_CODES and label not in reported and scores.get(label, 0.0) < threshold)
     levels = [cfg["priority_of_findings"].get(f.label, "routine") for f in findings if f.positive]
     for level in levels:
         if level not in PRIORITIES:
@@ -395,9 +494,17 @@ class SliceKnnProcessor:
         evidence = evidence_for(p)
         if evidence is None:
             raise RunFailed("slice_knn needs slice_evidence enabled with its weights (slice_evidence.weights)")
+        from worker.input_gate import read_headers
+
+        headers = read_headers(image_paths)
+        verdict = p.judge_input(claim, PIPELINE, headers)
+        if verdict is not None and not verdict.adequate:
+            return p.not_analysed(claim, PIPELINE, verdict, image_paths, "medimageinsight-knn",
+                                  evidence.model_version)
         p._stamp(claim.run_id, "loaded_at", model_name="medimageinsight-knn", model_version=evidence.model_version)
         try:
-            found = evidence.process_study(claim.study_uid, claim.run_id, image_paths, timings)
+            found = evidence.process_study(claim.study_uid, claim.run_id, image_paths, timings,
+                                           partition=study_partition(headers))
         except ValueError as exc:
             raise RunFailed(str(exc)) from exc
         p._stamp(claim.run_id, "inferred_at")

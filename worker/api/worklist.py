@@ -28,7 +28,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import and_, func, or_, select
 
-from pacs_bridge.codes import DIAGNOSIS_CODES, REFERRAL_CODES, SIMILAR_STUDY
+from pacs_bridge.codes import DIAGNOSIS_CODES, REFERRAL_CODES, SIMILAR_PRIOR_STUDY, SIMILAR_STUDY
 from pacs_bridge.report_schema import reports
 from pacs_bridge.results import PRIORITIES
 from pacs_bridge.schema import as_utc, deliveries, events, predictions, processing_runs, studies
@@ -162,7 +162,9 @@ def _sr_evidence(path: str, mtime_ns: int) -> tuple[tuple[tuple[str, float, tupl
     from pacs_bridge.sr import read_sr
 
     result = read_sr(pydicom.dcmread(path))
-    similar = tuple((s.study_instance_uid, s.similarity, tuple(s.findings)) for s in result.similar_studies)
+    # The SR names similar studies by pseudonymous reference (another patient's); study_detail resolves them.
+    similar = tuple((s.study_instance_uid or s.reference, s.similarity, tuple(s.findings))
+                    for s in result.similar_studies)
     regions = tuple((f.label, len(f.regions)) for f in result.findings)
     return similar, regions
 
@@ -178,6 +180,10 @@ def _similar_count(path: str, mtime_ns: int) -> int:
         names = item.get("ConceptNameCodeSequence")
         if names and (names[0].get("CodeValue"), names[0].get("CodingSchemeDesignator")) == \
                 (SIMILAR_STUDY.value, SIMILAR_STUDY.scheme_designator):
+            count += 1
+        values = item.get("ConceptCodeSequence")  # a similar study's measurement group: its Finding
+        if values and (values[0].get("CodeValue"), values[0].get("CodingSchemeDesignator")) == \
+                (SIMILAR_PRIOR_STUDY.value, SIMILAR_PRIOR_STUDY.scheme_designator):
             count += 1
         stack.extend(item.get("ContentSequence", []))
     return count
@@ -360,6 +366,10 @@ def study_detail(study_uid: str, request: Request, principal: Reader) -> StudyDe
     row = _study_row(reader, study_uid)
     item = reader.item(row, top=None)
     similar, regions = sr_evidence(row.get("sr_path")) if item.ai_status == "done" else ((), ())
+    from worker.slice_evidence import resolve_study_references
+
+    resolved = resolve_study_references(request.app.state.settings, reader.engine, [s[0] for s in similar])
+    similar = tuple((resolved.get(ref, ref), similarity, found) for ref, similarity, found in similar)
     with reader.engine.connect() as connection:
         scores = connection.execute(select(predictions.c.kind, predictions.c.label, predictions.c.probability)
                                     .where(and_(predictions.c.run_id == row["run_id"],
