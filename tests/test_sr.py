@@ -15,10 +15,13 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from pacs_bridge import codes
-from pacs_bridge.results import Finding, ImageRegion, SimilarStudy, TriageResult
-from pacs_bridge.sr import DEFAULT_MANUFACTURER, SERIES_DESCRIPTION_PREFIX, build_sr, is_our_sr, read_sr
+from pacs_bridge.results import Finding, ImageRegion, NotAnalysed, SimilarStudy, TriageResult
+from pacs_bridge.sr import DEFAULT_MANUFACTURER, SERIES_DESCRIPTION_PREFIX, build_sr, is_our_sr, read_outcome, read_sr
+from pacs_bridge.study_reference import study_reference
 
 DEVICE_UID = "1.2.826.0.1.3680043.8.498.1"
+#: A site key for pseudonymous references to similar studies (worker.slice_evidence.study_reference_key).
+SITE_KEY = b"0123456789abcdef0123456789abcdef"
 PIXELMED_JAR = Path("/usr/share/java/pixelmed.jar")
 # Debian's wrapper fails on Java 17 (XPath operator limits): dicom-results.md §4.
 PIXELMED_COMMAND = [
@@ -59,6 +62,7 @@ def mr_study(series: int = 2, slices: int = 150, *, patient_id: str = "PAT-0042"
     template.StudyInstanceUID, template.StudyID = generate_uid(), "S7731"
     template.StudyDate, template.StudyTime = "20260114", "081522"
     template.StudyDescription = "MRI BRAIN WO AND W CONTRAST"
+    template.BodyPartExamined = "BRAIN"
     template.AccessionNumber, template.ReferringPhysicianName = "ACC20260114-17", "Neuro^Referrer"
     template.Manufacturer, template.InstitutionName = "ACME Medical", "General Hospital"
     template.FrameOfReferenceUID = generate_uid()
@@ -107,9 +111,10 @@ def subdural_haemorrhage(study: list[pydicom.Dataset]) -> TriageResult:
         model_version="1.0.7+tiny",
         priority_scores={"none": 0.0123, "low": 0.0877, "high": 0.9},
         similar_studies=(
-            SimilarStudy(generate_uid(), 0.9412345678901234,
-                         ("trauma_subdural_hematoma", "structural_mass_effect")),
-            SimilarStudy(generate_uid(), 0.8875, ("trauma_subdural_hematoma",)),
+            # As read back: the SR names another patient's study by its pseudonymous reference only.
+            SimilarStudy("", 0.9412345678901234, ("trauma_subdural_hematoma", "structural_mass_effect"),
+                         reference=study_reference(SITE_KEY, generate_uid())),
+            SimilarStudy("", 0.8875, ("trauma_subdural_hematoma",), reference=study_reference(SITE_KEY, generate_uid())),
         ),
     )
 
@@ -146,7 +151,8 @@ def hydrocephalus(study: list[pydicom.Dataset]) -> TriageResult:
         study_instance_uid=study[0].StudyInstanceUID,
         priority="urgent",
         findings=(Finding("ventricular_ventriculomegaly", 0.66, 0.5),
-                  Finding("structural_cerebral_atrophy", 0.4, 0.5)),
+                  Finding("structural_cerebral_atrophy", 0.4, 0.5),
+                  Finding("trauma_subdural_hematoma", 0.02, 0.41, reported_absent=True)),
         model_version="1.0.7+tiny",
     )
 
@@ -169,8 +175,16 @@ def no_finding(study: list[pydicom.Dataset]) -> TriageResult:
                         model_version="1.0.7+tiny")
 
 
+def not_analysed(study: list[pydicom.Dataset]) -> NotAnalysed:
+    """A study the input gate turned away."""
+    return NotAnalysed(study[0].StudyInstanceUID, "neuro_mri",
+                       ("required series /(?i)adc/ is missing (series present: 'AX T2 FLAIR', 'AX T1 POST')",
+                        "no series is adequate for neuro_mri: the best, series 'AX T2 FLAIR', has 1 slice (minimum "
+                        "12)"), model_name="prima", model_version="1.0.7+tiny")
+
+
 CASES = {make.__name__: make
-         for make in (subdural_haemorrhage, tumour, infarct, hydrocephalus, normal_top_k, no_finding)}
+         for make in (subdural_haemorrhage, tumour, infarct, hydrocephalus, normal_top_k, no_finding, not_analysed)}
 
 
 @pytest.fixture(scope="module")
@@ -233,12 +247,17 @@ def test_dsrdump_parses_the_content_tree_without_errors(written, case):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
-def test_pixelmed_validates_iod_and_tid_1500_without_errors_or_warnings(written, case):
+def test_pixelmed_validates_iod_and_tid_1500_without_errors(written, case):
     _, path = written[case]
     report = pixelmed_report(path)
     assert "Found Root Template TID_1500 (MeasurementReport)" in report, report
     assert "IOD validation complete" in report, report
-    assert [line for line in report.splitlines() if line.startswith(("Error", "Warning"))] == []
+    assert [line for line in report.splitlines() if line.startswith("Error")] == []
+    # PixelMed's 2022 TID 1501 lacks the qualitative-evaluation rows of PS3.16 (highdicom writes them): it warns
+    # "not in template" for a finding's Presence and a similar study's confirmed findings, and for nothing else.
+    warnings = [line for line in report.splitlines() if line.startswith("Warning")]
+    assert all("Content Item not in template" in w and ("(705057003,SCT,\"Presence\")" in w or "CONFIRMED-DX" in w)
+               for w in warnings), warnings
 
 
 # --- round trip and content ---------------------------------------------------------------------------------
@@ -246,7 +265,10 @@ def test_pixelmed_validates_iod_and_tid_1500_without_errors_or_warnings(written,
 @pytest.mark.parametrize("case", CASES)
 def test_read_sr_of_the_written_file_gives_the_same_result(written, case):
     result, path = written[case]
-    assert read_sr(pydicom.dcmread(path)) == result
+    back = read_outcome(pydicom.dcmread(path))
+    if isinstance(result, NotAnalysed):  # the pipeline is the worker's bookkeeping, not the SR's
+        result = NotAnalysed(result.study_instance_uid, "", result.reasons, result.model_name, result.model_version)
+    assert back == result
 
 
 def test_read_sr_of_the_built_dataset_gives_the_same_result(study):
@@ -271,14 +293,19 @@ def test_each_finding_is_a_tid_1501_group_with_code_probability_and_algorithm(wr
     ds = pydicom.dcmread(written["subdural_haemorrhage"][1])
     assert ds.ContentTemplateSequence[0].TemplateIdentifier == "1500"
     groups = hd.sr.Comprehensive3DSR.from_dataset(ds).content.get_image_measurement_groups()
-    assert [g.finding_type.value for g in groups] == ["35486000", "46963008", "STRUCT-MLS"]
+    assert [g.finding_type.value for g in groups] == ["35486000", "46963008", "STRUCT-MLS", "SIMILAR-PRIOR",
+                                                      "SIMILAR-PRIOR"]
     first = groups[0]
     assert first.tracking_identifier == "dx-35486000"
     assert first.get_measurements(name=codes.PROBABILITY)[0].unit == codes.UNIT_ONE
+    [threshold] = first.get_measurements(name=codes.OPERATING_THRESHOLD)
+    assert (threshold.value, threshold.unit) == (0.41, codes.UNIT_ONE)
+    [site] = first.finding_sites
+    assert site.value == Code("12738006", "SCT", "Brain")
     texts = {item.ConceptNameCodeSequence[0].CodeMeaning: item.TextValue
              for item in first[0].ContentSequence if item.ValueType == "TEXT"}
     assert texts["Algorithm Name"] == "prima" and texts["Algorithm Version"] == "1.0.7+tiny"
-    assert texts["Algorithm Parameters"] == "threshold=0.41"
+    assert "Algorithm Parameters" not in texts  # the threshold is a number with a unit, not the text "threshold="
     assert "Algorithm Manufacturer" not in texts
     assert len(first.get_measurements(name=codes.ATTRIBUTION_WEIGHT)) == 3
 
@@ -334,12 +361,90 @@ def test_evidence_without_an_order_gives_no_referenced_request(study):
 def test_ct_evidence_reports_a_ct_procedure_and_no_mr_brain_code(study):
     ct = copy.deepcopy(study[:4])
     for ds in ct:
-        ds.Modality, ds.SOPClassUID = "CT", pydicom.uid.CTImageStorage
+        ds.Modality, ds.SOPClassUID, ds.BodyPartExamined = "CT", pydicom.uid.CTImageStorage, "CHEST"
     sr = build_sr(hydrocephalus(ct), ct, device_uid=DEVICE_UID)
     [procedure] = [item for item in sr.ContentSequence
                    if item.ConceptNameCodeSequence[0].CodeMeaning == "Procedure reported"]
     assert procedure.ConceptCodeSequence[0].CodeValue == "25045-6"
     assert len(sr.PerformedProcedureCodeSequence) == 0
+
+
+def test_the_procedure_comes_from_the_study_ct_head_and_the_images_own_procedure_code(study):
+    ct = copy.deepcopy(study[:4])
+    for ds in ct:
+        ds.Modality, ds.SOPClassUID, ds.BodyPartExamined = "CT", pydicom.uid.CTImageStorage, "HEAD"
+    [performed] = build_sr(hydrocephalus(ct), ct, device_uid=DEVICE_UID).PerformedProcedureCodeSequence
+    assert (performed.CodeValue, performed.CodingSchemeDesignator, performed.CodeMeaning) == ("24725-4", "LN",
+                                                                                           "CT Head")
+    ordered = pydicom.Dataset()
+    ordered.CodeValue, ordered.CodingSchemeDesignator, ordered.CodeMeaning = "RPID4583", "RADLEX", "CT HEAD WO IV"
+    for ds in ct:
+        ds.ProcedureCodeSequence = [ordered]
+    [performed] = build_sr(hydrocephalus(ct), ct, device_uid=DEVICE_UID).PerformedProcedureCodeSequence
+    assert (performed.CodeValue, performed.CodingSchemeDesignator) == ("RPID4583", "RADLEX")
+
+
+def test_a_reader_tells_called_not_called_and_absent_findings_apart(written):
+    """IHE AIR: each finding's Presence (SCT 705057003) says whether the model called it, read with highdicom."""
+    ds = pydicom.dcmread(written["hydrocephalus"][1])
+    groups = hd.sr.Comprehensive3DSR.from_dataset(ds).content.get_image_measurement_groups()
+    presence = {}
+    for group in groups:
+        [item] = hd.sr.utils.find_content_items(group[0], name=codes.PRESENCE)
+        presence[group.finding_type.meaning] = hd.sr.CodeContentItem.from_dataset(item).value.meaning
+    assert presence == {"Ventriculomegaly": "Present", "Cerebral atrophy": "Undetermined",
+                        "Subdural intracranial hemorrhage": "Absent"}
+    assert [f.call for f in read_sr(ds).findings] == ["present", "not called", "absent"]
+
+
+def test_series_date_and_time_are_set_and_descriptions_are_never_cut_mid_word(study):
+    result = TriageResult(study[0].StudyInstanceUID, "routine", (), model_name="prima-large-ensemble",
+                          model_version="2026.11.3+cuda12-experimental-calibrated-thresholds")
+    sr = build_sr(result, study, device_uid=DEVICE_UID)
+    assert sr.SeriesDate == sr.ContentDate and sr.SeriesTime == sr.ContentTime and sr.SeriesDate
+    assert len(sr.SeriesDescription) <= 64
+    assert sr.SeriesDescription == f"{SERIES_DESCRIPTION_PREFIX} - prima-large-ensemble"
+
+
+def test_similar_studies_are_structured_and_name_no_other_patients_study(study, tmp_path):
+    """The worker knows the other studies' UIDs; the SR carries only their keyed-hash references."""
+    others = [generate_uid(), generate_uid()]
+    result = TriageResult(study[0].StudyInstanceUID, "stat", (Finding("trauma_subdural_hematoma", 0.9, 0.41),),
+                          similar_studies=tuple(SimilarStudy(uid, 0.9 - i / 10, ("trauma_subdural_hematoma",),
+                                                             reference=study_reference(SITE_KEY, uid))
+                                                for i, uid in enumerate(others)))
+    path = tmp_path / "sr.dcm"
+    build_sr(result, study, device_uid=DEVICE_UID).save_as(path, enforce_file_format=True)
+    raw = path.read_bytes()
+    assert not any(uid.encode() in raw for uid in others)
+    assert b"SIMILAR-STUDY" not in raw  # no private TEXT item with JSON any more
+    back = read_sr(pydicom.dcmread(path))
+    assert [(s.study_instance_uid, s.reference, s.similarity, s.findings) for s in back.similar_studies] == [
+        ("", study_reference(SITE_KEY, uid), 0.9 - i / 10, ("trauma_subdural_hematoma",))
+        for i, uid in enumerate(others)]
+    from pacs_bridge.study_reference import resolve
+
+    assert resolve(SITE_KEY, [s.reference for s in back.similar_studies], [generate_uid(), *others]) == {
+        study_reference(SITE_KEY, uid): uid for uid in others}
+    with pytest.raises(ValueError, match="pseudonymous reference"):
+        build_sr(TriageResult(study[0].StudyInstanceUID, "routine", (), similar_studies=(
+            SimilarStudy(others[0], 0.5),)), study, device_uid=DEVICE_UID)
+
+
+def test_a_not_analysed_sr_says_why_and_carries_no_priority_or_finding(written):
+    ds = pydicom.dcmread(written["not_analysed"][1])
+    assert ds.SeriesDescription.startswith("AI triage NOT ANALYSED")
+    [group] = hd.sr.Comprehensive3DSR.from_dataset(ds).content.get_image_measurement_groups()
+    assert group.finding_type == codes.NOT_ANALYSED
+    [evaluations] = [item for item in ds.ContentSequence
+                     if item.ConceptNameCodeSequence[0].CodeValue == codes.QUALITATIVE_EVALUATIONS.value]
+    names = [item.ConceptNameCodeSequence[0].CodeMeaning for item in evaluations.ContentSequence]
+    assert names == ["AI analysis outcome", "Reason not analysed", "Reason not analysed"]
+    assert "Priority" not in names
+    outcome = read_outcome(ds)
+    assert isinstance(outcome, NotAnalysed) and "required series /(?i)adc/ is missing" in outcome.reasons[0]
+    with pytest.raises(ValueError, match="not analysed"):
+        read_sr(ds)
 
 
 def test_editing_the_sr_leaves_the_evidence_alone(study):
