@@ -6,6 +6,8 @@ from __future__ import annotations
 from datetime import timedelta
 from types import SimpleNamespace
 
+from pathlib import Path
+
 import numpy as np
 import pydicom
 import pytest
@@ -51,7 +53,7 @@ def _ct_slice(study_uid: str, series_uid: str, index: int, kind: str, seed: int)
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
     ds.Modality, ds.SeriesDescription, ds.SeriesNumber, ds.InstanceNumber = "CT", "CHEST", 2, index + 1
     ds.PatientName, ds.PatientID, ds.StudyDate, ds.AccessionNumber = "TEST^KNN", "K1", "20260101", f"A{seed}"
-    ds.StudyDescription = "CT CHEST"
+    ds.StudyDescription, ds.BodyPartExamined = "CT CHEST", "CHEST"
     ds.ImageOrientationPatient, ds.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0, 0, 2.5 * index]
     ds.PixelSpacing, ds.SliceThickness, ds.Rows, ds.Columns = [1, 1], 2.5, 64, 64
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
@@ -131,8 +133,13 @@ def test_slice_knn_runs_give_knn_findings_and_similar_studies_in_the_sr(world):
     assert not any(f.positive for f in normal.findings) and normal.priority == "routine"
 
     # the SR written for the run carries the same similar studies, exactly
+    # (named by pseudonymous reference, never by the other patients' study UIDs; coded findings only)
     decoded = read_sr(pydicom.dcmread(outcomes[4].sr_path))
-    assert decoded.similar_studies == last.similar_studies
+    assert [(s.study_instance_uid, s.reference, s.similarity, s.findings) for s in decoded.similar_studies] == [
+        ("", s.reference, s.similarity, (CODED,)) for s in last.similar_studies]
+    assert all(s.reference.startswith("prior-") for s in last.similar_studies)
+    raw = Path(outcomes[4].sr_path).read_bytes()
+    assert not any(uid.encode() in raw for uid in world.uids[:4])
     with world.engine.connect() as c:
         run = c.execute(select(processing_runs).where(processing_runs.c.id == world.run_of[world.uids[4]])).one()
         rows = c.execute(select(slice_embeddings)).all()
@@ -168,13 +175,16 @@ def test_index_commands_rebuild_delete_and_count(world, capsys):
         world.processor.process(world.run_of[uid])
     config = world.settings.var_dir / "triage.yaml"
     config.write_text(f"var_dir: {world.settings.var_dir}\nslice_evidence: {{config: tiny}}\n")
-    index_path(world.settings).unlink()
+    book = SliceIndexBook(world.settings, world.engine, partition="CT-CHEST")  # the CT chest studies' partition
+    assert book.path.name == "slices.CT-CHEST.faiss"
+    book.path.unlink()
     assert main(["--config", str(config), "index", "rebuild"]) == 0
     assert "3 studies" in capsys.readouterr().out
     assert main(["--config", str(config), "index", "delete", "--study", world.uids[1]]) == 0
     assert main(["--config", str(config), "index", "stats"]) == 0
-    assert "2 studies" in capsys.readouterr().out.splitlines()[-1]
-    book = SliceIndexBook(world.settings, world.engine)
+    out = capsys.readouterr().out.splitlines()
+    assert "partition CT-CHEST: 2 studies" in out[-2] and "2 studies" in out[-1]
+    book = SliceIndexBook(world.settings, world.engine, partition="CT-CHEST")
     vectors, ids = book.index().vectors_and_ids()
     assert len(ids) == 2
     assert book.neighbours(vectors[0], 5) and world.uids[1] not in {u for u, _ in book.neighbours(vectors[0], 5)}
@@ -189,7 +199,7 @@ def test_neuro_mri_results_get_evidence_and_a_failure_leaves_the_result_alone(wo
     series_uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
     result = TriageResult(study_instance_uid=world.uids[2], priority="routine", findings=())
     item = SimpleNamespace(claim=SimpleNamespace(study_uid=world.uids[2], run_id=None),
-                           image_paths={series_uid: files}, timings={})
+                           image_paths={series_uid: files}, timings={}, partition="CT-CHEST")
     with_evidence = add_slice_evidence(world.processor, item, result)
     assert [s.study_instance_uid for s in with_evidence.similar_studies] == [world.uids[0]]
     assert with_evidence.similar_studies[0].findings == NODULE_LABELS[::-1]  # the corrected report: latest final

@@ -17,6 +17,7 @@ from sqlalchemy import insert
 
 from pacs_bridge.report_schema import reports
 from pacs_bridge.results import Finding, SimilarStudy, TriageResult
+from worker.slice_evidence import study_reference
 from pacs_bridge.schema import events, make_engine, predictions, processing_runs, studies, utcnow
 from pacs_bridge.sr import build_sr
 from worker.api.app import create_app
@@ -42,6 +43,10 @@ def api(tmp_path, postgres_url):
     client.engine = make_engine(postgres_url)
     yield client
     client.engine.dispose()
+
+
+def api_settings(api):
+    return api.app.state.settings
 
 
 def get(api, path: str, token: str = RADIOLOGIST, **headers):
@@ -178,8 +183,11 @@ def test_a_studys_evidence_is_its_sr_similar_studies_and_priority_changes(api, t
         findings=(Finding("trauma_subdural_hematoma", 0.97, 0.41),
                   Finding("structural_mass_effect", 0.61, 0.5)),
         referrals=("neurosurgery",), model_version="1.0.7",
-        similar_studies=(SimilarStudy(prior, 0.94, ("trauma_subdural_hematoma",)),
-                         SimilarStudy(unknown_prior, 0.81, ())))
+        # The SR names them by pseudonymous reference (the site key under var_dir); the worklist resolves them.
+        similar_studies=(SimilarStudy(prior, 0.94, ("trauma_subdural_hematoma",),
+                                      reference=study_reference(api_settings(api), prior)),
+                         SimilarStudy(unknown_prior, 0.81, (),
+                                      reference=study_reference(api_settings(api), unknown_prior))))
     sr = build_sr(result, evidence, device_uid=DEVICE_UID)
     sr_path = tmp_path / "sr.dcm"
     sr.save_as(sr_path, enforce_file_format=True)
@@ -199,7 +207,7 @@ def test_a_studys_evidence_is_its_sr_similar_studies_and_priority_changes(api, t
     assert listed["priority_changes"] == [{"publisher": "ups", "kind": "ups_rs", "target": "1.2.3",
                                            "action": "raised", "original": "LOW", "new": "HIGH"}]
     assert [(s["study_instance_uid"], s["on_worklist"]) for s in detail["similar_studies"]] == \
-        [(prior, True), (unknown_prior, False)]
+        [(prior, True), (study_reference(api_settings(api), unknown_prior), False)]  # not ours: a pseudonym
     assert detail["similar_studies"][0]["links"]["detail"] == f"study?uid={prior}"
     assert detail["priority_scores"] == {"high": 0.8}
     assert [p["original"] for p in detail["publications"]] == ["LOW"]

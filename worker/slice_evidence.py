@@ -251,14 +251,17 @@ def study_reference(settings: Settings, study_uid: str) -> str:
 
 
 def resolve_study_references(settings: Settings, engine, references) -> dict[str, str]:
-    """reference -> Study Instance UID for the references of studies this site indexed (for authorised users)."""
-    from pacs_bridge.study_reference import resolve
+    """reference -> Study Instance UID for the references of studies this site holds or indexed (for authorised
+    users; unresolved references stay pseudonyms). Each candidate UID is hashed once per call: fine up to about a
+    million studies a second; beyond that, store each study's reference beside it."""
+    from pacs_bridge.study_reference import PREFIX, resolve
 
-    references = [r for r in references if r]
+    references = [r for r in references if r and r.startswith(PREFIX)]
     if not references:
         return {}
     with engine.connect() as connection:
-        candidates = connection.execute(select(slice_embeddings.c.study_instance_uid).distinct()).scalars().all()
+        candidates = set(connection.execute(select(slice_embeddings.c.study_instance_uid).distinct()).scalars())
+        candidates.update(connection.execute(select(studies.c.study_instance_uid)).scalars())
     return resolve(study_reference_key(settings), references, candidates)
 
 
@@ -394,7 +397,7 @@ def add_slice_evidence(processor, item, result: TriageResult) -> TriageResult:
         if evidence is None:
             return result
         found = evidence.process_study(item.claim.study_uid, item.claim.run_id, item.image_paths, item.timings,
-                                       partition=item.partition)
+                                       partition=getattr(item, "partition", ""))
     except Exception as exc:  # evidence is an addition: the triage result goes out without it
         log.error("study %s: no slice evidence: %s: %s", item.claim.study_uid, type(exc).__name__, exc,
                   exc_info=True)
@@ -563,9 +566,11 @@ def _book_from_args(args) -> SliceIndexBook:
 def _rebuild(args) -> int:
     book = _book_from_args(args)
     t0 = time.perf_counter()
-    n = book.rebuild()
-    print(f"index {book.path}: {n} studies of model {book.model} ({book._index.kind}), "
-          f"{time.perf_counter() - t0:.1f}s")
+    counts = rebuild_all(book.settings, book.engine)
+    for partition, n in counts.items():
+        print(f"index {SliceIndexBook(book.settings, book.engine, partition=partition).path}: {n} studies of "
+              f"model {book.model}")
+    print(f"{sum(counts.values())} studies in {len(counts)} partitions, {time.perf_counter() - t0:.1f}s")
     return 0
 
 
@@ -578,8 +583,12 @@ def _delete(args) -> int:
 
 def _stats(args) -> int:
     book = _book_from_args(args)
-    index = book.index()
-    print(f"index {book.path}: {len(index)} studies ({index.kind}, {index.dim}-d) of model {book.model}")
+    total = 0
+    for partition in partitions(book.settings, book.engine):
+        index = SliceIndexBook(book.settings, book.engine, partition=partition).index()
+        total += len(index)
+        print(f"partition {partition or '(none)'}: {len(index)} studies ({index.kind}, {index.dim}-d)")
+    print(f"index {index_path(book.settings)}: {total} studies of model {book.model}")
     return 0
 
 
