@@ -227,3 +227,27 @@ def test_evidence_switched_off_costs_nothing(tmp_path):
     assert add_slice_evidence(processor, SimpleNamespace(), result) is result
     unconfigured = _Processor(load_settings(environ={"TRIAGE_VAR_DIR": str(tmp_path)}))
     assert evidence_for(unconfigured) is None  # full config without weights: no evidence, no model loaded
+
+
+def test_the_index_is_partitioned_so_a_brain_mr_never_finds_ct_studies(world):
+    """Similar studies are searched among studies of the same modality and body region only."""
+    from worker.slice_evidence import add_slice_evidence, study_partition
+
+    for uid in world.uids[:3]:  # CT chest studies, indexed under CT-CHEST
+        world.processor.process(world.run_of[uid])
+    files = sorted((world.settings.incoming_dir / world.uids[3]).rglob("*.dcm"))
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
+    assert study_partition({"s": headers}) == "CT-CHEST"
+    for ds in headers:
+        ds.Modality, ds.BodyPartExamined = "MR", "BRAIN"
+    assert study_partition({"s": headers}) == "MR-HEAD"  # BRAIN and HEAD are one region
+
+    result = TriageResult(study_instance_uid=world.uids[3], priority="routine", findings=())
+
+    def evidence(partition: str):
+        item = SimpleNamespace(claim=SimpleNamespace(study_uid=world.uids[3], run_id=None),
+                               image_paths={headers[0].SeriesInstanceUID: files}, timings={}, partition=partition)
+        return add_slice_evidence(world.processor, item, result).similar_studies
+
+    assert evidence("MR-HEAD") == ()  # the same pictures, filed as a brain MR: no CT is similar to it
+    assert len(evidence("CT-CHEST")) == 2  # among CT chests, its neighbours are found
