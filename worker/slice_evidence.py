@@ -82,8 +82,10 @@ class SliceIndexBook:
         with self.engine.connect() as connection:
             return connection.execute(
                 select(slice_embeddings.c.id, slice_embeddings.c.vector)
-                .where(and_(slice_embeddings.c.model == self.model, slice_embeddings.c.series_instance_uid.is_(None),
-                            slice_embeddings.c.index_partition == self.partition, slice_embeddings.c.id > after_id))
+                .where(and_(slice_embeddings.c.model == self.model,
+                            slice_embeddings.c.series_instance_uid.is_(None),
+                            slice_embeddings.c.index_partition == self.partition,
+                            slice_embeddings.c.id > after_id))
                 .order_by(slice_embeddings.c.id)
             ).all()
 
@@ -91,7 +93,8 @@ class SliceIndexBook:
         with self.engine.connect() as connection:
             return int(connection.execute(
                 select(func.count()).select_from(slice_embeddings)
-                .where(and_(slice_embeddings.c.model == self.model, slice_embeddings.c.index_partition == self.partition,
+                .where(and_(slice_embeddings.c.model == self.model,
+                            slice_embeddings.c.index_partition == self.partition,
                             slice_embeddings.c.series_instance_uid.is_(None)))).scalar_one())
 
     def _vectors(self, rows) -> tuple[np.ndarray, np.ndarray]:
@@ -163,8 +166,8 @@ class SliceIndexBook:
                 connection.execute(insert(slice_embeddings), rows)
             study_id = connection.execute(insert(slice_embeddings).values(
                 study_instance_uid=study_uid, series_instance_uid=None, run_id=run_id, model=self.model,
-                index_partition=self.partition, dim=self.dim, n_slices=n_slices, vector=np.asarray(study_vector, "<f4").tobytes(),
-                created_at=now)).inserted_primary_key[0]
+                index_partition=self.partition, dim=self.dim, n_slices=n_slices,
+                vector=np.asarray(study_vector, "<f4").tobytes(), created_at=now)).inserted_primary_key[0]
         index = self.index()  # adds the new row; a replaced study's count mismatch rebuilds
         index.save(self.path)
         return int(study_id)
