@@ -202,9 +202,10 @@ def partitions(settings: Settings, engine, model: str | None = None) -> list[str
 
 
 def rebuild_all(settings: Settings, engine) -> dict[str, int]:
-    """Every partition's index made anew from the table: partition -> studies in it."""
+    """Every partition's index made anew from the table: partition -> studies in it. The unnamed partition (rows
+    from before partitioning; the file ``index_path`` itself) is always written, empty or not."""
     return {partition: SliceIndexBook(settings, engine, partition=partition).rebuild()
-            for partition in partitions(settings, engine)}
+            for partition in sorted({"", *partitions(settings, engine)})}
 
 
 def study_partition(headers_by_series) -> str:
