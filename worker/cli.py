@@ -19,7 +19,7 @@ FEATURE_COMMANDS += ("worker.rules_commands", "worker.pull_commands")
 #: `triage index rebuild|delete|stats`: the slice-embedding index of prior studies.
 FEATURE_COMMANDS += ("worker.slice_evidence",)
 
-#: Training: `triage models list|promote|rollback|register`, `triage train nightly|worker|beat`.
+#: Training: `triage models list|promote|rollback|register|install`, `triage train nightly|worker|beat`.
 FEATURE_COMMANDS += ("train.registry", "train.nightly_commands")
 
 #: ``triage bench NAME``: each benchmark is "module:function"; the function takes the remaining arguments and

@@ -113,6 +113,11 @@ class RunProcessor:
         self.host = socket.gethostname()
 
     # -- model ---------------------------------------------------------------------------------------------
+    @property
+    def loaded_version(self) -> str | None:
+        """The version of the model this process has loaded, or None before the first load."""
+        return None if self._bundle is None else self._bundle.version
+
     def predictor(self, refresh: bool = True):
         """The study predictor of the model that should serve now.
 
