@@ -250,16 +250,25 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(build_parser(), argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    configure_logging(args.verbose, args.log_format)
+    return int(args.func(args) or 0)
+
+
+#: Libraries that narrate per object at INFO (pynetdicom: every C-STORE request and response, every presentation
+#: context; highdicom: every attribute it copies). Their lines show with -v; the service logs one line per study.
+CHATTY_LOGGERS = ("pynetdicom", "highdicom")
+
+
+def configure_logging(verbose: bool = False, log_format: str = "text") -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # highdicom narrates every attribute it copies at INFO; keep the service's log about the service.
-    logging.getLogger("highdicom").setLevel(logging.WARNING)
-    if args.log_format == "json":
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if log_format == "json":
         from worker.metrics import JsonLogFormatter
 
         for handler in logging.getLogger().handlers:
             handler.setFormatter(JsonLogFormatter())
-    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":
