@@ -160,8 +160,10 @@ class DeliveryBook:
             return AttemptOutcome(False, str(exc))
         DELIVERIES.labels(outcome="delivered").inc()
         seconds = time.monotonic() - started
-        with self.engine.connect() as connection:
-            study_uid = _study_uid(connection, row)
+        with self.engine.connect() as connection:  # an SR's row names its run, not its study
+            study_uid = _study_uid(connection, row) or connection.execute(
+                select(studies.c.study_instance_uid).join(processing_runs, processing_runs.c.study_id == studies.c.id)
+                .where(processing_runs.c.id == row.run_id)).scalar()
         log.info("study %s: %s %s delivered to %s on attempt %d in %.2fs (delivery %d, run %s)", study_uid,
                  row.kind, row.sop_instance_uid or "images", row.destination, row.attempts + 1, seconds, row.id,
                  row.run_id)
