@@ -73,7 +73,8 @@ def test_one_sign_in_opens_the_worklist_and_the_fairness_report(tmp_path, postgr
         at("document.title === 'AI triage worker' && !!document.querySelector('a[href=fairness]')", "the landing page")
         chromium.screenshot(SCREENSHOTS / "1-landing.png")
         chromium.click("a[href=fairness]")
-        at("location.pathname === '/worklist/login' && !!document.querySelector('#token')", "the sign-in page")
+        at("location.pathname === '/worklist/login' && document.querySelector('#login')?.disabled === false",
+           "the sign-in page, ready")
         assert chromium.evaluate("new URLSearchParams(location.search).get('next')") == "/fairness"
 
         chromium.type_into("#token", TOKEN)
