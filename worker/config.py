@@ -214,6 +214,9 @@ DEFAULTS: dict[str, Any] = {
         # by STOW-RS: POST /dicom-web/studies), admin (everything).
         # Tokens are read from files or the environment, never written in this file.
         "tokens": [],
+        # Signing in on the worklist also opens a browser session (an HttpOnly, SameSite=Strict cookie signed with
+        # the token) for the pages a browser navigates to, such as /fairness; it ends after this many seconds.
+        "session_max_age_s": 43200,
         # HTTPS: PEM certificate and key (no cert: plain HTTP, for loopback only). ca + require_client_cert: clients
         # must also present a certificate signed by ca.
         "tls": {"cert": "", "key": "", "ca": "", "require_client_cert": False},
