@@ -51,6 +51,10 @@ DEFAULTS: dict[str, Any] = {
         # Seconds without any PDU after which an idle association is aborted; also the most a peer may stay silent
         # while connecting, negotiating TLS or sending one PDU (slow senders are cut off, not waited for).
         "network_timeout_s": 60,
+        # Seconds a new connection may take to send its A-ASSOCIATE-RQ (TLS handshake included) before it is closed
+        # (pynetdicom engine). max_associations counts negotiated associations only, so silent connections cannot
+        # hold the slots; this bounds how long each one lasts.
+        "association_request_timeout_s": 5,
         # Calling AE title -> the IP addresses or CIDR networks it may connect from, e.g. {PACS: [10.1.2.3],
         # MR1: [10.20.0.0/24]}. A title listed here is allowed (as if in allowed_calling_aets) but only from these
         # addresses; titles not listed are governed by allowed_calling_aets alone.
