@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 import threading
 
 from worker.config import load_settings
+from worker.log_format import configure_logging
 
 #: Modules that add their own subcommands: each has ``register(subparsers)``, setting ``func`` on its parsers.
 FEATURE_COMMANDS: tuple[str, ...] = ("worker.delivery", "worker.fairness_commands", "worker.report_commands",
@@ -206,15 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # highdicom narrates every attribute it copies at INFO; keep the service's log about the service.
-    logging.getLogger("highdicom").setLevel(logging.WARNING)
-    if args.log_format == "json":
-        from worker.metrics import JsonLogFormatter
-
-        for handler in logging.getLogger().handlers:
-            handler.setFormatter(JsonLogFormatter())
+    configure_logging(args.verbose, args.log_format)
     return int(args.func(args) or 0)
 
 
