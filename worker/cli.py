@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 import threading
 from pathlib import Path
 
 from worker.config import load_settings
+from worker.log_format import configure_logging
 
 #: Modules that add their own subcommands: each has ``register(subparsers)``, setting ``func`` on its parsers.
 FEATURE_COMMANDS: tuple[str, ...] = ("worker.delivery", "worker.fairness_commands", "worker.report_commands",
@@ -272,23 +272,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(build_parser(), argv)
     configure_logging(args.verbose, args.log_format)
     return int(args.func(args) or 0)
-
-
-#: Libraries that narrate per object at INFO (pynetdicom: every C-STORE request and response, every presentation
-#: context; highdicom: every attribute it copies). Their lines show with -v; the service logs one line per study.
-CHATTY_LOGGERS = ("pynetdicom", "highdicom")
-
-
-def configure_logging(verbose: bool = False, log_format: str = "text") -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in CHATTY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
-    if log_format == "json":
-        from worker.metrics import JsonLogFormatter
-
-        for handler in logging.getLogger().handlers:
-            handler.setFormatter(JsonLogFormatter())
 
 
 if __name__ == "__main__":
