@@ -98,20 +98,21 @@ def beat_schedule(settings: Settings) -> dict[str, dict]:
             "task": TRAIN_NIGHTLY, "options": {"queue": TRAINING_QUEUE},
             "schedule": crontab_of(settings["training"]["nightly_cron"], "training.nightly_cron"),
         },
-        "index-maintenance": {
-            "task": INDEX_MAINTENANCE, "options": {"queue": MAINTENANCE_QUEUE},
-            "schedule": crontab_of(settings["maintenance"]["index_cron"], "maintenance.index_cron"),
-        },
     }
-    # An interval of 0 turns the job off (`triage fairness refresh --every 0` runs it once by hand).
+    # An interval of 0 or an empty crontab turns a job off (each can be run by hand: `triage fairness refresh
+    # --every 0`, `triage index rebuild`).
     fairness_every = float(settings["fairness"]["refresh_interval_s"])
     if fairness_every > 0:
         schedule["fairness-refresh"] = {"task": FAIRNESS_REFRESH, "options": {"queue": TRAINING_QUEUE},
                                         "schedule": timedelta(seconds=fairness_every)}
-    reconcile_every = float(settings["maintenance"]["reconcile_interval_s"])
-    if reconcile_every > 0:
-        schedule["store-reconciliation"] = {"task": RECONCILE_STORE, "options": {"queue": MAINTENANCE_QUEUE},
-                                            "schedule": timedelta(seconds=reconcile_every)}
+    maintenance = settings["maintenance"]
+    if maintenance["index_cron"]:
+        schedule["index-maintenance"] = {"task": INDEX_MAINTENANCE, "options": {"queue": MAINTENANCE_QUEUE},
+                                         "schedule": crontab_of(maintenance["index_cron"], "maintenance.index_cron")}
+    if maintenance["reconcile_cron"]:
+        schedule["store-reconciliation"] = {
+            "task": RECONCILE_STORE, "options": {"queue": MAINTENANCE_QUEUE},
+            "schedule": crontab_of(maintenance["reconcile_cron"], "maintenance.reconcile_cron")}
     return schedule
 
 

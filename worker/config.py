@@ -329,9 +329,10 @@ DEFAULTS: dict[str, Any] = {
         "correction": "holm",
         # A TPR/FPR disparity smaller than this is not flagged, however small its p-value.
         "min_disparity": 0.05,
-        # Seconds between scheduled refreshes (`triage fairness refresh --every`); 0: once and exit.
+        # Seconds between scheduled refreshes (the beat's fairness-refresh entry, run by `triage train worker`;
+        # `triage fairness refresh --every` loops on its own); 0: no scheduled refresh.
         "refresh_interval_s": 3600,
-        # Port for Prometheus metrics of the scheduled refresh; 0: not served.
+        # Port for Prometheus metrics of the scheduled refresh (served by `triage train worker`); 0: not served.
         "metrics_port": 0,
         # Where the scheduled refresh writes the HTML report. Empty: <var_dir>/fairness/report.html.
         "report_path": "",
@@ -349,10 +350,11 @@ DEFAULTS: dict[str, Any] = {
     # exactly one `celery -A worker.tasks beat` per deployment).
     "maintenance": {
         # Rebuild of the slice-evidence vector index from its table (compaction after deletions, the index kind
-        # chosen anew by size), crontab fields as training.nightly_cron.
+        # chosen anew by size), crontab fields as training.nightly_cron. Empty: not scheduled.
         "index_cron": "0 4 * * *",
-        # Seconds between reconciliations of the on-disk store with the database (task triage.reconcile_store).
-        "reconcile_interval_s": 3600,
+        # A pass over the whole store from a CPU worker (task triage.reconcile_store), besides the receiver's own
+        # passes over the folders changed since its last (store.reconcile_interval_s). Empty: not scheduled.
+        "reconcile_cron": "30 4 * * *",
     },
     # Training and nightly retraining (train/nightly.py, `triage train nightly|worker|beat`, `triage models ...`).
     "training": {
