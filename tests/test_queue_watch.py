@@ -86,5 +86,7 @@ def test_a_study_routed_to_a_queue_no_worker_consumes_raises_the_warning(tmp_pat
     assert "mr-to-knn" in event.reason and "--queues slice_knn" in event.reason
     assert metrics[("triage_queue_without_consumer", "slice_knn")] == 1
     assert metrics[("triage_queue_without_consumer", "neuro_mri")] == 0
+    # The beat's nightly retraining and fairness refresh would never run: no training worker either.
+    assert metrics[("triage_queue_without_consumer", "training")] == 1
     # The routine-lane study waits in a priority sub-queue and still shows in the depth.
     assert metrics[("triage_queue_depth", "slice_knn")] == 1

@@ -6,7 +6,8 @@ Depth: Celery's Redis transport keeps a queue's messages in one Redis list per p
 routine lane is sent with priority 6 (``worker.celery_app.LANE_PRIORITY``): counting only the queue's own list
 would show routine work as 0. Every step's list is counted.
 
-Consumers: a study routed to a pipeline whose queue no worker consumes would wait silently. ``QueueWatch`` asks
+Consumers: a study routed to a pipeline whose queue no worker consumes would wait silently (and so would the
+beat's jobs on a deployment without their worker). ``QueueWatch`` asks
 the workers which queues they consume (one broadcast, ``app.control.inspect().active_queues()`` with a short
 timeout) every ``broker.consumer_check_interval_s``, never per study; a routed queue without a consumer sets
 ``triage_queue_without_consumer`` and, while messages wait in it, writes a ``queue_without_consumer`` event.
@@ -22,7 +23,7 @@ from sqlalchemy import insert
 from sqlalchemy.engine import Engine
 
 from pacs_bridge.schema import events, utcnow
-from worker.celery_app import DELIVERY_QUEUE, MAINTENANCE_QUEUE, PIPELINE_QUEUES, TRAINING_QUEUE
+from worker.celery_app import DELIVERY_QUEUE, MAINTENANCE_QUEUE, PIPELINE_QUEUES, TRAINING_QUEUE, beat_schedule
 from worker.config import Settings
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ def routed_queues(settings: Settings) -> dict[str, list[str]]:
             found.setdefault(pipeline, []).append(f"rule {rule.get('name', '?')!r}")
     if settings["destinations"] or settings["publishers"]:
         found.setdefault(DELIVERY_QUEUE, []).append("deliveries and publications")
+    for name, entry in beat_schedule(settings).items():  # a job nobody runs: no retraining, no fairness refresh
+        found.setdefault(entry["options"]["queue"], []).append(f"beat entry {name!r}")
     return found
 
 
