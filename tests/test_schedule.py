@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
