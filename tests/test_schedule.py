@@ -3,10 +3,14 @@ on the worker that consumes its queue (real Redis, PostgreSQL, `triage train wor
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
@@ -108,3 +112,28 @@ def test_each_beat_entry_runs_its_task_once_on_the_worker_of_its_queue(tmp_path,
         [status] = c.execute(select(training_runs.c.status)).scalars().all()
     assert status in ("done", "skipped")  # too few labelled studies to retrain: recorded, not failed
     assert (settings.var_dir / "fairness" / "report.html").exists()
+
+
+@pytest.mark.slow
+def test_the_deployments_beat_command_sends_the_jobs_when_due(tmp_path, redis_url):
+    """`celery -A worker.tasks beat`, as systemd, compose and Helm run it, with a refresh due every second."""
+    from worker.queue_watch import redis_depths
+
+    config = tmp_path / "triage.yaml"
+    config.write_text(yaml.safe_dump({"var_dir": str(tmp_path / "var"), "broker": {"url": redis_url},
+                                      "fairness": {"refresh_interval_s": 1}}))
+    celery = Path(sys.executable).parent / "celery"
+    log = (tmp_path / "beat.log").open("wb")
+    beat = subprocess.Popen([str(celery), "-A", "worker.tasks", "beat", "--loglevel", "INFO",
+                             "--schedule", str(tmp_path / "celerybeat-schedule")],
+                            cwd=tmp_path, env={**os.environ, "TRIAGE_CONFIG": str(config)}, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: redis_depths(redis_url, ["training"])["training"] >= 2, 120,
+                 what="beat to send the fairness refresh twice")
+    except TimeoutError:
+        raise AssertionError((tmp_path / "beat.log").read_text()[-3000:])
+    finally:
+        os.killpg(beat.pid, signal.SIGTERM)
+        beat.wait(30)
+    assert "triage.fairness_refresh" in (tmp_path / "beat.log").read_text()
