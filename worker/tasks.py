@@ -150,21 +150,12 @@ def reconcile_store() -> str:
     """A periodic pass over the whole store (``var/incoming``): files without a database row are recorded
     through the intake checks, or quarantined. The receiver's own passes look only at the folders changed
     since its last one; this one looks at every folder, leaving files younger than store.reconcile_grace_s to
-    the bookkeeper that is writing them."""
-    from pacs_bridge.bookkeeping import Bookkeeper
-    from pacs_bridge.reconcile import StoreReconciler
-    from pacs_bridge.storage import InstanceStore
+    the bookkeeper that is writing them (the receiver runs meanwhile: never ``full``)."""
+    # Imported here: the reconciliation belongs to the DICOM edge and is loaded only where the task runs.
+    from pacs_bridge.reconcile import reconcile_store as reconcile
 
     settings = app.conf.triage_settings
-    engine = processor_engine()
-    store = InstanceStore(settings.incoming_dir, settings.quarantine_dir, fsync=bool(settings["store"]["fsync"]))
-    bookkeeper = Bookkeeper(engine)
-    bookkeeper.start()
-    try:
-        report = StoreReconciler(engine, store, bookkeeper,
-                                 grace_s=float(settings["store"]["reconcile_grace_s"])).run()
-        bookkeeper.wait_idle()
-    finally:
-        bookkeeper.stop()
+    report = reconcile(processor_engine(), settings.incoming_dir, settings.quarantine_dir,
+                       grace_s=float(settings["store"]["reconcile_grace_s"]), fsync=bool(settings["store"]["fsync"]))
     log.info("store reconciliation: %s", report.as_dict())
     return f"recorded:{report.recorded} quarantined:{report.quarantined}"
