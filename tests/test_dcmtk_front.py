@@ -4,18 +4,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import threading
+import time
 
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import MRImageStorage, Verification
 from sqlalchemy import func, select
 
 from pacs_bridge.bookkeeping import Bookkeeper
+from pacs_bridge.child_processes import start_time
 from pacs_bridge.dcmtk_front import ASSOCIATION_FILE, DcmtkFront
 from pacs_bridge.schema import events, instances, make_engine, series
 from pacs_bridge.scp import ScpSettings
 from pacs_bridge.storage import InstanceStore
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for
 from tests.dicom_factory import mr_slice, write_mr_series
 from worker.database import upgrade
 
@@ -206,3 +212,124 @@ def test_echo_is_answered_and_the_association_limit_holds(front):
     refused = subprocess.run(echo, capture_output=True, text=True, env=DCMTK_ENV, timeout=30)
     assert refused.returncode != 0 and "Local Limit Exceeded" in refused.stdout + refused.stderr
     assert front.front.deferred == 1
+
+
+def test_concurrent_association_requests_never_exceed_the_limit(tmp_path):
+    limited = Front(tmp_path / "r", max_associations=2, allowed_calling_aets=["PYSCU"])
+    front = limited.start()
+    requests = 4
+    all_sent, all_answered = threading.Barrier(requests), threading.Barrier(requests)
+    established: list[bool] = []
+
+    def associate() -> None:
+        ae = AE("PYSCU")
+        ae.add_requested_context(Verification)
+        all_sent.wait()  # every request on the wire at the same moment
+        association = ae.associate("127.0.0.1", front.port, ae_title="TRIAGE")
+        established.append(association.is_established)
+        all_answered.wait()  # the accepted ones stay open until every request has its answer
+        if association.is_established:
+            association.release()
+
+    try:
+        threads = [threading.Thread(target=associate) for _ in range(requests)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert sorted(established) == [False, False, True, True]
+        assert front.deferred == 2
+        # The slots are free again once those associations ended.
+        assert front.wait_idle()
+        echo = ["echoscu", "-aet", "PYSCU", "-aec", "TRIAGE", "127.0.0.1", str(front.port)]
+        assert subprocess.run(echo, capture_output=True, env=DCMTK_ENV, timeout=30).returncode == 0
+    finally:
+        limited.stop()
+
+
+def _send_with_request_uid(port: int, path, request_sop_instance_uid: str) -> int:
+    """C-STORE the dataset in ``path`` with a request whose Affected SOP Instance UID is the one given.
+
+    pynetdicom takes the request's UIDs from the file meta when it sends a file as it is on disk, so a file meta
+    that disagrees with the dataset makes the request disagree with it too.
+    """
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.file_meta.MediaStorageSOPInstanceUID = request_sop_instance_uid
+    ds.preamble = bytes(128)
+    ds.save_as(path, enforce_file_format=False)  # keep the disagreeing meta as it is
+    ae = AE("PYSCU")
+    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)  # the file's: sent as it is on disk
+    association = ae.associate("127.0.0.1", port, ae_title="TRIAGE")
+    assert association.is_established
+    chunked, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
+    try:
+        status = association.send_c_store(path)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
+        association.release()
+    return status.Status
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_a_request_uid_that_differs_from_the_dataset_is_quarantined_and_a_hostile_one_stays_in_the_spool(front,
+                                                                                                      tmp_path):
+    other, hostile = write_mr_series(tmp_path / "send", n=2)
+    assert _send_with_request_uid(front.front.port, other, "1.2.3.4.5.6") == 0x0000  # storescp's own answer
+    assert _send_with_request_uid(front.front.port, hostile, "1.2.3/../../../../../escaped") == 0x0000
+    assert storescu(front.front.port, write_mr_series(tmp_path / "good", n=1)[0]).returncode == 0
+    assert front.front.wait_idle()
+
+    sidecars = [json.loads(p.read_text()) for p in sorted((front.root / "quarantine").glob("*.json"))]
+    assert sorted(s["reason"].split(" differs from ")[1] for s in sidecars) == [
+        "the request's Affected SOP Instance UID 1.2.3.4.5.6",
+        "the request's Affected SOP Instance UID 1.2.3/../../../../../escaped"]
+    assert all(s["status"] == "0xA900" for s in sidecars)
+    assert front.count() == 1 and front.front.rejected_by_status[0xA900] == 2
+    # Nothing was written under a name made of the request's UID, in or out of the receiver's folders.
+    assert not [p for p in tmp_path.parent.rglob("*escaped*")]
+    assert [p.name for p in (front.root / "spool").iterdir()] == []
+
+
+def test_files_left_in_the_spool_while_the_receiver_runs_are_taken_in_without_a_restart(front, tmp_path):
+    """What a previous run's storescp wrote after this run's start-up scan is not left for the next restart."""
+    folder = front.root / "spool" / "4242.0-9"
+    folder.mkdir()
+    (folder / ASSOCIATION_FILE).write_text(json.dumps(
+        {"calling_aet": "MR1", "called_aet": "TRIAGE", "peer_address": "10.1.2.3"}))
+    shutil.copy(write_mr_series(tmp_path / "send", n=1)[0], folder / "MR.X.1.2.3")
+    wait_for(lambda: front.count() == 1, 15, what="the left file taken in by the spool rescan")
+    wait_for(lambda: not folder.exists(), 5, what="the left folder removed")
+
+
+def test_a_storescp_left_running_by_a_previous_run_is_killed_before_its_folder_is_taken_in(tmp_path):
+    receiver = Front(tmp_path / "r")
+    spool = (tmp_path / "r" / "spool").resolve()
+    folder = spool / "4242.0-3"
+    folder.mkdir(parents=True)
+    # A previous run's storescp, still serving its folder (here listening on a port of its own), and an
+    # unrelated process whose pid a second sidecar names: only the storescp is killed.
+    leftover = subprocess.Popen(["storescp", "-od", str(folder), str(free_port())], start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=DCMTK_ENV)
+    bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        wait_for(lambda: start_time(leftover.pid) is not None, 10, what="storescp started")
+        (folder / ASSOCIATION_FILE).write_text(json.dumps(
+            {"calling_aet": "MR1", "called_aet": "TRIAGE", "peer_address": "10.1.2.3",
+             "pid": leftover.pid, "start_time": start_time(leftover.pid)}))
+        shutil.copy(write_mr_series(tmp_path / "send", n=1)[0], folder / "MR.X.1.2.3")
+        other = spool / "4242.0-4"
+        other.mkdir()
+        (other / ASSOCIATION_FILE).write_text(json.dumps(
+            {"calling_aet": "MR1", "pid": bystander.pid, "start_time": start_time(bystander.pid)}))
+        front = receiver.start()
+        assert leftover.wait(5) == -signal.SIGKILL
+        assert bystander.poll() is None
+        assert front.wait_idle() and receiver.count() == 1 and not folder.exists()
+    finally:
+        receiver.stop()
+        for process in (leftover, bystander):
+            if process.poll() is None:
+                process.kill()
+            process.wait()
