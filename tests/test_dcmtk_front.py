@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from pacs_bridge.bookkeeping import Bookkeeper
 from pacs_bridge.child_processes import start_time
 from pacs_bridge.dcmtk_front import ASSOCIATION_FILE, DcmtkFront
-from pacs_bridge.schema import events, instances, make_engine, series
+from pacs_bridge.schema import events, instances, make_engine, series, studies
 from pacs_bridge.scp import ScpSettings
 from pacs_bridge.storage import InstanceStore
 from tests.conftest import free_port, wait_for
@@ -333,3 +333,71 @@ def test_a_storescp_left_running_by_a_previous_run_is_killed_before_its_folder_i
             if process.poll() is None:
                 process.kill()
             process.wait()
+
+
+def _storescps_writing_under(folder) -> list[int]:
+    """Running storescp processes whose command line names a path under ``folder`` (read from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                argv = handle.read().split(b"\0")
+            with open(f"/proc/{entry}/stat") as handle:
+                state = handle.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if argv and os.path.basename(argv[0]) == b"storescp" and state != "Z" \
+                and any(str(folder).encode() in arg for arg in argv):
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.slow
+def test_serve_killed_mid_send_leaves_no_storescp_and_every_acknowledged_image_completes_once(
+        tmp_path, postgres_url, redis_url):
+    from tests.service_harness import Service
+
+    study_uid, series_uid = generate_uid(), generate_uid()
+    (tmp_path / "study").mkdir()
+    sop_uids = {}
+    for index in range(400):  # 128 KB each: long enough a send to be killed in the middle of it
+        ds = mr_slice(study_uid, series_uid, index, rows=256, columns=256)
+        path = tmp_path / "study" / f"slice{index:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        sop_uids[str(path)] = ds.SOPInstanceUID
+    service = Service(tmp_path, postgres_url, redis_url, tmp_path / "no-bundle", scp={"engine": "dcmtk"},
+                      assembly={"quiet_period_s": 2, "poll_interval_s": 0.5})
+    spool = tmp_path / "var" / "spool"
+    try:
+        service.start_serve()
+        sender = subprocess.Popen(
+            ["storescu", "-v", "-aet", "MODALITY", "-aec", "TRIAGE", "127.0.0.1", str(service.scp_port),
+             *sop_uids], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=DCMTK_ENV)
+        acknowledged, sending = [], None
+        for line in sender.stdout:  # type: ignore[union-attr]
+            if line.startswith("I: Sending file: "):
+                sending = line.removeprefix("I: Sending file: ").strip()
+            elif line.startswith("I: Received Store Response (Success)"):
+                acknowledged.append(sop_uids[sending])
+                if len(acknowledged) == 60:
+                    os.kill(service.processes["serve"].pid, signal.SIGKILL)  # the service only, as the OOM killer
+        assert sender.wait(30) != 0 and 60 <= len(acknowledged) < len(sop_uids), "the send was not interrupted"
+        service.processes["serve"].wait(10)
+        wait_for(lambda: not _storescps_writing_under(spool), 10, what="storescp gone with the killed service")
+
+        service.start_serve()
+        wait_for(lambda: len(service.runs()) == 1, 60, what="the study completed after the restart")
+        time.sleep(6)  # several spool rescans and quiet periods: nothing comes late as a second version
+        engine = make_engine(postgres_url)
+        with engine.connect() as c:
+            recorded = set(c.execute(select(instances.c.sop_instance_uid)).scalars())
+            study = c.execute(select(studies.c.version, studies.c.instance_count)).one()
+        engine.dispose()
+        runs = service.runs()
+    finally:
+        service.stop()
+    assert set(acknowledged) <= recorded
+    assert len(recorded) <= len(acknowledged) + 1  # and perhaps the one storescp wrote whole as it was killed
+    assert tuple(study) == (1, len(recorded))
+    assert [(r.study_version, r.status) for r in runs] == [(1, "queued")]
+    assert not _storescps_writing_under(spool)
