@@ -102,6 +102,9 @@ class ScpSettings:
     #: rather than being accepted into a backlog that cannot be recorded or a disk that cannot hold them.
     max_backlog: int = 20000
     min_free_bytes: int = 1 << 30
+    #: Back-pressure as well while the database has taken no write for this long (down, locked, out of space): the
+    #: files would be safe, but nothing would complete until it returns, and the senders can hold them meanwhile.
+    max_write_stall_s: float = 5.0
 
 
 #: How often the free space on the store's disk is looked up (a statfs per image would cost more than the write).
@@ -120,6 +123,10 @@ class BackPressure:
         self._free, self._free_checked_at = 0, float("-inf")
 
     def reason(self) -> str | None:
+        stall = self.bookkeeper.stall_s
+        if stall > self.settings.max_write_stall_s:
+            return (f"the database has taken no write for {stall:.0f}s (scp.max_write_stall_s "
+                    f"{self.settings.max_write_stall_s:g}): {self.bookkeeper.last_error}")
         backlog = self.bookkeeper.backlog
         if backlog > self.settings.max_backlog:
             return f"the database is {backlog} instances behind (scp.max_backlog {self.settings.max_backlog})"
@@ -290,9 +297,12 @@ class StorageSCP:
                                        f"first {len(data)} bytes (no file meta) are kept", STATUS_OUT_OF_RESOURCES)
             data = event.encoded_dataset(include_meta=True)
             header = check_received(data, request.AffectedSOPClassUID, request.AffectedSOPInstanceUID)
-            stored = self.store.store(
-                header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid, data
-            )
+            called_aet = str(getattr(event.assoc.requestor.primitive, "called_ae_title", "") or "").strip()
+            sender = {"calling_aet": calling_aet, "called_aet": called_aet,
+                      "peer_address": event.assoc.requestor.address, "source": "c-store"}
+            # Durable (fsynced) when it returns: only then is the sender told Success.
+            stored = self.store.store(header.study_instance_uid, header.series_instance_uid,
+                                      header.sop_instance_uid, data, sender=sender)
         except RejectedInstance as exc:
             return self._reject(data, exc.reason, exc.status, context)
         except OSError as exc:  # disk full, permissions: tell the sender to try again later
@@ -303,7 +313,6 @@ class StorageSCP:
                                 context)
         self.active.add(id(event.assoc), header.study_instance_uid)
         # The called AE title as the sender addressed it (routing rules may test it), not ours.
-        called_aet = str(getattr(event.assoc.requestor.primitive, "called_ae_title", "") or "").strip()
         self.bookkeeper.add(ReceivedInstance(header=header, stored=stored, calling_aet=calling_aet,
                                              called_aet=called_aet, peer_address=event.assoc.requestor.address))
         self.received += 1

@@ -36,12 +36,32 @@ BENCHMARKS: dict[str, str] = {
 }
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _upgrade_when_reachable(url: str) -> None:
+    """Apply the migrations, waiting for a database that is not up yet (a restart during an outage): the receiver
+    must come back by itself when the database does, not exit and leave the senders without a receiver."""
+    import time
+
+    from sqlalchemy.exc import OperationalError
+
     from worker.database import upgrade
+
+    backoff = 1.0
+    while True:
+        try:
+            upgrade(url)
+            return
+        except OperationalError as exc:
+            print(f"triage: the database is not reachable ({str(exc).splitlines()[0]}); retrying in {backoff:.0f}s",
+                  file=sys.stderr, flush=True)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+
+def _serve(args: argparse.Namespace) -> int:
     from worker.service import build_receiving_service
 
     settings = load_settings(args.config)
-    upgrade(settings.database_url)
+    _upgrade_when_reachable(settings.database_url)
     service = build_receiving_service(settings)
     service.start()
     print(f"triage: SCP {settings['scp']['ae_title']} listening on {settings['scp']['host']}:{service.scp.port}",

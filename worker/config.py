@@ -61,9 +61,21 @@ DEFAULTS: dict[str, Any] = {
         # than min_free_bytes, C-STOREs are answered Out of Resources (A700) so senders keep and retry them.
         "max_backlog": 20000,
         "min_free_bytes": 1073741824,
+        # Back-pressure as well while the database has taken no write for this many seconds (down, locked, full).
+        "max_write_stall_s": 5.0,
         # DICOM TLS (PS3.15 B.1) on the listener. PEM paths; no cert: plain TCP. require_client_cert: senders must
         # present a certificate signed by ca (mutual TLS).
         "tls": {"cert": "", "key": "", "ca": "", "require_client_cert": True},
+    },
+    "store": {
+        # fsync each received file and its folder before the sender is told Success (a power cut loses nothing that
+        # was acknowledged; about 0.6 ms an image here). false only for throw-away stores.
+        "fsync": True,
+        # The store is the truth: at start-up and then every reconcile_interval_s seconds, files in
+        # <var_dir>/incoming without a database row (the process died between the two) are recorded through the
+        # same checks, or quarantined. Files younger than reconcile_grace_s are left to the bookkeeper writing them.
+        "reconcile_interval_s": 300,
+        "reconcile_grace_s": 120,
     },
     "assembly": {
         # A study is complete when no instance has arrived for this many seconds and no association is still

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import REGISTRY
@@ -11,6 +12,8 @@ from pacs_bridge.assembly import CompletionPolicy, StudyAssembler
 from pacs_bridge.bookkeeping import Bookkeeper
 from pacs_bridge.dcmtk_front import DcmtkFront
 from pacs_bridge.dicom_tls import TlsFiles
+from pacs_bridge.periodic import PeriodicLoop
+from pacs_bridge.reconcile import StoreReconciler
 from pacs_bridge.rules import RuleSet
 from pacs_bridge.schema import make_engine
 from pacs_bridge.scp import ScpSettings, StorageSCP
@@ -76,15 +79,21 @@ class ReceivingService:
     bookkeeper: Bookkeeper
     assembler: StudyAssembler
     sweeper: Sweeper | None = None
+    reconciler: StoreReconciler | None = None
+    reconcile_interval_s: float = 300.0
     health: HealthServer | None = None
     _collector: ReceiverCollector | None = None
+    _stopping: threading.Event = field(default_factory=threading.Event)
+    _startup: threading.Thread | None = None
+    _reconcile_loop: PeriodicLoop | None = None
 
     def start(self) -> None:
         self.bookkeeper.start()
         self.scp.start()
-        self.assembler.start()
-        if self.sweeper is not None:
-            self.sweeper.start()
+        # Receiving starts at once; completing studies waits for the first reconciliation, or a study whose last
+        # rows a crash lost would be completed without them and re-opened as a second version when they land.
+        self._startup = threading.Thread(target=self._reconcile_then_assemble, name="startup", daemon=True)
+        self._startup.start()
         port = int(self.settings["metrics"]["serve_port"])
         if port:
             try:
@@ -95,11 +104,41 @@ class ReceivingService:
             except OSError as exc:  # metrics are an aid, never a reason not to receive images
                 log.warning("metrics endpoint on port %d not started: %s", port, exc)
 
+    def _reconcile_then_assemble(self) -> None:
+        if self.reconciler is not None:
+            backoff = 1.0
+            while not self._stopping.is_set():
+                try:
+                    report = self.reconciler.run(full=True)
+                    log.info("start-up reconciliation: %s", report.as_dict())
+                    break
+                except Exception as exc:  # the database is not there yet: receive meanwhile, try again
+                    log.warning("start-up reconciliation failed, retrying in %.0fs: %s", backoff, exc)
+                    self._stopping.wait(backoff)
+                    backoff = min(backoff * 2, 30.0)
+            if self._stopping.is_set():
+                return
+            self._reconcile_loop = PeriodicLoop("reconcile", self.reconcile_interval_s, self.reconciler.run)
+            self._reconcile_loop.start()
+        self.assembler.start()
+        if self.sweeper is not None:
+            self.sweeper.start()
+
+    @property
+    def assembling(self) -> bool:
+        """True once the start-up reconciliation is done and studies are being completed."""
+        return self._startup is not None and not self._startup.is_alive() and not self._stopping.is_set()
+
     def stop(self) -> None:
+        self._stopping.set()
         if self.health is not None:
             self.health.stop()
             REGISTRY.unregister(self._collector)
         self.scp.stop()
+        if self._startup is not None:
+            self._startup.join(30)
+        if self._reconcile_loop is not None:
+            self._reconcile_loop.stop()
         self.assembler.stop()
         if self.sweeper is not None:
             self.sweeper.stop()
@@ -132,8 +171,9 @@ def make_receiver(settings: ScpSettings, store: InstanceStore, bookkeeper: Bookk
 def build_receiving_service(settings: Settings) -> ReceivingService:
     engine = make_engine(settings.database_url)
     scp_settings = settings["scp"]
-    store = InstanceStore(settings.incoming_dir, settings.quarantine_dir)
-    bookkeeper = Bookkeeper(engine)
+    store_settings = settings["store"]
+    store = InstanceStore(settings.incoming_dir, settings.quarantine_dir, fsync=bool(store_settings["fsync"]))
+    bookkeeper = Bookkeeper(engine, quarantine_file=store.quarantine_file)
     receiver_settings = ScpSettings(
         engine=str(scp_settings["engine"]),
         ae_title=scp_settings["ae_title"], host=scp_settings["host"], port=int(scp_settings["port"]),
@@ -144,8 +184,10 @@ def build_receiving_service(settings: Settings) -> ReceivingService:
         max_object_bytes=int(scp_settings["max_object_bytes"] or 0),
         max_backlog=int(scp_settings["max_backlog"]),
         min_free_bytes=int(scp_settings["min_free_bytes"]),
+        max_write_stall_s=float(scp_settings["max_write_stall_s"]),
     )
     scp = make_receiver(receiver_settings, store, bookkeeper, spool_dir=settings.var_dir / "spool")
+    reconciler = StoreReconciler(engine, store, bookkeeper, grace_s=float(store_settings["reconcile_grace_s"]))
     assembly = settings["assembly"]
     celery_app = make_celery(settings)
     dispatch_run = dispatcher(celery_app)
@@ -161,10 +203,11 @@ def build_receiving_service(settings: Settings) -> ReceivingService:
         dispatch=dispatch_run,
         policy=CompletionPolicy(float(assembly["quiet_period_s"]), float(assembly["max_wait_s"]),
                                 float(assembly["expected_series_settle_s"])),
-        active_studies=scp.active.current,
+        active_studies=lambda: scp.active.current() | reconciler.active.current(),
         poll_interval_s=float(assembly["poll_interval_s"]),
         rules=routing_rules(settings),
         forward=lambda delivery_id: celery_app.send_task(DELIVER, args=[delivery_id], queue=DELIVERY_QUEUE),
         store_root=settings.incoming_dir,
     )
-    return ReceivingService(settings, scp, bookkeeper, assembler, sweeper)
+    return ReceivingService(settings, scp, bookkeeper, assembler, sweeper, reconciler=reconciler,
+                            reconcile_interval_s=float(store_settings["reconcile_interval_s"]))
