@@ -60,6 +60,13 @@ class Spawner:
         if self._thread.is_alive():
             self._requests.put(None)
             self._thread.join(10)
+        while True:  # a request that came after the end: refused, not left waiting for ever
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            if request is not None:
+                request[2].set_exception(OSError("the spawner has stopped"))
 
     def _run(self) -> None:
         parent = os.getpid()

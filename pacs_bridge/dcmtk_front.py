@@ -6,14 +6,28 @@ the bytes:
 
 1. We accept each TCP connection and read its A-ASSOCIATE-RQ without consuming it (``MSG_PEEK``), decoded by
    pynetdicom. The calling and called AE titles and the peer address are checked against the same allow-list and
-   AE-host bindings as the pynetdicom SCP, and back-pressure (intake backlog, free disk, association limit) is
-   applied here; a refused association is answered with an A-ASSOCIATE-RJ.
+   AE-host bindings as the pynetdicom SCP, and back-pressure (intake backlog, free disk, a stalled database) and
+   the association limit are applied here; a refused association is answered with an A-ASSOCIATE-RJ. The limit
+   holds under concurrent requests: a slot is taken under a lock when the request is checked, and given back when
+   its storescp ends (or could not be started).
 2. An accepted connection becomes the stdin/stdout of ``storescp --inetd`` (one process per association, as
    inetd would run it), which negotiates and writes each object as it came (``+B``) into a spool folder of that
-   association, under a name of its own making (``+uf``: never one taken from the sender's UIDs).
+   association, under a name of its own making (``+uf``: never one taken from the sender's UIDs, so a hostile
+   UID cannot place a file anywhere). In this mode storescp writes the file meta from the C-STORE request: its
+   Media Storage SOP Class/Instance UIDs are the request's Affected SOP Class/Instance UIDs.
 3. The intake sees each file closed (inotify ``IN_CLOSE_WRITE``), checks it as the pynetdicom SCP checks a
-   C-STORE (:mod:`pacs_bridge.intake`), moves it into the store and queues its bookkeeping with the
-   association's AE titles and peer. What fails the checks is quarantined with its reason.
+   C-STORE (:mod:`pacs_bridge.intake`, with the request's UIDs from that file meta: a request that disagrees with
+   its dataset is quarantined with status A900 and the reason), moves it into the store and queues its
+   bookkeeping with the association's AE titles and peer. What fails the checks is quarantined with its reason.
+
+storescp children die with the service (:mod:`pacs_bridge.child_processes`): each runs in a process group of its
+own with a parent-death signal (SIGKILL when the service dies, even by SIGKILL), started from one long-lived
+thread (the signal follows the forking thread). Its pid and start time are kept in the association's sidecar;
+the next start kills any storescp still writing into the spool before taking in its folder, and ``stop()`` kills
+what still runs after ``scp.network_timeout_s``. The spool is searched every few seconds (``RESCAN_INTERVAL_S``)
+for folders no running association owns, so what a storescp wrote before a crash is taken in at the next start
+and nothing waits for a later, unrelated restart. storescp does not fsync: an object it answered Success for is
+safe from a killed service, and made durable by the store when it is taken in (a moment later).
 
 Why not storescp's ``--fork`` with ``--exec-on-reception "... #a"`` (what mercure does)? dcmtk 3.6.7 pastes the
 calling AE title into a ``/bin/sh -c`` command line unquoted: a sender calling itself ``$(touch x)`` runs
@@ -360,7 +374,7 @@ class DcmtkFront:
     # -- the intake side -------------------------------------------------------------------------------------
     @property
     def _rescan_due(self) -> bool:
-        return time.monotonic() >= self._next_rescan
+        return not self._stop.is_set() and time.monotonic() >= self._next_rescan
 
     def _intake_loop(self) -> None:
         while not (self._stop.is_set() and not self._running_or_finished()):
@@ -375,7 +389,7 @@ class DcmtkFront:
                         break
                     association = self._finished.popleft()
                 self._finish(association)
-            if self._rescan_due and not self._stop.is_set():
+            if self._rescan_due:
                 try:
                     self._take_in_left_folders()
                 except OSError as exc:  # the spool's disk: tried again at the next rescan
@@ -438,12 +452,16 @@ class DcmtkFront:
             if command is None:
                 raise RejectedInstance("no C-STORE request UIDs in the file storescp wrote (file meta unreadable)",
                                        STATUS_CANNOT_UNDERSTAND)
+            context["affected_sop_class_uid"], context["affected_sop_instance_uid"] = command[0], command[1][:128]
             header = check_received(data, sop_class_uid=command[0], sop_instance_uid=command[1])
             if header.sop_class_uid not in _ACCEPTED_SOP_CLASSES:
                 raise RejectedInstance(f"SOP class {header.sop_class_uid} is not one this receiver takes",
                                        STATUS_CANNOT_UNDERSTAND)
+            # Kept beside the series by the store: a row rebuilt by the reconciler routes as this one would.
+            sender = {"calling_aet": association.calling_aet, "called_aet": association.called_aet,
+                      "peer_address": association.peer_address, "source": "c-store"}
             stored = self.store.store(header.study_instance_uid, header.series_instance_uid,
-                                      header.sop_instance_uid, data, source=path)
+                                      header.sop_instance_uid, data, source=path, sender=sender)
         except FileNotFoundError:
             return  # taken in already (an inotify event for a file the finishing pass got to first)
         except RejectedInstance as exc:
@@ -468,8 +486,8 @@ class DcmtkFront:
         except OSError as exc:
             reason = f"{reason}; quarantine also failed: {exc} (left in the spool)"
         log.warning("quarantined object from %s: %s", context["calling_aet"], reason)
-        self.bookkeeper.event("quarantine", reason, detail={**context, "status": status,
-                                                             "path": str(kept) if kept else None})
+        self.bookkeeper.event("quarantine", reason, sop_instance_uid=context.get("affected_sop_instance_uid"),
+                              detail={**context, "status": status, "path": str(kept) if kept else None})
 
     def _kill_leftovers(self) -> None:
         """Kill every storescp a previous run left writing into this spool (before its folder is taken in)."""
