@@ -79,6 +79,8 @@ ASSOCIATION_FILE = "association.json"
 #: How often the spool is searched for folders no running association owns (left by a previous run, or by an
 #: association whose files could not be stored at the time).
 RESCAN_INTERVAL_S = 2.0
+#: A folder whose files could not be stored (the store's disk) is tried again after this long, not at every rescan.
+RETRY_STORE_AFTER_S = 60.0
 
 # A-ASSOCIATE-RJ result, source and reason (PS3.8 9.3.4).
 _REJECTED_PERMANENT, _REJECTED_TRANSIENT = 0x01, 0x02
@@ -137,6 +139,7 @@ class DcmtkFront:
         self._spawner = Spawner("dcmtk-front spawner")
         self._skipped: set[Path] = set()  # folders of another live storescp, warned about once
         self._next_rescan = 0.0
+        self._retry_after: dict[Path, float] = {}  # left folders whose files could not be stored: when to retry
         self._inotify = INotify()
         self._by_watch: dict[int, Association] = {}
         self._finished: collections.deque[Association] = collections.deque()
@@ -417,8 +420,11 @@ class DcmtkFront:
         with self._lock:
             self._associations.pop(association.number, None)
 
-    def _take_in_folder(self, association: Association) -> None:
-        """Take in every file in the association's folder; remove the folder (and an empty log) if none is left."""
+    def _take_in_folder(self, association: Association) -> bool:
+        """Take in every file in the association's folder; remove the folder (and an empty log) if none is left.
+
+        False if files are left (they could not be stored now).
+        """
         folder = association.folder
         try:
             for path in sorted(folder.iterdir()):
@@ -428,12 +434,13 @@ class DcmtkFront:
         except FileNotFoundError:
             left = []
         if left:  # not storable now (the store's disk): kept, tried again at the next rescan, never deleted
-            log.error("%d file(s) left in %s, taken in at the next spool rescan", len(left), folder)
-            return
+            log.error("%d file(s) left in %s, tried again within %.0f s", len(left), folder, RETRY_STORE_AFTER_S)
+            return False
         shutil.rmtree(folder, ignore_errors=True)
         log_path = folder.parent / f"{folder.name}.log"
         if log_path.exists() and log_path.stat().st_size == 0:
             log_path.unlink()
+        return True
 
     def _take_in(self, association: Association, path: Path) -> None:
         """Check one file storescp wrote, then store and book it, or quarantine it with the reason."""
@@ -508,8 +515,10 @@ class DcmtkFront:
         self._next_rescan = time.monotonic() + RESCAN_INTERVAL_S
         with self._lock:
             ours = {a.folder for a in self._associations.values()}
-        taken = False
+        taken, now = False, time.monotonic()
         for folder in sorted(p for p in self.spool_dir.iterdir() if p.is_dir() and p not in ours):
+            if self._retry_after.get(folder, now) > now:
+                continue
             sender = _read_sidecar(folder)
             pid = sender.get("pid")
             if isinstance(pid, int) and storescp_serving(pid, sender.get("start_time"), folder):
@@ -522,7 +531,10 @@ class DcmtkFront:
             association = Association(0, str(sender.get("calling_aet", "")), str(sender.get("called_aet", "")),
                                       str(sender.get("peer_address", "")), folder)
             log.info("taking in the files left in %s", folder)
-            self._take_in_folder(association)
+            if self._take_in_folder(association):
+                self._retry_after.pop(folder, None)
+            else:
+                self._retry_after[folder] = now + RETRY_STORE_AFTER_S
             taken = True
         if taken:
             self.active.close(0)  # what was left is not being sent by anyone
