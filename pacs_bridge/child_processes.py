@@ -6,6 +6,11 @@ the child too. The signal fires when the *thread* that forked the child ends, wh
 started from short-lived per-connection threads. For what may still survive (another kernel, a child forked in
 the instant its parent died), a child is identified later by its pid and its start time in ``/proc`` (a pid
 alone may have been reused by an unrelated process), and by its command line.
+
+The signal is asked for by util-linux's ``setpriv --pdeathsig`` where it is installed (Debian: always), which
+execs the child in place: a ``preexec_fn`` would force a full ``fork()`` of the service (about 50 ms for a
+300 MB process here, against 6 ms through setpriv), and children are started one at a time. Without setpriv a
+``preexec_fn`` does it, and also catches the parent dying before the request (setpriv cannot).
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import ctypes
 import logging
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import threading
@@ -41,7 +47,8 @@ class Spawner:
     is stopped last, after its children were waited for.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, setpriv: str | None = shutil.which("setpriv")) -> None:
+        self.setpriv = setpriv
         self._requests: queue.Queue[tuple[list[str], dict, Future] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -73,8 +80,13 @@ class Spawner:
         while (request := self._requests.get()) is not None:
             args, popen_kwargs, done = request
             try:
-                done.set_result(subprocess.Popen(args, start_new_session=True,
-                                                 preexec_fn=lambda: _die_with_parent(parent), **popen_kwargs))
+                if self.setpriv is not None:
+                    process = subprocess.Popen([self.setpriv, "--pdeathsig", "KILL", "--", *args],
+                                               start_new_session=True, **popen_kwargs)
+                else:
+                    process = subprocess.Popen(args, start_new_session=True,
+                                               preexec_fn=lambda: _die_with_parent(parent), **popen_kwargs)
+                done.set_result(process)
             except BaseException as exc:  # handed to the caller, which decides
                 done.set_exception(exc)
 

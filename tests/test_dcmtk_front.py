@@ -16,7 +16,7 @@ from pynetdicom.sop_class import MRImageStorage, Verification
 from sqlalchemy import func, select
 
 from pacs_bridge.bookkeeping import Bookkeeper
-from pacs_bridge.child_processes import start_time
+from pacs_bridge.child_processes import Spawner, start_time
 from pacs_bridge.dcmtk_front import ASSOCIATION_FILE, DcmtkFront
 from pacs_bridge.schema import events, instances, make_engine, series, studies
 from pacs_bridge.scp import ScpSettings
@@ -402,3 +402,22 @@ def test_serve_killed_mid_send_leaves_no_storescp_and_every_acknowledged_image_c
     assert tuple(study) == (1, len(recorded))
     assert [(r.study_version, r.status) for r in runs] == [(1, "queued")]
     assert not _storescps_writing_under(spool)
+
+
+@pytest.mark.parametrize("with_setpriv", [True, False], ids=["setpriv", "preexec_fn"])
+def test_a_spawned_child_is_killed_when_the_thread_that_started_it_ends(with_setpriv):
+    setpriv = shutil.which("setpriv") if with_setpriv else None  # without: the fallback, on purpose
+    if with_setpriv and setpriv is None:
+        pytest.skip("util-linux setpriv is not installed")
+    spawner = Spawner("test spawner", setpriv=setpriv)
+    spawner.start()
+    child = spawner.spawn(["sleep", "60"])
+    try:
+        assert os.getpgid(child.pid) == child.pid  # a process group of its own
+        assert child.poll() is None
+        spawner.stop()  # the spawning thread ends, as it does when the service dies
+        assert child.wait(5) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
