@@ -500,3 +500,23 @@ def test_every_file_pydicom_and_pydicom_data_ship_is_recorded_refused_or_quarant
                  what="the study after them to be recorded")
     finally:
         service.stop()
+
+
+def test_a_scheduled_reconciliation_pass_records_and_waits_for_its_rows(postgres_url, tmp_path):
+    from pacs_bridge.reconcile import reconcile_store
+
+    upgrade(postgres_url)
+    store = InstanceStore(tmp_path / "incoming", tmp_path / "quarantine")
+    study, series_uid = generate_uid(), generate_uid()
+    for index in range(3):
+        ds = mr_slice(study, series_uid, index)
+        path = store.store(study, series_uid, ds.SOPInstanceUID, _file_bytes(ds, tmp_path)).path
+        os.utime(path, (time.time() - 600, time.time() - 600))  # older than the grace period
+    engine = make_engine(postgres_url)
+    try:
+        report = reconcile_store(engine, tmp_path / "incoming", tmp_path / "quarantine")
+        assert report.recorded == 3
+        with engine.connect() as c:
+            assert c.execute(select(func.count()).select_from(instances)).scalar_one() == 3
+    finally:
+        engine.dispose()

@@ -51,6 +51,10 @@ DEFAULTS: dict[str, Any] = {
         # Seconds without any PDU after which an idle association is aborted; also the most a peer may stay silent
         # while connecting, negotiating TLS or sending one PDU (slow senders are cut off, not waited for).
         "network_timeout_s": 60,
+        # Seconds a new connection may take to send its A-ASSOCIATE-RQ (TLS handshake included) before it is closed
+        # (pynetdicom engine). max_associations counts negotiated associations only, so silent connections cannot
+        # hold the slots; this bounds how long each one lasts.
+        "association_request_timeout_s": 5,
         # Calling AE title -> the IP addresses or CIDR networks it may connect from, e.g. {PACS: [10.1.2.3],
         # MR1: [10.20.0.0/24]}. A title listed here is allowed (as if in allowed_calling_aets) but only from these
         # addresses; titles not listed are governed by allowed_calling_aets alone.
@@ -214,6 +218,9 @@ DEFAULTS: dict[str, Any] = {
         # by STOW-RS: POST /dicom-web/studies), admin (everything).
         # Tokens are read from files or the environment, never written in this file.
         "tokens": [],
+        # Signing in on the worklist also opens a browser session (an HttpOnly, SameSite=Strict cookie signed with
+        # the token) for the pages a browser navigates to, such as /fairness; it ends after this many seconds.
+        "session_max_age_s": 43200,
         # HTTPS: PEM certificate and key (no cert: plain HTTP, for loopback only). ca + require_client_cert: clients
         # must also present a certificate signed by ca.
         "tls": {"cert": "", "key": "", "ca": "", "require_client_cert": False},
@@ -324,6 +331,19 @@ DEFAULTS: dict[str, Any] = {
         # HL7 v2 ORU^R01 final-report listener (MLLP). 2575 is the registered HL7 port.
         "mllp_host": "127.0.0.1",
         "mllp_port": 2575,
+        # Who may send final reports (a final ORU takes its study off the worklist and becomes training ground
+        # truth). Each: {application: MSH-3, facility: MSH-4 (optional), hosts: [IP or CIDR, ...] (optional)}.
+        # Connections from addresses no entry allows are closed unread; other messages are rejected (AR) and kept.
+        # Empty: any peer and any sender (a warning is logged at start).
+        "mllp_senders": [],
+        # TLS on the listener: PEM cert and key (no cert: plain TCP); ca + require_client_cert: senders must present
+        # a certificate signed by ca (mutual TLS).
+        "mllp_tls": {"cert": "", "key": "", "ca": "", "require_client_cert": False},
+        # Connections open at once (more are closed as they arrive); seconds a connection may be silent between
+        # messages; seconds from a message's first byte to its end (and for the TLS handshake).
+        "mllp_max_connections": 32,
+        "mllp_idle_timeout_s": 600,
+        "mllp_message_timeout_s": 30,
         # MSH-3/MSH-4 of our acknowledgements.
         "mllp_application": "TRIAGE",
         "mllp_facility": "",

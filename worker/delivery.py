@@ -13,6 +13,7 @@ satisfies the rule's condition. Destinations marked ``results: false`` get forwa
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,6 +148,7 @@ class DeliveryBook:
             error = f"destination {row.destination!r} is no longer configured"
             self._record(row, "failed", error)
             return AttemptOutcome(False, error, unknown_destination=True)
+        started = time.monotonic()
         try:
             if row.kind == "images":  # a forward: the study's images as received
                 send_files(destination, [Path(p) for p in row.files or []], self.settings["delivery"]["ae_title"])
@@ -157,6 +159,14 @@ class DeliveryBook:
             self._record(row, "pending", str(exc))
             return AttemptOutcome(False, str(exc))
         DELIVERIES.labels(outcome="delivered").inc()
+        seconds = time.monotonic() - started
+        with self.engine.connect() as connection:  # an SR's row names its run, not its study
+            study_uid = _study_uid(connection, row) or connection.execute(
+                select(studies.c.study_instance_uid).join(processing_runs, processing_runs.c.study_id == studies.c.id)
+                .where(processing_runs.c.id == row.run_id)).scalar()
+        log.info("study %s: %s %s delivered to %s on attempt %d in %.2fs (delivery %d, run %s)", study_uid,
+                 row.kind, row.sop_instance_uid or "images", row.destination, row.attempts + 1, seconds, row.id,
+                 row.run_id)
         self._record(row, "delivered", None)
         return AttemptOutcome(True)
 

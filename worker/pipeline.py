@@ -113,6 +113,11 @@ class RunProcessor:
         self.host = socket.gethostname()
 
     # -- model ---------------------------------------------------------------------------------------------
+    @property
+    def loaded_version(self) -> str | None:
+        """The version of the model this process has loaded, or None before the first load."""
+        return None if self._bundle is None else self._bundle.version
+
     def predictor(self, refresh: bool = True):
         """The study predictor of the model that should serve now.
 
@@ -388,6 +393,8 @@ class RunProcessor:
         sr_path, sr = self._write_sr(run_id, study_id, study_uid, version, result,
                                      [p for paths in image_paths.values() for p in paths])
         timings["sr_s"] = time.perf_counter() - t0
+        log.info("study %s v%d run %d: SR %s written to %s in %.2fs", study_uid, version, run_id, sr.SOPInstanceUID,
+                 sr_path, timings["sr_s"])
         self._stamp(run_id, "sr_created_at", sr_sop_instance_uid=str(sr.SOPInstanceUID), sr_path=str(sr_path),
                     priority=result.priority)
         self._record_predictions(run_id, prediction, result)

@@ -180,6 +180,7 @@ def build_receiving_service(settings: Settings) -> ReceivingService:
         allowed_calling_aets=list(scp_settings["allowed_calling_aets"] or []),
         max_pdu=int(scp_settings["max_pdu"]), max_associations=int(scp_settings["max_associations"]),
         network_timeout_s=float(scp_settings["network_timeout_s"]),
+        association_request_timeout_s=float(scp_settings["association_request_timeout_s"]),
         ae_hosts=dict(scp_settings["ae_hosts"] or {}), tls=TlsFiles.from_config(scp_settings["tls"]),
         max_object_bytes=int(scp_settings["max_object_bytes"] or 0),
         max_backlog=int(scp_settings["max_backlog"]),

@@ -37,8 +37,13 @@ def _serve_health(**_) -> None:
             connection.ensure_connection(max_retries=1)
         return True
 
+    from worker.model_readiness import ModelReadiness
+
+    # Ready only with a servable model: a worker without one would take studies off the queue and fail them.
+    model_ready = ModelReadiness(settings, engine, lambda: processor().loaded_version)
     try:
-        HealthServer(settings["metrics"]["host"], port, checks={"database": database_ready, "broker": broker_ready},
+        HealthServer(settings["metrics"]["host"], port,
+                     checks={"database": database_ready, "broker": broker_ready, "model": model_ready},
                      before_scrape=sample_gpu_utilisation).start()
     except OSError as exc:
         log.warning("worker metrics endpoint on port %d not started: %s", port, exc)
