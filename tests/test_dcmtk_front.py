@@ -16,7 +16,7 @@ from pynetdicom.sop_class import MRImageStorage, Verification
 from sqlalchemy import func, select
 
 from pacs_bridge.bookkeeping import Bookkeeper
-from pacs_bridge.child_processes import Spawner, start_time
+from pacs_bridge.child_processes import Spawner, command_line, start_time
 from pacs_bridge.dcmtk_front import ASSOCIATION_FILE, DcmtkFront
 from pacs_bridge.schema import events, instances, make_engine, series, studies
 from pacs_bridge.scp import ScpSettings
@@ -414,7 +414,9 @@ def test_a_spawned_child_is_killed_when_the_thread_that_started_it_ends(with_set
     child = spawner.spawn(["sleep", "60"])
     try:
         assert os.getpgid(child.pid) == child.pid  # a process group of its own
-        assert child.poll() is None
+        # Running sleep itself: setpriv asks for the signal just before it execs (a service dying in that instant
+        # leaves an orphan, which the next start kills).
+        wait_for(lambda: command_line(child.pid)[:1] == ["sleep"], 5, interval=0.01, what="sleep started")
         spawner.stop()  # the spawning thread ends, as it does when the service dies
         assert child.wait(5) == -signal.SIGKILL
     finally:
