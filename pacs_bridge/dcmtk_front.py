@@ -256,7 +256,8 @@ class DcmtkFront:
 
     def _peek_associate_rq(self, connection: socket.socket) -> A_ASSOCIATE_RQ | None:
         """The peer's A-ASSOCIATE-RQ, left unread in the socket for storescp; None if it is not one."""
-        connection.settimeout(self.settings.network_timeout_s)  # a silent peer is dropped, not waited for
+        # A peer that sends no association request soon is dropped: it must not hold a thread for the network timeout.
+        connection.settimeout(self.settings.association_request_timeout_s)
         try:
             head = connection.recv(6, socket.MSG_PEEK | socket.MSG_WAITALL)
             if len(head) < 6 or head[0] != 0x01:
