@@ -96,7 +96,7 @@ class AuditMiddleware:
         refusal = _refusal(application, method, path, raw_headers, found)
         if refusal is not None:
             code, detail = refusal
-            await self._write(application, scope, principal, code, set())
+            await self._write(application, scope, principal, code, set(), action="denied")
             await _send_json(send, code, {"detail": detail}, close=_has_body(raw_headers))
             return
 
@@ -156,13 +156,15 @@ class AuditMiddleware:
         if not written:  # the application sent no response (the client went away first)
             await self._write(application, scope, principal, CLIENT_CLOSED_REQUEST, _path_study_uids(scope))
 
-    async def _write(self, application, scope, principal, code: int, uids: Iterable[str]) -> bool:
+    async def _write(self, application, scope, principal, code: int, uids: Iterable[str],
+                     action: str | None = None) -> bool:
         client = scope.get("client")
         row = {
             "at": utcnow(), "principal": principal.name if principal else None,
             "role": principal.role if principal else None, "method": scope["method"], "path": scope["path"][:2000],
             "status_code": int(code), "client": f"{client[0]}" if client else None,
-            "action": "denied" if code in (401, 403) else ("read" if scope["method"] in ("GET", "HEAD") else "change"),
+            "action": action or ("denied" if code in (401, 403) else
+                                 ("read" if scope["method"] in ("GET", "HEAD") else "change")),
         }
         uids = sorted(set(uids))
 
