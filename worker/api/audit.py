@@ -378,8 +378,8 @@ def admin_reload_tokens(request: Request, principal: Admin) -> dict:
 
 @router.get("/audit", summary="Audit log entries, newest first")
 def admin_audit(request: Request, principal: Admin,
-                study_instance_uid: Annotated[str | None, Query(max_length=64)] = None,
-                who: Annotated[str | None, Query(max_length=128)] = None,
+                study_instance_uid: Annotated[str | None, Query(max_length=64, pattern=r"^[0-9.]+$")] = None,
+                who: Annotated[str | None, Query(max_length=128, pattern=r"^[^\x00]*$")] = None,
                 limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict]:
     query = select(audit_log).order_by(audit_log.c.id.desc()).limit(limit)
     if study_instance_uid:
