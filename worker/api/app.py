@@ -1,8 +1,9 @@
 """The worker's HTTP API (FastAPI). Feature routers live beside this module and are included here.
 
-Every route but the health check requires a bearer token: a static token (``api.tokens``: read from files or
-environment variables, never from the configuration itself, and shared by every replica through the database,
-``tokens.py``) or an OpenID Connect token from the hospital's identity provider (``api.oidc``, ``oidc.py``). Each
+Every route but the health check, the landing page and the static pages requires a bearer token: a static token
+(``api.tokens``: read from files or environment variables, never from the configuration itself, and shared by every
+replica through the database, ``tokens.py``) or an OpenID Connect token from the hospital's identity provider
+(``api.oidc``, ``oidc.py``). Pages a browser navigates to also accept the session cookie of ``session.py``. Each
 principal has a role. Who sent a request is worked out once, by the audit middleware (``auth.py``); the routes use
 that answer.
 """
@@ -21,18 +22,27 @@ from worker.api.tokens import ROLES, Principal, TokenStore, read_configured_toke
 from worker.config import Settings, load_settings
 
 __all__ = ["ROLES", "Principal", "create_app", "current_principal", "engine_of", "require_role"]
+
 #: Modules under worker/api/ that expose a FastAPI ``router``; each feature adds its own.
-FEATURE_ROUTERS: tuple[str, ...] = ("reports", "fairness", "worklist", "stow", "audit")
+FEATURE_ROUTERS: tuple[str, ...] = ("reports", "fairness", "worklist", "stow", "audit", "session", "landing")
 _bearer = HTTPBearer(auto_error=False)
+
+
+def authentication_of(request: Request) -> Authentication:
+    """The middleware's answer for this request (computed here for a route outside its view)."""
+    found: Authentication | None = request.scope.get(SCOPE_KEY)
+    if found is None:
+        found = authenticate(request.app, request.scope.get("headers", []), request.method)
+    return found
 
 
 def current_principal(request: Request,
                       _declared: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Principal:
     """The principal the audit middleware found for this request (the same answer, never a second reading of the
     headers; ``_declared`` only puts the bearer scheme into the OpenAPI document)."""
-    found: Authentication | None = request.scope.get(SCOPE_KEY)
-    if found is None:  # a route outside the middleware's view
-        found = authenticate(request.app, request.scope.get("headers", []))
+    found = authentication_of(request)
+    if found.via_session:  # the cookie opens pages only (session.page_role): JSON routes want the header
+        found = Authentication(None)
     if found.principal is None:
         raise HTTPException(found.status, found.reason,
                             headers={"WWW-Authenticate": "Bearer"} if found.status == 401 else None)

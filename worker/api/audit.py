@@ -85,7 +85,7 @@ class AuditMiddleware:
         raw_headers = scope.get("headers", [])
         method, path = scope["method"], scope["path"]
         try:
-            found = await anyio.to_thread.run_sync(authenticate, application, raw_headers)
+            found = await anyio.to_thread.run_sync(authenticate, application, raw_headers, method)
         except Exception as exc:  # the token store (database) cannot be read: nobody can be recognised
             log.error("authentication failed for %s %s: %s", method, path, type(exc).__name__)
             await _send_json(send, status.HTTP_503_SERVICE_UNAVAILABLE,

@@ -6,7 +6,9 @@ the principal the audit log names is the one the route served, whatever the requ
 than one ``Authorization`` header is refused outright (a proxy and the server might otherwise each pick another).
 
 A bearer token is either a static token (``api.tokens``, looked up in the shared token store) or, where
-``api.oidc`` is configured, a JWT from the identity provider.
+``api.oidc`` is configured, a JWT from the identity provider. A GET or HEAD without an ``Authorization`` header may
+carry the browser session's cookie instead (``session.py``); such an answer is marked ``via_session``, and only the
+pages that say so accept it (``session.page_role``), never the JSON routes (``current_principal``).
 """
 from __future__ import annotations
 
@@ -29,16 +31,24 @@ class Authentication:
     principal: Principal | None
     status: int = 401
     reason: str = "a bearer token is required"
+    via_session: bool = False
 
 
 def authorization_values(raw_headers: list[tuple[bytes, bytes]]) -> list[str]:
     return [value.decode("latin-1") for name, value in raw_headers if name.lower() == b"authorization"]
 
 
-def authenticate(app, raw_headers: list[tuple[bytes, bytes]]) -> Authentication:
+def authenticate(app, raw_headers: list[tuple[bytes, bytes]], method: str = "GET") -> Authentication:
     """The request's principal from its headers. Blocking (a database lookup, perhaps a JWKS fetch)."""
     values = authorization_values(raw_headers)
     if not values:
+        from worker.api.session import READ_METHODS, cookie_of, session_principal  # session imports this module
+
+        cookies = [value.decode("latin-1") for name, value in raw_headers if name.lower() == b"cookie"]
+        if method in READ_METHODS and cookies:
+            principal = session_principal(app.state.token_store, cookie_of("; ".join(cookies)))
+            if principal is not None:
+                return Authentication(principal, via_session=True)
         return Authentication(None)
     if len(values) > 1:
         return Authentication(None, 400, "more than one Authorization header")

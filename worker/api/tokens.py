@@ -117,6 +117,14 @@ class TokenStore:
                 self._cache[digest] = (now + self.cache_s, principal)
         return principal
 
+    def signing_keys(self, principal: Principal) -> list[str]:
+        """The hashes of ``principal``'s valid static tokens: the keys its browser sessions are signed with, so a
+        session ends, on every replica, with the token it was opened by. Empty for an OIDC principal."""
+        with self.engine.connect() as connection:
+            return list(connection.execute(select(api_tokens.c.token_hash).where(and_(
+                api_tokens.c.name == principal.name, api_tokens.c.role == principal.role,
+                api_tokens.c.revoked_at.is_(None))).order_by(api_tokens.c.id)).scalars())
+
     def replace(self, configured: ConfiguredTokens) -> dict:
         """Make the table hold exactly ``configured``: new tokens added, others revoked. Returns what changed."""
         now = utcnow()
