@@ -15,6 +15,8 @@ from sqlalchemy import create_engine, select
 
 from pacs_bridge.audit_schema import audit_log
 from tests.api_process import ApiProcess
+from worker.api.oidc import OidcError, OidcVerifier
+from worker.api.tokens import Principal
 
 RADIOLOGIST_TOKEN = "tok-radiologist-" + "r" * 32
 ADMIN_TOKEN = "tok-admin-" + "a" * 36
@@ -200,3 +202,17 @@ def test_an_identity_providers_token_that_is_not_for_us_is_refused(oidc_api, cas
     token = forged_tokens(provider)[case]
     response = httpx.get(f"{api.url}/worklist/items", headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 401, (case, response.text)
+
+
+def test_keys_from_a_jwks_file_and_asymmetric_algorithms_only(tmp_path):
+    provider = IdentityProvider()
+    provider.close()
+    (tmp_path / "jwks.json").write_bytes(provider.jwks)
+    verifier = OidcVerifier({"issuer": ISSUER, "audience": AUDIENCE, "jwks_file": str(tmp_path / "jwks.json"),
+                             "role_claim": "realm_access.roles", "role_map": {"triage-admin": "admin"}})
+    assert verifier.principal(provider.token(roles=["triage-admin"])) == Principal("dr.house", "admin")
+    with pytest.raises(OidcError):
+        verifier.principal(provider.token(key=rsa.generate_private_key(public_exponent=65537, key_size=2048)))
+    with pytest.raises(ValueError, match="asymmetric only"):
+        OidcVerifier({"issuer": ISSUER, "audience": AUDIENCE, "jwks_file": str(tmp_path / "jwks.json"),
+                      "algorithms": ["HS256"]})
