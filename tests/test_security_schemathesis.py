@@ -33,7 +33,8 @@ def test_no_generated_request_makes_the_api_answer_500(tmp_path, postgres_url, w
                    "--max-examples", str(MAX_EXAMPLES), "--workers", "1", "--request-timeout", "60"]
         if with_token:
             command += ["--header", f"Authorization: Bearer {ADMIN_TOKEN}"]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        # In the test's folder: schemathesis keeps a cache of what it found in its working directory.
+        result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     finally:
         api.stop()
     failures = result.stdout[result.stdout.find("FAILURES"):][:6000]
