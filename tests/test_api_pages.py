@@ -13,6 +13,7 @@ from train.fairness.cohort import write_cohort_db
 from train.fairness.make_cohort import make_cohort, write_cohort
 from worker.api.app import create_app
 from worker.api.session import COOKIE, session_principal, session_value
+from worker.api.tokens import Principal
 from worker.config import load_settings
 from worker.database import upgrade
 
@@ -97,18 +98,25 @@ def test_a_sender_token_opens_a_session_that_may_not_read_the_fairness_page(clie
     assert client.get("/fairness", headers=BROWSER).status_code == 403
 
 
+class _GuessedKey:
+    """A token store that signs with a key the server does not have."""
+
+    def signing_keys(self, principal: Principal) -> list[str]:
+        return ["guessed"]
+
+
 def test_forged_expired_and_revoked_sessions_are_refused(app, client, refreshed, monkeypatch):
-    tokens = app.state.tokens
-    reader = next(p for p in tokens.values() if p.name == "dr-reader")
-    good = session_value(tokens, reader, int(time.time()) + 600)
-    assert session_principal(tokens, good) == reader
+    store = app.state.token_store
+    reader = Principal("dr-reader", "radiologist")
+    good = session_value(store, reader, int(time.time()) + 600)
+    assert session_principal(store, good) == reader
     version, name, role, expires, mac = good.split(".")
     for forged in (".".join((version, name, "admin", expires, mac)),        # another role
                    ".".join((version, name, role, str(int(expires) + 10 ** 6), mac)),  # a later expiry
-                   session_value({"guessed": reader}, reader, int(expires)),  # signed with a wrong key
+                   session_value(_GuessedKey(), reader, int(expires)),  # signed with a wrong key
                    "garbage", "v1.%%%.x.y.z", ""):
-        assert session_principal(tokens, forged) is None, forged
-    assert session_principal(tokens, session_value(tokens, reader, int(time.time()) - 1)) is None
+        assert session_principal(store, forged) is None, forged
+    assert session_principal(store, session_value(store, reader, int(time.time()) - 1)) is None
 
     client.cookies.set(COOKIE, good)
     assert client.get("/fairness").status_code == 200

@@ -133,14 +133,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _api(args: argparse.Namespace) -> int:
-    import uvicorn
+    from worker.api.server import serve
 
-    from worker.api.app import create_app
-
-    settings = load_settings(args.config)
-    uvicorn.run(create_app(settings), host=settings["api"]["host"], port=int(settings["api"]["port"]),
-                **api_tls_options(settings["api"]["tls"]))
-    return 0
+    return serve(args.config, api_tls_options(load_settings(args.config)["api"]["tls"]))
 
 
 def api_tls_options(tls: dict) -> dict:

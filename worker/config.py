@@ -235,6 +235,25 @@ DEFAULTS: dict[str, Any] = {
         # HTTPS: PEM certificate and key (no cert: plain HTTP, for loopback only). ca + require_client_cert: clients
         # must also present a certificate signed by ca.
         "tls": {"cert": "", "key": "", "ca": "", "require_client_cert": False},
+        # Tokens live in the database (hashes), shared by every API replica; a replica caches an accepted token this
+        # many seconds, so a revoked one (POST /admin/tokens/reload on any replica) is refused everywhere after it.
+        "token_cache_s": 2.0,
+        # OpenID Connect bearer tokens (JWTs) from the hospital's identity provider, beside the static tokens:
+        # issuer and audience must match, keys from jwks_url (or jwks_file), the role from role_claim (a dotted
+        # path, e.g. realm_access.roles) through role_map ({provider role: radiologist|sender|admin}). No issuer:
+        # off.
+        "oidc": {"issuer": "", "audience": "", "jwks_url": "", "jwks_file": "", "algorithms": ["RS256", "ES256"],
+                 "role_claim": "roles", "role_map": {}, "name_claim": "preferred_username", "leeway_s": 30,
+                 "jwks_cache_s": 300},
+        # Request limits. A body larger than this is refused (413) while it streams in; STOW-RS is limited per
+        # instance by scp.max_object_bytes instead. A request whose headers take longer than header_timeout_s, or
+        # whose body pauses longer than body_timeout_s, is cut off; at most max_connections are served at once
+        # (503 beyond). Idle keep-alive connections close after keep_alive_s.
+        "max_body_bytes": 8388608,
+        "header_timeout_s": 10.0,
+        "body_timeout_s": 30.0,
+        "max_connections": 200,
+        "keep_alive_s": 5,
     },
     "worker": {
         # A stable identifier of this deployment's device, written as the SR's Device Observer UID.

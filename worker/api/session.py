@@ -5,12 +5,15 @@ browser navigates to (``/fairness``) cannot carry a header. So, after the login 
 ``POST /session`` (with the bearer token) for a session cookie: ``HttpOnly`` (no script reads it),
 ``SameSite=Strict`` (no other site's page sends it), ``Secure`` over HTTPS, ``Path=/``, expiring after
 ``api.session_max_age_s``. The cookie never holds the token: it names the principal and an expiry, signed with
-HMAC-SHA256 keyed by that principal's token, so it needs no server-side store, survives a restart and works
-across API replicas, and dies with its token (rotated or removed, then ``POST /admin/tokens/reload``).
+HMAC-SHA256 keyed by the hash of that principal's token in the shared token store (``tokens.py``), so it needs no
+session store, survives a restart and works across API replicas, and dies with its token on every replica (rotated
+or removed, then ``POST /admin/tokens/reload``). A principal of the identity provider (OIDC) has no static token,
+so it cannot open a session.
 
-Only routes that declare :data:`PageReader`-style dependencies (:func:`page_role`) accept the cookie, and only for
-GET and HEAD: the JSON and changing routes still require the bearer header, so a cookie cannot be used to change
-anything (no cross-site request forgery), and the token is never put in a URL.
+The cookie is read with the Authorization header, once per request, by ``auth.authenticate``. Only routes that
+declare :data:`PageReader`-style dependencies (:func:`page_role`) accept it, and only for GET and HEAD: the JSON
+and changing routes still require the bearer header, so a cookie cannot be used to change anything (no cross-site
+request forgery), and the token is never put in a URL.
 """
 from __future__ import annotations
 
@@ -23,7 +26,9 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from worker.api.app import Principal, current_principal
+from worker.api.app import authentication_of, current_principal
+from worker.api.auth import authorization_values
+from worker.api.tokens import Principal, TokenStore
 
 COOKIE = "triage_session"
 _VERSION = "v1"
@@ -49,16 +54,18 @@ def _unb64(text: str) -> str:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
 
 
-def session_value(tokens: dict[str, Principal], principal: Principal, expires: int) -> str:
-    """The cookie's value for ``principal`` until ``expires`` (Unix seconds), signed with its token."""
-    secret = next(s for s, p in tokens.items() if p == principal)
+def session_value(store: TokenStore, principal: Principal, expires: int) -> str | None:
+    """The cookie's value for ``principal`` until ``expires`` (Unix seconds), or None if it has no static token."""
+    keys = store.signing_keys(principal)
+    if not keys:
+        return None
     return ".".join((_VERSION, _b64(principal.name), principal.role, str(expires),
-                     _mac(secret, principal.name, principal.role, expires)))
+                     _mac(keys[0], principal.name, principal.role, expires)))
 
 
-def session_principal(tokens: dict[str, Principal], value: str | None, now: float | None = None
-                      ) -> Principal | None:
-    """The principal a session cookie names, or None when it is malformed, expired, or its token is gone."""
+def session_principal(store: TokenStore, value: str | None, now: float | None = None) -> Principal | None:
+    """The principal a session cookie names, or None when it is malformed, expired, or its token is gone.
+    Blocking (a database lookup)."""
     if not value:
         return None
     try:
@@ -68,9 +75,9 @@ def session_principal(tokens: dict[str, Principal], value: str | None, now: floa
         return None
     if version != _VERSION or expires < (time.time() if now is None else now):
         return None
-    for secret, principal in tokens.items():
-        if principal.name == name and principal.role == role and \
-                hmac.compare_digest(_mac(secret, name, role, expires), mac):
+    principal = Principal(name, role)
+    for key in store.signing_keys(principal):
+        if hmac.compare_digest(_mac(key, name, role, expires), mac):
             return principal
     return None
 
@@ -89,18 +96,17 @@ def page_role(*roles: str):
 
     A browser that has neither is sent to the sign-in page, which comes back here afterwards."""
 
-    def check(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Principal:
-        if credentials is not None:
-            principal = current_principal(request, credentials)
-        else:
-            principal = session_principal(request.app.state.tokens, request.cookies.get(COOKIE)) \
-                if request.method in READ_METHODS else None
-            if principal is None:
-                if "text/html" in request.headers.get("accept", ""):
-                    raise HTTPException(status.HTTP_303_SEE_OTHER, "sign in first", headers={
-                        "Location": f"{LOGIN_PAGE}?next={quote(request.url.path, safe='/')}"})
-                raise HTTPException(status.HTTP_401_UNAUTHORIZED, "a bearer token or a session is required",
-                                    headers={"WWW-Authenticate": "Bearer"})
+    def check(request: Request, _declared: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Principal:
+        found = authentication_of(request)  # the middleware's one reading of header and cookie
+        principal = found.principal
+        if principal is None:
+            if found.status == status.HTTP_401_UNAUTHORIZED and not authorization_values(request.scope["headers"]) \
+                    and "text/html" in request.headers.get("accept", ""):
+                raise HTTPException(status.HTTP_303_SEE_OTHER, "sign in first", headers={
+                    "Location": f"{LOGIN_PAGE}?next={quote(request.url.path, safe='/')}"})
+            raise HTTPException(found.status, found.reason if found.status != 401 else
+                                "a bearer token or a session is required",
+                                headers={"WWW-Authenticate": "Bearer"} if found.status == 401 else None)
         if principal.role not in roles:
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"role {principal.role!r} may not do this")
         return principal
@@ -113,7 +119,11 @@ def open_session(request: Request, response: Response,
                  principal: Principal = Depends(current_principal)) -> dict:
     max_age = int(request.app.state.settings["api"].get("session_max_age_s", 43200))
     expires = int(time.time()) + max_age
-    response.set_cookie(COOKIE, session_value(request.app.state.tokens, principal, expires), max_age=max_age,
+    value = session_value(request.app.state.token_store, principal, expires)
+    if value is None:
+        raise HTTPException(status.HTTP_409_CONFLICT, "only a static API token can open a browser session; send "
+                                                      "the identity provider's token as a bearer header")
+    response.set_cookie(COOKIE, value, max_age=max_age,
                         path="/", httponly=True, samesite="strict", secure=request.url.scheme == "https")
     response.headers["Cache-Control"] = "no-store"
     return {"name": principal.name, "role": principal.role, "expires": expires}

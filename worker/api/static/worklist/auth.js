@@ -27,9 +27,19 @@ export function forget() {
   sessionStorage.removeItem(TOKEN_KEY);
 }
 
-// Only a path on this site may be a return address after login (no open redirect).
+// Only a page of this site may be a return address after login (no open redirect). The browser, not a prefix
+// test, decides where a URL leads: it drops tabs and newlines and reads a backslash as "/", so "/<tab>/evil" and
+// "/<backslash>evil" are other sites. The address is resolved as location.assign would resolve it, kept only if it
+// stays on this origin, and returned absolute (a path such as "/.//evil" would turn protocol-relative again).
 export function safeNext(next) {
-  return next && next.startsWith("/") && !next.startsWith("//") ? next : "./";
+  if (!next || !next.startsWith("/")) return "./";
+  let url;
+  try {
+    url = new URL(next, location.href);
+  } catch {
+    return "./";
+  }
+  return url.origin === location.origin ? url.href : "./";
 }
 
 function goToLogin() {
