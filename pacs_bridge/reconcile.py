@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 
 from sqlalchemy import select
@@ -142,7 +142,7 @@ class StoreReconciler:
         self.bookkeeper.add(ReceivedInstance(
             header=header, stored=stored, calling_aet=sender["calling_aet"], called_aet=sender["called_aet"],
             peer_address=sender["peer_address"], source=sender["source"] or "reconcile",
-            received_at=datetime.fromtimestamp(modified, timezone.utc)))
+            received_at=datetime.fromtimestamp(modified, UTC)))
         report.recorded += 1
         report.studies.add(study_uid)
 

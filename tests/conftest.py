@@ -55,6 +55,18 @@ def postgres_url():
     admin.dispose()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def bookkeeping_url(request, tmp_path):
+    """A migrated database, once on SQLite and once on PostgreSQL: every test that writes bookkeeping runs on both
+    (SQLite does not enforce column widths)."""
+    from worker.database import upgrade
+
+    url = (f"sqlite:///{tmp_path / 'triage.db'}" if request.param == "sqlite"
+           else request.getfixturevalue("postgres_url"))
+    upgrade(url)
+    return url
+
+
 @pytest.fixture
 def redis_url():
     """A Redis database number of its own, emptied before and after the test."""
