@@ -21,6 +21,14 @@ from worker.delivery import DeliveryBook
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, params=["idle", pytest.param("every core busy", marks=pytest.mark.slow)])
+def load(request):
+    """Every delivery test runs twice: on an idle machine and while other processes keep every core busy."""
+    if request.param != "idle":
+        request.getfixturevalue("cpu_stress")
+    return request.param
+
+
 def _setup(tmp_path: Path, destinations: list[dict], attempts: int = 3):
     config = {"var_dir": str(tmp_path / "var"), "destinations": destinations,
               "delivery": {"attempts": attempts, "backoff_s": 0.01}}
