@@ -13,10 +13,11 @@ from collections.abc import Iterator
 
 import pytest
 
-# Spins, looking up every few million steps whether its parent (the test process) is still there.
+# Spins, looking up every few million steps whether its parent (the test process, whose pid it is given: it may
+# be gone before this has started) is still there.
 _BUSY_LOOP = """
-import os
-parent = os.getppid()
+import os, sys
+parent = int(sys.argv[1])
 while os.getppid() == parent:
     for _ in range(2_000_000):
         pass
@@ -29,7 +30,8 @@ def cpu_stress(processes: int | None = None) -> Iterator[list[subprocess.Popen]]
     hogs: list[subprocess.Popen] = []
     try:
         for _ in range(processes or os.cpu_count() or 1):
-            hogs.append(subprocess.Popen([sys.executable, "-c", _BUSY_LOOP], stdin=subprocess.DEVNULL))
+            hogs.append(subprocess.Popen([sys.executable, "-c", _BUSY_LOOP, str(os.getpid())],
+                                         stdin=subprocess.DEVNULL))
         yield hogs
     finally:
         for hog in hogs:

@@ -260,3 +260,62 @@ def test_a_peer_that_never_answers_one_object_is_named_with_what_was_not_acknowl
     assert "2 of 3 object(s) not acknowledged after 3 association(s)" in message
     # Bounded: the first association acknowledged one object and lost the next; two more lost it again.
     assert peer.received.count(stuck) == association.ATTEMPTS
+
+
+
+class LateQueryPeer:
+    """A pynetdicom C-FIND SCP holding ``studies``; its first ``late`` queries are answered after ``late_s``."""
+
+    def __init__(self, studies: list[str], late: int, late_s: float) -> None:
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+        self.studies, self.late, self.late_s, self.queries = studies, late, late_s, 0
+        ae = AE(ae_title="QRSCP")
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+        self.port = free_port()
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_FIND, self._on_find)])
+
+    def _on_find(self, event: evt.Event):
+        self.queries += 1
+        if self.queries <= self.late:
+            time.sleep(self.late_s)
+        for uid in self.studies:
+            identifier = pydicom.Dataset()
+            identifier.QueryRetrieveLevel = "STUDY"
+            identifier.StudyInstanceUID = uid
+            identifier.StudyDate = "20240101"
+            yield 0xFF00, identifier
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def test_a_c_find_whose_answer_stops_is_sent_again_and_its_whole_answer_used():
+    """Pull's query (and likewise its C-MOVE and C-GET) gets its whole answer from a second association."""
+    from pacs_bridge.pull import DimseSource, find_studies_dimse
+
+    studies = [generate_uid() for _ in range(3)]
+    peer = LateQueryPeer(studies, late=1, late_s=2.5)
+    try:
+        found = find_studies_dimse(DimseSource("pacs", "127.0.0.1", peer.port, "QRSCP"), "TRIAGE",
+                                   "20240101-20240101", None, timeout_s=1)
+    finally:
+        peer.stop()
+    assert sorted(s.study_instance_uid for s in found) == sorted(studies)
+    assert peer.queries == 2
+
+
+def test_a_c_find_that_is_never_answered_in_time_names_the_source_and_the_bound():
+    from pacs_bridge.pull import DimseSource, PullError, find_studies_dimse
+
+    peer = LateQueryPeer([generate_uid()], late=99, late_s=1.5)
+    try:
+        with pytest.raises(PullError) as caught:
+            find_studies_dimse(DimseSource("pacs", "127.0.0.1", peer.port, "QRSCP"), "TRIAGE",
+                               "20240101-20240101", None, timeout_s=1)
+    finally:
+        peer.stop()
+    assert str(caught.value) == ("pacs: C-FIND for 20240101-20240101 timed out or the association was aborted "
+                                 f"({association.ATTEMPTS} association(s) with QRSCP@127.0.0.1:{peer.port})")
+    assert peer.queries == association.ATTEMPTS
