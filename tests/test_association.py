@@ -99,24 +99,37 @@ class StallingPeer:
 
 # --- forced scheduling at the two points of the race -----------------------------------------------------------
 class DescheduledReactor:
-    """Wraps an association's reactor checkpoint: after the reactor passes it, the reactor stalls until a sender
-    has cleared it and sent its request and the answer is in (a reactor thread the OS did not run meanwhile)."""
+    """Wraps an association's reactor checkpoint to force the race's scheduling, without fixed sleeps.
 
-    def __init__(self, assoc: Association, answer_s: float = 0.15, give_up_s: float = 0.4) -> None:
+    The reactor, once past its checkpoint, is not run again until a sender has cleared the checkpoint, sent its
+    request and the answer is in the DIMSE queue (a reactor thread the OS did not run meanwhile); the sender, once
+    its request has left, is not run again until the reactor has looked at the queue (a descheduled sender). A
+    reactor that is really parked never looks, and the sender goes on after ``give_up_s``.
+    """
+
+    def __init__(self, assoc: Association, give_up_s: float = 0.4, answer_within_s: float = 10.0) -> None:
         self.assoc, self.inner = assoc, assoc._reactor_checkpoint
-        self.answer_s, self.give_up_s = answer_s, give_up_s
-        self.cleared, self.sent = threading.Event(), threading.Event()
-        send_msg = assoc.dimse.send_msg
+        self.give_up_s, self.answer_within_s = give_up_s, answer_within_s
+        self.cleared, self.sent, self.polled = threading.Event(), threading.Event(), threading.Event()
+        send_msg, get_msg = assoc.dimse.send_msg, assoc.dimse.get_msg
 
-        def slow_sender(primitive, context_id):
-            # The sending thread is descheduled right after its request left: the answer arrives meanwhile.
+        def descheduled_sender(primitive, context_id):
+            self.polled.clear()
             self.sent.set()
             send_msg(primitive, context_id)
-            time.sleep(2 * answer_s)
+            self.polled.wait(self.give_up_s)
 
-        assoc.dimse.send_msg = slow_sender
+        def observed_get(block: bool = False):
+            message = get_msg(block=block)
+            if not block and threading.current_thread() is self.assoc:
+                self.polled.set()
+            return message
+
+        assoc.dimse.send_msg, assoc.dimse.get_msg = descheduled_sender, observed_get
 
     def set(self) -> None:
+        self.cleared.clear()
+        self.sent.clear()
         self.inner.set()
 
     def is_set(self) -> bool:
@@ -128,11 +141,11 @@ class DescheduledReactor:
 
     def wait(self, timeout: float | None = None) -> bool:
         passed = self.inner.wait(timeout)
-        if threading.current_thread() is self.assoc and self.cleared.wait(self.give_up_s):
-            if self.sent.wait(self.give_up_s):
-                time.sleep(self.answer_s)
-            self.cleared.clear()
-            self.sent.clear()
+        if (threading.current_thread() is self.assoc and self.cleared.wait(self.give_up_s)
+                and self.sent.wait(self.give_up_s)):
+            deadline = time.monotonic() + self.answer_within_s
+            while self.assoc.dimse.peek_msg()[1] is None and time.monotonic() < deadline:
+                time.sleep(0.001)
         return passed
 
 
