@@ -4,7 +4,7 @@ Every outbound DIMSE path (the demo, SR delivery, forwarding, pull's C-FIND/C-MO
 TLS, timeouts, error messages naming the peer, and what happens when a response goes missing are decided once.
 
 A response can go missing without the peer being at fault: pynetdicom's reactor thread can take it (see
-:mod:`pacs_bridge.pynetdicom_reactor`, whose gate every association made here gets), or the connection drops.
+:mod:`pacs_bridge.pynetdicom_requestor`, whose gate every association made here gets), or the connection drops.
 The object or request was then probably handled by the peer; only its answer is gone. So on a missing response
 (DIMSE timeout, association aborted, a response without a status) the association is aborted, a new one is made
 and what was not acknowledged is sent again; storing an instance again is harmless (a PACS keeps one copy per SOP
@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.association import Association
 
-from pacs_bridge import pynetdicom_reactor
+from pacs_bridge import pynetdicom_requestor
 from pacs_bridge.dicom_tls import TlsFiles, client_context
 from pacs_bridge.intake import STATUS_SUCCESS
 
@@ -88,7 +88,8 @@ def associate(peer: DicomPeer, calling_aet: str, contexts: Sequence[Context], *,
     if not assoc.is_established:
         raise error(f"{peer.name}: association with {describe(peer)} as {calling_aet} was not established "
                     f"({'rejected' if assoc.is_rejected else 'no answer'}){hint}")
-    return pynetdicom_reactor.install_reactor_gate(assoc)
+    pynetdicom_requestor.send_without_delay(assoc)
+    return pynetdicom_requestor.install_reactor_gate(assoc)
 
 
 @contextmanager

@@ -1,6 +1,6 @@
 """The SCU side: pynetdicom's reactor race, the gate that closes it, and resending what was not acknowledged.
 
-The race (described in :mod:`pacs_bridge.pynetdicom_reactor`) needs the reactor thread to be descheduled at one
+The race (described in :mod:`pacs_bridge.pynetdicom_requestor`) needs the reactor thread to be descheduled at one
 point and the sending thread at another, which a loaded machine does now and then. Here that scheduling is forced
 at exactly those points, against a real peer over TCP (dcmtk's storescp, or a pynetdicom SCP), so every run
 meets the race.
@@ -23,7 +23,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
-from pacs_bridge import association, pynetdicom_reactor
+from pacs_bridge import association, pynetdicom_requestor
 from pacs_bridge.dicom_send import DeliveryError, DicomDestination, c_store
 from pacs_bridge.intake import STATUS_SUCCESS
 from tests.conftest import free_port, wait_for
@@ -161,7 +161,7 @@ def _race_prone(assoc: Association) -> Association:
 
 def _gated_race_prone(assoc: Association) -> Association:
     """The same scheduling forced on an association that has our gate."""
-    return _descheduled(pynetdicom_reactor.install_reactor_gate(assoc))
+    return _descheduled(pynetdicom_requestor.install_reactor_gate(assoc))
 
 
 def _send_each(destination: DicomDestination, datasets: list, make: callable) -> list[int | None]:
@@ -185,9 +185,9 @@ def _series(n: int) -> list:
 
 # --- the adapter -----------------------------------------------------------------------------------------------
 def test_the_reactor_adapter_is_pinned_to_the_pynetdicom_it_was_read_against():
-    assert pynetdicom.__version__ == pynetdicom_reactor.VERIFIED_VERSION, (
+    assert pynetdicom.__version__ == pynetdicom_requestor.VERIFIED_VERSION, (
         "pynetdicom changed: read Association._run_reactor and the send_* handshake again, then update "
-        "pacs_bridge/pynetdicom_reactor.py and VERIFIED_VERSION")
+        "pacs_bridge/pynetdicom_requestor.py and VERIFIED_VERSION")
     reactor = inspect.getsource(Association._run_reactor)
     assert "self._reactor_checkpoint.wait()" in reactor and "self.dimse.get_msg(block=False)" in reactor
     assert "while not self._is_paused" in inspect.getsource(Association.send_c_store)
@@ -215,25 +215,41 @@ def test_with_the_gate_every_answer_reaches_its_sender_under_the_same_scheduling
 
 
 # --- the sender ------------------------------------------------------------------------------------------------
-def test_the_sender_gates_every_association_it_makes(storescp, monkeypatch):
-    made = []
-    real = association.pynetdicom_reactor.install_reactor_gate
-    monkeypatch.setattr(association.pynetdicom_reactor, "install_reactor_gate",
-                        lambda assoc: made.append(real(assoc)) or assoc)
+def test_the_sender_gates_every_association_it_makes_and_sends_without_nagle_delay(storescp, monkeypatch):
+    made, no_delay = [], []
+    real = association.pynetdicom_requestor.install_reactor_gate
+
+    def observed(assoc: Association) -> Association:
+        no_delay.append(assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        made.append(real(assoc))
+        return assoc
+
+    monkeypatch.setattr(association.pynetdicom_requestor, "install_reactor_gate", observed)
     destination, _ = storescp
     c_store(destination, _series(2), timeout_s=10)
-    assert [type(a._reactor_checkpoint) for a in made] == [pynetdicom_reactor.ReactorGate]
+    assert [type(a._reactor_checkpoint) for a in made] == [pynetdicom_requestor.ReactorGate]
+    assert no_delay == [1]
+
+
+def test_a_thousand_c_stores_on_one_association_all_get_their_answer(storescp):
+    """No forced scheduling: stock pynetdicom lost 1 and 4 of these 1000 answers in two runs on an idle machine."""
+    destination, held = storescp
+    datasets = _series(1000)
+    assert association.c_store(destination, datasets, calling_aet="TRIAGE", timeout_s=5,
+                               error=DeliveryError) == 1
+    assert len(_held(held)) == 1000
 
 
 def test_answers_lost_to_the_race_are_resent_and_every_object_is_acknowledged_once(storescp, monkeypatch):
-    # The gate taken away, and the race forced on the first association: the sender alone must survive it.
+    # The race forced on the first association, which has no gate: the sender alone must survive it.
     made: list[Association] = []
+    gate = association.pynetdicom_requestor.install_reactor_gate
 
     def race_prone_first(assoc: Association) -> Association:
         made.append(assoc)
-        return _race_prone(assoc) if len(made) == 1 else assoc
+        return _race_prone(assoc) if len(made) == 1 else gate(assoc)
 
-    monkeypatch.setattr(association.pynetdicom_reactor, "install_reactor_gate", race_prone_first)
+    monkeypatch.setattr(association.pynetdicom_requestor, "install_reactor_gate", race_prone_first)
     destination, held = storescp
     datasets = _series(3)
     associations = association.c_store(destination, datasets, calling_aet="TRIAGE", timeout_s=2,
