@@ -322,11 +322,9 @@ class ReferenceCheckpoint:
     priority_classes: tuple[str, ...]
     reference_classes: list[str] = field(default_factory=list)  # every class the pickle named
 
-    def build_model(self, device: str | torch.device = "cpu") -> PrimaModel:
-        """A PrimaModel with these weights on ``device``; built on the meta device first, so the 2.3 B head
-        parameters are allocated once and never randomly initialised."""
+    def _model_on_meta(self) -> PrimaModel:
         with torch.device("meta"):
-            model = PrimaModel(
+            return PrimaModel(
                 self.config,
                 diagnosis_names=self.diagnosis.names,
                 referral_names=self.referral.names,
@@ -334,6 +332,20 @@ class ReferenceCheckpoint:
                 diagnosis_outputs=self.diagnosis.widths[-1],
                 referral_outputs=self.referral.widths[-1] if self.referral.widths else None,
             )
+
+    def describe_model(self) -> PrimaModel:
+        """The architecture with its head tables (columns, thresholds) and no weights (meta device): what a
+        bundle's manifest needs, without the 11 GB of a full-size model in memory."""
+        model = self._model_on_meta()
+        for heads, table in ((model.diagnosis_heads, self.diagnosis), (model.referral_heads, self.referral)):
+            heads.threshold = torch.empty_like(heads.threshold, device="cpu")  # the tables are read, not meta
+            heads.set_columns_and_thresholds(table.columns, table.thresholds)
+        return model
+
+    def build_model(self, device: str | torch.device = "cpu") -> PrimaModel:
+        """A PrimaModel with these weights on ``device``; built on the meta device first, so the 2.3 B head
+        parameters are allocated once and never randomly initialised."""
+        model = self._model_on_meta()
         model.to_empty(device=device)
         model.load_state_dict(self.state_dict, strict=True)
         model.diagnosis_heads.set_columns_and_thresholds(self.diagnosis.columns, self.diagnosis.thresholds)
@@ -486,12 +498,13 @@ def export_reference_bundle(
     prima_path, vqvae_path = Path(prima_path), Path(vqvae_path)
     checkpoint = load_reference_prima(prima_path)
     vqvae = load_reference_vqvae(vqvae_path)
-    prima = checkpoint.build_model()
     config_name = "full" if vqvae_widths_of(vqvae.state_dict()) == VQVAE_CONFIGS["full"] else "custom"
+    # The weights are written straight from the checkpoint's memory-mapped tensors (already in our layout);
+    # building the model would first copy all 11 GB of a full-size one into memory.
     return save_bundle(
         directory,
         vqvae,
-        prima,
+        checkpoint.describe_model(),
         {
             "version": version,
             "notes": f"exported from the published Prima checkpoints ({config_name} VQ-VAE)",
@@ -504,6 +517,7 @@ def export_reference_bundle(
                 "vqvae": {"file": vqvae_path.name, "sha256": sha256_of(vqvae_path)},
             },
         },
+        prima_state=checkpoint.state_dict,
     )
 
 

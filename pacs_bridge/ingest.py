@@ -57,7 +57,9 @@ def ingest(data: bytes, store: InstanceStore, bookkeeper: Bookkeeper, *, source:
         if expected_study_uid is not None and header.study_instance_uid != expected_study_uid:
             raise RejectedInstance(f"StudyInstanceUID {header.study_instance_uid} is not the study "
                                    f"{expected_study_uid} the request was addressed to", STATUS_DATASET_MISMATCH)
-        stored = store.store(header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid, data)
+        stored = store.store(header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid, data,
+                             sender={"calling_aet": calling_aet, "called_aet": called_aet,
+                                     "peer_address": peer_address, "source": source})
     except RejectedInstance as exc:
         return _reject(data, exc.reason, exc.status, store, bookkeeper, context)
     except OSError as exc:  # disk full, permissions: the sender should try again later

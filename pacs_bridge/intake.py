@@ -15,6 +15,8 @@ from pydicom.encaps import generate_fragments
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from pacs_bridge.schema import instances, series, studies
+from pacs_bridge.schema_fit import Changes, Fitter, clean_text
 from pacs_bridge.storage import InvalidUID, validate_uid
 
 # DIMSE C-STORE status codes (PS3.4 Annex B.2.3, PS3.7 Annex C).
@@ -23,8 +25,37 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
-#: Attributes kept in the bookkeeping database (no patient identifiers).
-_STUDY_ATTRIBUTES = ("AccessionNumber", "StudyDescription", "PatientSex", "PatientAge", "StudyDate")
+#: Attributes kept in the bookkeeping database (no patient identifiers), with the column each is kept in.
+_STUDY_ATTRIBUTES = {
+    "AccessionNumber": studies.c.accession_number,
+    "StudyDescription": studies.c.study_description,
+    "PatientSex": studies.c.patient_sex,
+    "PatientAge": studies.c.patient_age,
+}
+
+#: Storage SOP classes whose objects are images: without pixel data such an object is not what its class says,
+#: and would only fail later, in the worker (PS3.4 B.5; the presentation-state, SR and KOS classes hold none).
+IMAGE_STORAGE_PREFIXES = (
+    "1.2.840.10008.5.1.4.1.1.1",    # CR, DX
+    "1.2.840.10008.5.1.4.1.1.2",    # CT, enhanced CT
+    "1.2.840.10008.5.1.4.1.1.3.",   # US multi-frame
+    "1.2.840.10008.5.1.4.1.1.4",    # MR, enhanced MR (MR spectroscopy excepted below)
+    "1.2.840.10008.5.1.4.1.1.6.",   # US
+    "1.2.840.10008.5.1.4.1.1.7",    # secondary capture
+    "1.2.840.10008.5.1.4.1.1.12.",  # XA, RF
+    "1.2.840.10008.5.1.4.1.1.20",   # NM
+    "1.2.840.10008.5.1.4.1.1.128",  # PET
+    "1.2.840.10008.5.1.4.1.1.481.1",  # RT image
+)
+#: Classes under those prefixes that carry no pixel data.
+_NON_IMAGE_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.4.2"})  # MR spectroscopy: spectroscopy data, no pixels
+
+
+def is_image_storage(sop_class_uid: str) -> bool:
+    if sop_class_uid in _NON_IMAGE_CLASSES:
+        return False
+    return any(sop_class_uid == prefix.rstrip(".") or sop_class_uid.startswith(prefix.rstrip(".") + ".")
+               for prefix in IMAGE_STORAGE_PREFIXES)
 
 
 class RejectedInstance(Exception):
@@ -50,6 +81,8 @@ class InstanceHeader:
     series_number: int | None
     manufacturer: str
     study_attributes: dict[str, str]
+    #: The values changed to fit the schema (see :mod:`pacs_bridge.schema_fit`): name -> received and stored.
+    normalised: Changes | None = None
 
 
 def check_received(data: bytes, sop_class_uid: str | None = None, sop_instance_uid: str | None = None) -> InstanceHeader:
@@ -92,27 +125,45 @@ def check_received(data: bytes, sop_class_uid: str | None = None, sop_instance_u
             f"SOPClassUID {class_uid} differs from the request's Affected SOP Class UID {sop_class_uid}",
             STATUS_DATASET_MISMATCH,
         )
-    transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
-    if "PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+    fit = Fitter()
+    transfer_syntax = fit.text("TransferSyntaxUID", _value(ds.file_meta, "TransferSyntaxUID"),
+                               instances.c.transfer_syntax_uid)
+    has_pixels = any(keyword in ds for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+    if has_pixels:
         _check_pixel_data_length(ds, transfer_syntax)
+    elif is_image_storage(class_uid):
+        raise RejectedInstance(f"SOP class {class_uid} is an image storage class, but the object has no pixel data",
+                               STATUS_DATASET_MISMATCH)
 
-    series_number = ds.get("SeriesNumber")
-    try:
-        series_number = int(series_number) if series_number not in (None, "") else None
-    except (TypeError, ValueError):
-        series_number = None
+    attributes = {keyword: fit.text(keyword, _value(ds, keyword), column)
+                  for keyword, column in _STUDY_ATTRIBUTES.items()}
+    attributes["StudyDate"] = fit.date("StudyDate", _value(ds, "StudyDate")) or ""
     return InstanceHeader(
         study_instance_uid=study_uid,
         series_instance_uid=series_uid,
         sop_instance_uid=sop_uid,
         sop_class_uid=class_uid,
         transfer_syntax_uid=transfer_syntax,
-        modality=str(ds.get("Modality", "") or ""),
-        series_description=str(ds.get("SeriesDescription", "") or "")[:128],
-        series_number=series_number,
-        manufacturer=str(ds.get("Manufacturer", "") or ""),
-        study_attributes={k: str(ds.get(k, "") or "")[:64] for k in _STUDY_ATTRIBUTES},
+        modality=fit.text("Modality", _value(ds, "Modality"), series.c.modality),
+        series_description=fit.text("SeriesDescription", _value(ds, "SeriesDescription"),
+                                    series.c.series_description),
+        series_number=fit.int32("SeriesNumber", _value(ds, "SeriesNumber")),
+        manufacturer=clean_text(_value(ds, "Manufacturer")),
+        study_attributes=attributes,
+        normalised=fit.changes or None,
     )
+
+
+def _value(ds: Dataset, keyword: str) -> object:
+    """An element's value as received, or "" when absent or unreadable (a value that does not parse as its VR is
+    taken as its raw text: the schema fitting deals with it, the stored file keeps it)."""
+    try:
+        value = ds.get(keyword, "")
+    except Exception:
+        element = ds.get_item(keyword) if keyword in ds else None
+        raw = getattr(element, "value", b"") if element is not None else b""
+        return raw.decode("latin-1", "replace") if isinstance(raw, bytes) else str(raw)
+    return "" if value is None else value
 
 
 def _check_pixel_data_length(ds: Dataset, transfer_syntax: str) -> None:

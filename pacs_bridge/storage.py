@@ -3,8 +3,11 @@
 Received bytes are written as they came (no pixel decoding, no re-encoding) to
 ``incoming/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``. Every UID is validated before it
 becomes part of a path, so a hostile UID ("../../etc", "1.2/3", 200 characters) can never place a file outside
-the store. Writes are atomic (temporary file, fsync-free rename), so a crash never leaves a half-written
-instance under its final name.
+the store. Writes are atomic (a temporary file renamed into place) and durable: the file and its folder are
+fsynced before :meth:`InstanceStore.store` returns, so what a sender is told Success for survives a crash of the
+process or of the machine. The store is the truth the database is rebuilt from (:mod:`pacs_bridge.reconcile`);
+each series folder keeps who sent it (``.sender.json``: calling and called AE title, peer, source) so a rebuilt row
+routes as the original would have.
 
 Anything that cannot be accepted goes to ``quarantine/`` with a JSON sidecar that says why: nothing that was
 received is dropped.
@@ -55,12 +58,18 @@ class StoredInstance:
     replaced: bool
 
 
+#: The sidecar in each series folder that says who sent the series (its first instance's sender).
+SENDER_FILE = ".sender.json"
+
+
 class InstanceStore:
     """Writes received instances under ``root/incoming`` and rejected input under ``root/quarantine``."""
 
-    def __init__(self, incoming_dir: Path, quarantine_dir: Path) -> None:
+    def __init__(self, incoming_dir: Path, quarantine_dir: Path, fsync: bool = True) -> None:
         self.incoming_dir = Path(incoming_dir).resolve()
         self.quarantine_dir = Path(quarantine_dir).resolve()
+        #: fsync every file and folder written (off only for benchmarks of what it costs, or throw-away stores).
+        self.fsync = fsync
         self.incoming_dir.mkdir(parents=True, exist_ok=True)
         self.quarantine_dir.mkdir(parents=True, exist_ok=True)
 
@@ -78,11 +87,13 @@ class InstanceStore:
         return path
 
     def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes,
-              source: Path | None = None) -> StoredInstance:
-        """Write ``data`` (a complete DICOM file, preamble and meta included) for the given UIDs.
+              source: Path | None = None, sender: dict[str, str | None] | None = None) -> StoredInstance:
+        """Write ``data`` (a complete DICOM file, preamble and meta included) for the given UIDs; when this returns,
+        the file is durable.
 
         ``source``: a file on the store's filesystem that holds exactly ``data`` (a spool file); it is moved into
         place instead of writing the bytes again, and removed when the store already holds an identical copy.
+        ``sender``: who sent it (calling_aet, called_aet, peer_address, source), kept once per series folder.
         """
         path = self.path_for(study_uid, series_uid, sop_uid)
         digest = hashlib.sha256(data).hexdigest()
@@ -93,28 +104,69 @@ class InstanceStore:
                     source.unlink(missing_ok=True)
                 return StoredInstance(path, len(data), digest, is_new=False, replaced=False)
             replaced = True
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._make_series_folder(path.parent, sender)
         if source is not None:
             try:
                 os.replace(source, path)  # atomic, and no second write of the bytes
+                if self.fsync:
+                    _fsync_path(path)
+                    _fsync_path(path.parent)
                 return StoredInstance(path, len(data), digest, is_new=True, replaced=replaced)
             except OSError as exc:
                 if exc.errno != errno.EXDEV:  # another filesystem: write the bytes instead
                     raise
-        _atomic_write(path, data)
+        _atomic_write(path, data, self.fsync)
         if source is not None:
             source.unlink(missing_ok=True)
         return StoredInstance(path, len(data), digest, is_new=True, replaced=replaced)
 
+    def _make_series_folder(self, folder: Path, sender: dict[str, str | None] | None) -> None:
+        if folder.is_dir():
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        if sender:
+            _atomic_write(folder / SENDER_FILE, json.dumps(sender).encode(), self.fsync)
+        if self.fsync:  # the new folders' entries in their parents, or a crash may lose the whole series
+            _fsync_path(folder.parent)
+            _fsync_path(folder.parent.parent)
+
+    def sender_of(self, folder: Path) -> dict[str, str | None]:
+        """Who sent the series in ``folder`` (empty values where the folder does not say)."""
+        try:
+            sender = json.loads((folder / SENDER_FILE).read_text())
+        except (OSError, ValueError):
+            sender = {}
+        return {key: (str(sender[key]) if sender.get(key) is not None else None)
+                for key in ("calling_aet", "called_aet", "peer_address", "source")}
+
     def quarantine(self, data: bytes, reason: str, context: dict[str, object] | None = None) -> Path:
         """Keep rejected bytes with the reason beside them; returns the path of the kept bytes."""
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-        stem = f"{stamp}-{secrets.token_hex(4)}"
-        path = self.quarantine_dir / f"{stem}.dcm"
-        _atomic_write(path, data)
-        sidecar = {"reason": reason, "received_at": stamp, "size_bytes": len(data), **(context or {})}
-        _atomic_write(path.with_suffix(".json"), json.dumps(sidecar, indent=2, default=str).encode())
+        path = self._quarantine_path()
+        _atomic_write(path, data, self.fsync)
+        self._write_reason(path, reason, len(data), context)
         return path
+
+    def quarantine_file(self, source: Path, reason: str, context: dict[str, object] | None = None) -> Path:
+        """Move a stored file into quarantine with the reason beside it (an instance that could not be recorded)."""
+        path = self._quarantine_path()
+        size = source.stat().st_size
+        try:
+            os.replace(source, path)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            _atomic_write(path, source.read_bytes(), self.fsync)
+            source.unlink()
+        self._write_reason(path, reason, size, {"stored_as": str(source), **(context or {})})
+        return path
+
+    def _quarantine_path(self) -> Path:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        return self.quarantine_dir / f"{stamp}-{secrets.token_hex(4)}.dcm"
+
+    def _write_reason(self, path: Path, reason: str, size: int, context: dict[str, object] | None) -> None:
+        sidecar = {"reason": reason, "received_at": path.stem.split("-")[0], "size_bytes": size, **(context or {})}
+        _atomic_write(path.with_suffix(".json"), json.dumps(sidecar, indent=2, default=str).encode(), self.fsync)
 
 
 def _sha256_of(path: Path) -> str:
@@ -122,12 +174,29 @@ def _sha256_of(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+#: Temporary files of writes in progress start with this; one older than a write can take was left by a crash.
+TEMPORARY_PREFIX = "."
+
+
+def _atomic_write(path: Path, data: bytes, fsync: bool = True) -> None:
+    tmp = path.with_name(f"{TEMPORARY_PREFIX}{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         with tmp.open("wb") as handle:
             handle.write(data)
+            if fsync:
+                handle.flush()
+                os.fdatasync(handle.fileno())
         os.replace(tmp, path)
+        if fsync:
+            _fsync_path(path.parent)  # the rename itself
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _fsync_path(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -65,8 +65,9 @@ class _Session:
         settings = load_settings(args.config)
         pull = settings["pull"]
         self.engine = make_engine(settings.database_url)
-        self.store = InstanceStore(settings.incoming_dir, settings.quarantine_dir)
-        self.bookkeeper = Bookkeeper(self.engine)
+        self.store = InstanceStore(settings.incoming_dir, settings.quarantine_dir,
+                                   fsync=bool(settings["store"]["fsync"]))
+        self.bookkeeper = Bookkeeper(self.engine, quarantine_file=self.store.quarantine_file)
         self.bookkeeper.start()
         self.stop = threading.Event()
         calling_aet = pull["calling_aet"] or settings["scp"]["ae_title"]

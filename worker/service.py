@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import REGISTRY
@@ -11,6 +12,8 @@ from pacs_bridge.assembly import CompletionPolicy, StudyAssembler
 from pacs_bridge.bookkeeping import Bookkeeper
 from pacs_bridge.dcmtk_front import DcmtkFront
 from pacs_bridge.dicom_tls import TlsFiles
+from pacs_bridge.periodic import PeriodicLoop
+from pacs_bridge.reconcile import StoreReconciler
 from pacs_bridge.rules import RuleSet
 from pacs_bridge.schema import make_engine
 from pacs_bridge.scp import ScpSettings, StorageSCP
@@ -18,6 +21,7 @@ from pacs_bridge.storage import InstanceStore
 from worker.celery_app import DELIVER, DELIVERY_QUEUE, dispatcher, make_celery
 from worker.config import Settings
 from worker.metrics import HealthServer
+from worker.queue_watch import QueueWatch
 from worker.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
@@ -47,23 +51,25 @@ class ReceiverCollector:
         backlog.add_metric([], self.service.bookkeeper.backlog)
         yield backlog
         yield from queue_depths(self.service.settings)
+        if self.service.queue_watch is not None:
+            yield from self.service.queue_watch.collect()
 
 
 def queue_depths(settings: Settings):
-    """Depth of each pipeline and delivery queue, read from Redis (the embedded broker has no cheap count)."""
+    """Depth of each pipeline, delivery and job queue, every priority sub-queue counted, read from Redis (the
+    embedded broker has no cheap count)."""
     from prometheus_client.core import GaugeMetricFamily
 
     if not settings.broker_url.startswith("redis"):
         return
     import redis
 
-    from worker.celery_app import DELIVERY_QUEUE, PIPELINE_QUEUES
+    from worker.queue_watch import redis_depths
 
     family = GaugeMetricFamily("triage_queue_depth", "Messages waiting in a broker queue", labels=["queue"])
     try:
-        client = redis.Redis.from_url(settings.broker_url, socket_timeout=2)
-        for queue in (*PIPELINE_QUEUES, DELIVERY_QUEUE):
-            family.add_metric([queue], client.llen(queue))
+        for queue, depth in redis_depths(settings.broker_url).items():
+            family.add_metric([queue], depth)
     except redis.RedisError:
         return
     yield family
@@ -76,15 +82,24 @@ class ReceivingService:
     bookkeeper: Bookkeeper
     assembler: StudyAssembler
     sweeper: Sweeper | None = None
+    reconciler: StoreReconciler | None = None
+    reconcile_interval_s: float = 300.0
+    queue_watch: QueueWatch | None = None
     health: HealthServer | None = None
     _collector: ReceiverCollector | None = None
+    _stopping: threading.Event = field(default_factory=threading.Event)
+    _startup: threading.Thread | None = None
+    _reconcile_loop: PeriodicLoop | None = None
 
     def start(self) -> None:
         self.bookkeeper.start()
         self.scp.start()
-        self.assembler.start()
-        if self.sweeper is not None:
-            self.sweeper.start()
+        # Receiving starts at once; completing studies waits for the first reconciliation, or a study whose last
+        # rows a crash lost would be completed without them and re-opened as a second version when they land.
+        self._startup = threading.Thread(target=self._reconcile_then_assemble, name="startup", daemon=True)
+        self._startup.start()
+        if self.queue_watch is not None:
+            self.queue_watch.start()
         port = int(self.settings["metrics"]["serve_port"])
         if port:
             try:
@@ -95,14 +110,46 @@ class ReceivingService:
             except OSError as exc:  # metrics are an aid, never a reason not to receive images
                 log.warning("metrics endpoint on port %d not started: %s", port, exc)
 
+    def _reconcile_then_assemble(self) -> None:
+        if self.reconciler is not None:
+            backoff = 1.0
+            while not self._stopping.is_set():
+                try:
+                    report = self.reconciler.run(full=True)
+                    log.info("start-up reconciliation: %s", report.as_dict())
+                    break
+                except Exception as exc:  # the database is not there yet: receive meanwhile, try again
+                    log.warning("start-up reconciliation failed, retrying in %.0fs: %s", backoff, exc)
+                    self._stopping.wait(backoff)
+                    backoff = min(backoff * 2, 30.0)
+            if self._stopping.is_set():
+                return
+            self._reconcile_loop = PeriodicLoop("reconcile", self.reconcile_interval_s, self.reconciler.run)
+            self._reconcile_loop.start()
+        self.assembler.start()
+        if self.sweeper is not None:
+            self.sweeper.start()
+
+    @property
+    def assembling(self) -> bool:
+        """True once the start-up reconciliation is done and studies are being completed."""
+        return self._startup is not None and not self._startup.is_alive() and not self._stopping.is_set()
+
     def stop(self) -> None:
+        self._stopping.set()
         if self.health is not None:
             self.health.stop()
             REGISTRY.unregister(self._collector)
         self.scp.stop()
+        if self._startup is not None:
+            self._startup.join(30)
+        if self._reconcile_loop is not None:
+            self._reconcile_loop.stop()
         self.assembler.stop()
         if self.sweeper is not None:
             self.sweeper.stop()
+        if self.queue_watch is not None:
+            self.queue_watch.stop()
         self.bookkeeper.stop()
 
 
@@ -132,20 +179,24 @@ def make_receiver(settings: ScpSettings, store: InstanceStore, bookkeeper: Bookk
 def build_receiving_service(settings: Settings) -> ReceivingService:
     engine = make_engine(settings.database_url)
     scp_settings = settings["scp"]
-    store = InstanceStore(settings.incoming_dir, settings.quarantine_dir)
-    bookkeeper = Bookkeeper(engine)
+    store_settings = settings["store"]
+    store = InstanceStore(settings.incoming_dir, settings.quarantine_dir, fsync=bool(store_settings["fsync"]))
+    bookkeeper = Bookkeeper(engine, quarantine_file=store.quarantine_file)
     receiver_settings = ScpSettings(
         engine=str(scp_settings["engine"]),
         ae_title=scp_settings["ae_title"], host=scp_settings["host"], port=int(scp_settings["port"]),
         allowed_calling_aets=list(scp_settings["allowed_calling_aets"] or []),
         max_pdu=int(scp_settings["max_pdu"]), max_associations=int(scp_settings["max_associations"]),
         network_timeout_s=float(scp_settings["network_timeout_s"]),
+        association_request_timeout_s=float(scp_settings["association_request_timeout_s"]),
         ae_hosts=dict(scp_settings["ae_hosts"] or {}), tls=TlsFiles.from_config(scp_settings["tls"]),
         max_object_bytes=int(scp_settings["max_object_bytes"] or 0),
         max_backlog=int(scp_settings["max_backlog"]),
         min_free_bytes=int(scp_settings["min_free_bytes"]),
+        max_write_stall_s=float(scp_settings["max_write_stall_s"]),
     )
     scp = make_receiver(receiver_settings, store, bookkeeper, spool_dir=settings.var_dir / "spool")
+    reconciler = StoreReconciler(engine, store, bookkeeper, grace_s=float(store_settings["reconcile_grace_s"]))
     assembly = settings["assembly"]
     celery_app = make_celery(settings)
     dispatch_run = dispatcher(celery_app)
@@ -161,10 +212,14 @@ def build_receiving_service(settings: Settings) -> ReceivingService:
         dispatch=dispatch_run,
         policy=CompletionPolicy(float(assembly["quiet_period_s"]), float(assembly["max_wait_s"]),
                                 float(assembly["expected_series_settle_s"])),
-        active_studies=scp.active.current,
+        active_studies=lambda: scp.active.current() | reconciler.active.current(),
         poll_interval_s=float(assembly["poll_interval_s"]),
         rules=routing_rules(settings),
         forward=lambda delivery_id: celery_app.send_task(DELIVER, args=[delivery_id], queue=DELIVERY_QUEUE),
         store_root=settings.incoming_dir,
     )
-    return ReceivingService(settings, scp, bookkeeper, assembler, sweeper)
+    # Only Redis answers the workers' broadcast cheaply; the embedded broker serves one host's demo.
+    watch = QueueWatch(celery_app, settings, engine, float(settings["broker"]["consumer_check_interval_s"])) \
+        if settings.broker_url.startswith("redis") else None
+    return ReceivingService(settings, scp, bookkeeper, assembler, sweeper, reconciler=reconciler,
+                            reconcile_interval_s=float(store_settings["reconcile_interval_s"]), queue_watch=watch)

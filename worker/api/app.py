@@ -1,6 +1,7 @@
 """The worker's HTTP API (FastAPI). Feature routers live beside this module and are included here.
 
-Every route but the health check requires a bearer token. Tokens come from files or environment variables named
+Every route but the health check, the landing page and the static pages requires a bearer token (pages a browser
+navigates to also accept the session cookie of ``session.py``). Tokens come from files or environment variables named
 in the configuration (``api.tokens``), never from the configuration itself; each token has a role.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from worker.config import Settings, load_settings
 #: radiologist: read; sender: store images (STOW-RS); admin: everything.
 ROLES = ("radiologist", "sender", "admin")
 #: Modules under worker/api/ that expose a FastAPI ``router``; each feature adds its own.
-FEATURE_ROUTERS: tuple[str, ...] = ("reports", "fairness", "worklist", "stow", "audit")
+FEATURE_ROUTERS: tuple[str, ...] = ("reports", "fairness", "worklist", "stow", "audit", "session", "landing")
 _bearer = HTTPBearer(auto_error=False)
 
 

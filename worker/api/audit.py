@@ -29,6 +29,7 @@ from sqlalchemy import insert, select
 from pacs_bridge.audit_schema import audit_log, audit_studies
 from pacs_bridge.schema import utcnow
 from worker.api.app import Principal, load_tokens, require_role
+from worker.api.session import READ_METHODS, cookie_of, session_principal
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,10 @@ class AuditMiddleware:
             return
         application = scope["app"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        principal = principal_of(application, headers.get("authorization"))
         method, path = scope["method"], scope["path"]
+        principal = principal_of(application, headers.get("authorization"))
+        if principal is None and method in READ_METHODS:  # a page opened with the browser session's cookie
+            principal = session_principal(application.state.tokens, cookie_of(headers.get("cookie")))
         if _admin_only(method, path) and (principal is None or principal.role != "admin"):
             code = status.HTTP_401_UNAUTHORIZED if principal is None else status.HTTP_403_FORBIDDEN
             await self._write(application, scope, principal, code, set())

@@ -42,8 +42,9 @@ MAX_PART_BYTES = 2 * 1024 ** 3
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """The API's own store handle and bookkeeper, for as long as the application serves."""
     settings = app.state.settings
-    app.state.stow_store = InstanceStore(settings.incoming_dir, settings.quarantine_dir)
-    bookkeeper = Bookkeeper(app.state.engine)
+    app.state.stow_store = InstanceStore(settings.incoming_dir, settings.quarantine_dir,
+                                         fsync=bool(settings["store"]["fsync"]))
+    bookkeeper = Bookkeeper(app.state.engine, quarantine_file=app.state.stow_store.quarantine_file)
     bookkeeper.start()
     app.state.stow_bookkeeper = bookkeeper
     try:
