@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.stress import cpu_stress_fixture as cpu_stress  # noqa: F401  (a fixture for every test module)
+
 POSTGRES_ADMIN_URL = os.environ.get("TRIAGE_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("TRIAGE_TEST_REDIS", "redis://127.0.0.1:6379")
 REPO = Path(__file__).resolve().parents[1]

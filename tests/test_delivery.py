@@ -27,6 +27,14 @@ from worker.publishing import dead_letter_publications
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, params=["idle", pytest.param("every core busy", marks=pytest.mark.slow)])
+def load(request):
+    """Every delivery test runs twice: on an idle machine and while other processes keep every core busy."""
+    if request.param != "idle":
+        request.getfixturevalue("cpu_stress")
+    return request.param
+
+
 def _setup(tmp_path: Path, destinations: list[dict], attempts: int = 3, settings=None, engine=None,
            database_url: str = ""):
     tmp_path.mkdir(parents=True, exist_ok=True)
