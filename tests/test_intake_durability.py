@@ -506,3 +506,32 @@ def test_a_scheduled_reconciliation_pass_records_and_waits_for_its_rows(postgres
             assert c.execute(select(func.count()).select_from(instances)).scalar_one() == 3
     finally:
         engine.dispose()
+
+
+def test_two_writers_creating_the_same_study_at_once_lose_nothing_to_quarantine(postgres_url, tmp_path):
+    """The API's STOW-RS bookkeeper and the receiver's can insert the same new study at the same moment: the loser
+    of that race gets a unique-key violation, which is a race to retry, not a bad row to set aside."""
+    from pacs_bridge.bookkeeping import write_batch
+
+    upgrade(postgres_url)
+    engine = make_engine(postgres_url)
+    store = InstanceStore(tmp_path / "incoming", tmp_path / "quarantine")
+    bookkeeper = Bookkeeper(engine, flush_interval_s=0.05, quarantine_file=store.quarantine_file)
+    study, series_uid = generate_uid(), generate_uid()
+    try:
+        with engine.connect() as other_writer:
+            transaction = other_writer.begin()
+            write_batch(other_writer, [_item(study, series_uid, generate_uid(), store)])  # holds the new study's key
+            bookkeeper.start()
+            ours = _item(study, series_uid, generate_uid(), store)
+            bookkeeper.add(ours)
+            time.sleep(1.0)  # our insert now waits on the other writer's uncommitted row
+            transaction.commit()
+        assert bookkeeper.wait_idle(30)
+        with engine.connect() as c:
+            count = c.execute(select(studies.c.instance_count).where(studies.c.study_instance_uid == study)).scalar_one()
+        assert count == 2 and ours.stored.path.exists()
+        assert bookkeeper.set_aside == 0 and not list((tmp_path / "quarantine").iterdir())
+    finally:
+        bookkeeper.stop()
+        engine.dispose()
