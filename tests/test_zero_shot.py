@@ -143,3 +143,12 @@ def test_prima_zero_shot_ranks_the_prompted_diagnosis_first_for_a_planted_study(
     assert len(scores.zero_shot) == 52 and scores.method == "prima-zero-shot"
     assert max(scores.zero_shot, key=scores.zero_shot.get) == "tumor_adult_glioma"
     assert scores.zero_shot["tumor_adult_glioma"] > 0.5
+
+
+def test_embedder_benchmark_reports_slices_per_second_and_the_text_cache_hit_rate(capsys) -> None:
+    from worker.cli import main
+
+    assert main(["bench", "embedder", "--config", "tiny", "--size", "224", "--studies", "10"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["benchmark"] == "embedder" and result["slices_per_s"] > 0
+    assert result["text_cache_misses"] == 1 and result["text_cache_hit_rate"] == 0.9  # one miss in ten studies
