@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import itertools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -93,7 +94,7 @@ class GPT2Tokenizer:
     def _bpe_uncached(self, piece: str) -> tuple[str, ...]:
         word = list(piece)
         while len(word) > 1:
-            best = min(zip(word, word[1:]), key=lambda pair: self.ranks.get(pair, float("inf")))
+            best = min(itertools.pairwise(word), key=lambda pair: self.ranks.get(pair, float("inf")))
             if best not in self.ranks:
                 break
             merged: list[str] = []

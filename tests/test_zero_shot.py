@@ -85,7 +85,7 @@ def test_planted_case_ranks_the_prompted_finding_first_and_text_embeddings_are_c
     findings = zero_shot_findings(ct_scores, threshold=0.5, top_k=1, codable=FINDING_CODES)
     assert findings[0].label == "chest_pneumothorax" and findings[0].positive
     assert zero_shot.cache.misses == 1 and zero_shot.cache.hits == 2
-    [stored] = (tmp_path / "var" / "text_embeddings").glob("*.npz")
+    assert len(list((tmp_path / "var" / "text_embeddings").glob("*.npz"))) == 1
 
     again = SliceZeroShot(settings, embedder)  # a new process: same weights, same table -> read from disk
     assert again.score(ct).zero_shot == ct_scores.zero_shot
@@ -96,8 +96,7 @@ def test_an_edited_prompt_table_gets_new_text_embeddings(tmp_path: Path) -> None
     settings = settings_for(tmp_path)
     embedder = SliceEmbedder(load_slice_model(None, "tiny"))
     SliceZeroShot(settings, embedder).class_embeddings()
-    table = json.loads(PromptTable.load("slice_findings").__class__.__name__ and
-                       (Path(__file__).parents[1] / "models" / "prompts" / "slice_findings.json").read_text())
+    table = json.loads((Path(__file__).parents[1] / "models" / "prompts" / "slice_findings.json").read_text())
     table["labels"]["chest_mass"].append("CT chest large mass")
     site = tmp_path / "site.json"
     site.write_text(json.dumps(table))
