@@ -34,6 +34,7 @@ from monai.networks.nets import VQVAE
 from models.bundle import save_bundle, sha256_of
 from models.labels import LEGACY_PRIORITY_CLASSES, PRIORITY_CLASSES
 from models.prima import PrimaConfig, PrimaModel, TextEncoderConfig, ViTConfig, convert_reference_state_dict
+from models.prima_text import PrimaTextConfig, PrimaTextModel, convert_reference_text_state, text_config_of
 from models.vqvae import VQVAE_CONFIGS, build_vqvae
 
 #: Modules whose classes may appear in the pickle; each becomes an inert stub. ``__main__`` only for
@@ -451,6 +452,71 @@ def _reference_checkpoint(root: InertObject) -> ReferenceCheckpoint:
         priority_hidden=tuple(priority_widths[1:-1]),
     )
     return ReferenceCheckpoint(config, state, diagnosis, referral, priority_classes)
+
+
+# --- the CLIP text tower -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReferenceText:
+    """Prima's GPT-2 text tower from the checkpoint, in our layout (:mod:`models.prima_text`)."""
+
+    config: PrimaTextConfig
+    state_dict: dict[str, torch.Tensor]
+    temperature: float
+
+    def build_model(self, device: str | torch.device = "cpu") -> PrimaTextModel:
+        with torch.device("meta"):
+            model = PrimaTextModel(self.config, self.temperature)
+        model.to_empty(device=device)
+        model.load_state_dict(self.state_dict, strict=True)
+        return model.eval()
+
+
+def _reference_text(root: InertObject) -> ReferenceText:
+    clip = _unwrap(_child(root, "clipmodel"))
+    wrapper = _child(clip, "text_model")
+    if _class_name(wrapper) != "GPTWrapper":
+        raise ReferenceCheckpointError(f"clipmodel.text_model is a {_class_name(wrapper)}, not a GPTWrapper")
+    gpt = _child(wrapper, "model")
+    if _class_name(gpt) != "GPT2Model":
+        raise ReferenceCheckpointError(f"clipmodel.text_model.model is a {_class_name(gpt)}, not a GPT2Model")
+    # Heads, epsilon and activation are not in the tensors' shapes: the pickled GPT2Config carries them.
+    gpt_config = _attribute(gpt, "config")
+    heads = _attribute(gpt_config, "n_head", 12)
+    eps = _attribute(gpt_config, "layer_norm_epsilon", 1e-5)
+    activation = _attribute(gpt_config, "activation_function", "gelu_new")
+    if activation != "gelu_new" or not isinstance(heads, int) or not isinstance(eps, int | float):
+        raise ReferenceCheckpointError(
+            f"GPT-2 text tower with n_head={heads!r}, layer_norm_epsilon={eps!r}, activation {activation!r}: "
+            "only GPT-2's own (integer heads, gelu_new) is supported")
+    state = convert_reference_text_state(
+        {f"clipmodel.text_model.{k}": v for k, v in stub_state_dict(wrapper).items()})
+    try:
+        config = text_config_of(state, heads=heads, eps=float(eps))
+    except KeyError as error:
+        raise ReferenceCheckpointError(str(error)) from None
+    parameters = _attribute(clip, "_parameters") or {}
+    temperature = parameters.get("temperature")
+    if temperature is None:  # a buffer or plain attribute when the model was built without a trained one
+        temperature = _attribute(clip, "temperature")
+    if not isinstance(temperature, torch.Tensor) or temperature.numel() != 1:
+        raise ReferenceCheckpointError(f"clipmodel.temperature is not a one-element tensor: {temperature!r}")
+    return ReferenceText(config, state, float(temperature.reshape(()).item()))
+
+
+def load_reference_prima_text(path: str | PathLike[str]) -> ReferenceText:
+    """The CLIP text tower of a published ``FullMRIModel`` pickle, read safely (nothing in it runs)."""
+    path = Path(path)
+    root = _unwrap(read_whole_module_checkpoint(path))
+    if _class_name(root) != "FullMRIModel":
+        raise ReferenceCheckpointError(f"{path}: the pickled object is a {_class_name(root)}, not a FullMRIModel")
+    try:
+        return _reference_text(root)
+    except ReferenceCheckpointError as error:
+        raise ReferenceCheckpointError(f"{path}: {error}") from None
+    except (KeyError, TypeError, AttributeError, ValueError) as error:
+        raise ReferenceCheckpointError(f"{path}: unexpected text tower ({type(error).__name__}: {error})") from None
 
 
 # --- VQ-VAE --------------------------------------------------------------------------------------------------

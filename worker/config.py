@@ -197,6 +197,18 @@ DEFAULTS: dict[str, Any] = {
         # slice_knn: finding label -> worklist priority (routine | urgent | stat); the highest positive one wins.
         "priority_of_findings": {},
     },
+    # Zero-shot findings from text prompts (worker/zero_shot.py): a prompt table per pipeline (a file, or a name in
+    # models/prompts), several prompts per finding averaged against a "no finding" prompt; text embeddings are
+    # cached under <var_dir>/text_embeddings per (weights sha256, table hash). slice_knn: where neighbours with a
+    # final report exist, a finding's score is knn_weight * kNN + (1 - knn_weight) * zero-shot.
+    "zero_shot": {
+        "enabled": True,
+        "slice_prompts": "slice_findings",
+        "prima_prompts": "prima_diagnoses",
+        "knn_weight": 0.5,
+        # A zero-shot score from this on makes the finding positive.
+        "threshold": 0.5,
+    },
     # Where SRs go. Each: {name, kind: dicom, host, port, ae_title, tls} or {name, kind: dicomweb, url}. Empty: SRs
     # stay in <var_dir>/outbox only. results: false makes an entry a destination that routing rules forward images to
     # (routing.rules[].forward) and that gets no SRs.
