@@ -98,16 +98,25 @@ def _config_name(prima: PrimaModel) -> str:
 
 
 def save_bundle(
-    directory: str | os.PathLike[str], vqvae: VQVAE, prima: PrimaModel, meta: Mapping[str, Any]
+    directory: str | os.PathLike[str], vqvae: VQVAE, prima: PrimaModel, meta: Mapping[str, Any],
+    prima_state: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a bundle; returns its folder. ``meta`` needs "version"; may carry "notes" (training notes),
-    "created_at" and any further keys (kept in the manifest). Thresholds and columns come from the model."""
+    "created_at" and any further keys (kept in the manifest). Thresholds and columns come from the model.
+    ``prima_state``: the weights to write when ``prima`` only describes the architecture (on the meta device),
+    e.g. a converted checkpoint's state dict; it must fit ``prima`` exactly."""
     if "version" not in meta:
         raise ValueError("bundle meta needs a 'version'")
+    if prima_state is None:
+        prima_state = prima.state_dict()
+    else:
+        expected = {k: tuple(v.shape) for k, v in prima.state_dict().items()}
+        if expected != {k: tuple(v.shape) for k, v in prima_state.items()}:
+            raise ValueError("prima_state does not fit the model's architecture (names or shapes differ)")
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(vqvae.state_dict(), folder / VQVAE_FILE)
-    torch.save(prima.state_dict(), folder / PRIMA_FILE)
+    torch.save(dict(prima_state), folder / PRIMA_FILE)
 
     thresholds, columns = _head_table(prima.diagnosis_names, prima.diagnosis_heads)
     referral_thresholds, referral_columns = _head_table(prima.referral_names, prima.referral_heads)
@@ -217,18 +226,32 @@ def _apply_head_tables(prima: PrimaModel, manifest: Mapping[str, Any]) -> None:
 
 def load_bundle(directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedBundle:
     """Verify and load a bundle onto ``device``; models are returned in eval mode."""
-    folder = Path(directory)
+    return _load(Path(directory), device, mapped=False)
+
+
+def map_bundle(directory: str | os.PathLike[str]) -> LoadedBundle:
+    """Verify a bundle (checksums, manifest, every tensor's name and shape) without reading its weights into
+    memory: installing, registering and readiness checks must not allocate the 11 GB of a full-size bundle just
+    to check it. The VQ-VAE and the study encoder hold the files' memory-mapped tensors (enough for
+    ``train.backbone.backbone_id``); the stacked heads stay on the meta device. Not for inference."""
+    return _load(Path(directory), "meta", mapped=True)
+
+
+def _load(folder: Path, device: str | torch.device, mapped: bool) -> LoadedBundle:
     manifest = _read_manifest(folder)
     vqvae_state = _verified_state_dict(folder, VQVAE_FILE, manifest)
     prima_state = _verified_state_dict(folder, PRIMA_FILE, manifest)
     vqvae, prima = _build_models(manifest, device)
     for name, model, state in ((VQVAE_FILE, vqvae, vqvae_state), (PRIMA_FILE, prima, prima_state)):
         try:
-            model.load_state_dict(state)
+            model.load_state_dict(state, strict=True, assign=mapped)
         except RuntimeError as error:
             raise BundleError(
                 f"bundle {folder}: {name} does not fit the manifest's architecture: {error}"
             ) from None
+    if mapped:
+        for heads in (prima.diagnosis_heads, prima.referral_heads):  # their tables are not in the state dict
+            heads.threshold = torch.empty_like(heads.threshold, device="cpu")
     _apply_head_tables(prima, manifest)
     return LoadedBundle(folder, manifest, vqvae.eval(), prima.eval())
 

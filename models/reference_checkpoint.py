@@ -34,6 +34,7 @@ from monai.networks.nets import VQVAE
 from models.bundle import save_bundle, sha256_of
 from models.labels import LEGACY_PRIORITY_CLASSES, PRIORITY_CLASSES
 from models.prima import PrimaConfig, PrimaModel, TextEncoderConfig, ViTConfig, convert_reference_state_dict
+from models.prima_text import PrimaTextConfig, PrimaTextModel, convert_reference_text_state, text_config_of
 from models.vqvae import VQVAE_CONFIGS, build_vqvae
 
 #: Modules whose classes may appear in the pickle; each becomes an inert stub. ``__main__`` only for
@@ -322,11 +323,9 @@ class ReferenceCheckpoint:
     priority_classes: tuple[str, ...]
     reference_classes: list[str] = field(default_factory=list)  # every class the pickle named
 
-    def build_model(self, device: str | torch.device = "cpu") -> PrimaModel:
-        """A PrimaModel with these weights on ``device``; built on the meta device first, so the 2.3 B head
-        parameters are allocated once and never randomly initialised."""
+    def _model_on_meta(self) -> PrimaModel:
         with torch.device("meta"):
-            model = PrimaModel(
+            return PrimaModel(
                 self.config,
                 diagnosis_names=self.diagnosis.names,
                 referral_names=self.referral.names,
@@ -334,6 +333,20 @@ class ReferenceCheckpoint:
                 diagnosis_outputs=self.diagnosis.widths[-1],
                 referral_outputs=self.referral.widths[-1] if self.referral.widths else None,
             )
+
+    def describe_model(self) -> PrimaModel:
+        """The architecture with its head tables (columns, thresholds) and no weights (meta device): what a
+        bundle's manifest needs, without the 11 GB of a full-size model in memory."""
+        model = self._model_on_meta()
+        for heads, table in ((model.diagnosis_heads, self.diagnosis), (model.referral_heads, self.referral)):
+            heads.threshold = torch.empty_like(heads.threshold, device="cpu")  # the tables are read, not meta
+            heads.set_columns_and_thresholds(table.columns, table.thresholds)
+        return model
+
+    def build_model(self, device: str | torch.device = "cpu") -> PrimaModel:
+        """A PrimaModel with these weights on ``device``; built on the meta device first, so the 2.3 B head
+        parameters are allocated once and never randomly initialised."""
+        model = self._model_on_meta()
         model.to_empty(device=device)
         model.load_state_dict(self.state_dict, strict=True)
         model.diagnosis_heads.set_columns_and_thresholds(self.diagnosis.columns, self.diagnosis.thresholds)
@@ -441,6 +454,71 @@ def _reference_checkpoint(root: InertObject) -> ReferenceCheckpoint:
     return ReferenceCheckpoint(config, state, diagnosis, referral, priority_classes)
 
 
+# --- the CLIP text tower -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReferenceText:
+    """Prima's GPT-2 text tower from the checkpoint, in our layout (:mod:`models.prima_text`)."""
+
+    config: PrimaTextConfig
+    state_dict: dict[str, torch.Tensor]
+    temperature: float
+
+    def build_model(self, device: str | torch.device = "cpu") -> PrimaTextModel:
+        with torch.device("meta"):
+            model = PrimaTextModel(self.config, self.temperature)
+        model.to_empty(device=device)
+        model.load_state_dict(self.state_dict, strict=True)
+        return model.eval()
+
+
+def _reference_text(root: InertObject) -> ReferenceText:
+    clip = _unwrap(_child(root, "clipmodel"))
+    wrapper = _child(clip, "text_model")
+    if _class_name(wrapper) != "GPTWrapper":
+        raise ReferenceCheckpointError(f"clipmodel.text_model is a {_class_name(wrapper)}, not a GPTWrapper")
+    gpt = _child(wrapper, "model")
+    if _class_name(gpt) != "GPT2Model":
+        raise ReferenceCheckpointError(f"clipmodel.text_model.model is a {_class_name(gpt)}, not a GPT2Model")
+    # Heads, epsilon and activation are not in the tensors' shapes: the pickled GPT2Config carries them.
+    gpt_config = _attribute(gpt, "config")
+    heads = _attribute(gpt_config, "n_head", 12)
+    eps = _attribute(gpt_config, "layer_norm_epsilon", 1e-5)
+    activation = _attribute(gpt_config, "activation_function", "gelu_new")
+    if activation != "gelu_new" or not isinstance(heads, int) or not isinstance(eps, int | float):
+        raise ReferenceCheckpointError(
+            f"GPT-2 text tower with n_head={heads!r}, layer_norm_epsilon={eps!r}, activation {activation!r}: "
+            "only GPT-2's own (integer heads, gelu_new) is supported")
+    state = convert_reference_text_state(
+        {f"clipmodel.text_model.{k}": v for k, v in stub_state_dict(wrapper).items()})
+    try:
+        config = text_config_of(state, heads=heads, eps=float(eps))
+    except KeyError as error:
+        raise ReferenceCheckpointError(str(error)) from None
+    parameters = _attribute(clip, "_parameters") or {}
+    temperature = parameters.get("temperature")
+    if temperature is None:  # a buffer or plain attribute when the model was built without a trained one
+        temperature = _attribute(clip, "temperature")
+    if not isinstance(temperature, torch.Tensor) or temperature.numel() != 1:
+        raise ReferenceCheckpointError(f"clipmodel.temperature is not a one-element tensor: {temperature!r}")
+    return ReferenceText(config, state, float(temperature.reshape(()).item()))
+
+
+def load_reference_prima_text(path: str | PathLike[str]) -> ReferenceText:
+    """The CLIP text tower of a published ``FullMRIModel`` pickle, read safely (nothing in it runs)."""
+    path = Path(path)
+    root = _unwrap(read_whole_module_checkpoint(path))
+    if _class_name(root) != "FullMRIModel":
+        raise ReferenceCheckpointError(f"{path}: the pickled object is a {_class_name(root)}, not a FullMRIModel")
+    try:
+        return _reference_text(root)
+    except ReferenceCheckpointError as error:
+        raise ReferenceCheckpointError(f"{path}: {error}") from None
+    except (KeyError, TypeError, AttributeError, ValueError) as error:
+        raise ReferenceCheckpointError(f"{path}: unexpected text tower ({type(error).__name__}: {error})") from None
+
+
 # --- VQ-VAE --------------------------------------------------------------------------------------------------
 
 
@@ -486,12 +564,13 @@ def export_reference_bundle(
     prima_path, vqvae_path = Path(prima_path), Path(vqvae_path)
     checkpoint = load_reference_prima(prima_path)
     vqvae = load_reference_vqvae(vqvae_path)
-    prima = checkpoint.build_model()
     config_name = "full" if vqvae_widths_of(vqvae.state_dict()) == VQVAE_CONFIGS["full"] else "custom"
+    # The weights are written straight from the checkpoint's memory-mapped tensors (already in our layout);
+    # building the model would first copy all 11 GB of a full-size one into memory.
     return save_bundle(
         directory,
         vqvae,
-        prima,
+        checkpoint.describe_model(),
         {
             "version": version,
             "notes": f"exported from the published Prima checkpoints ({config_name} VQ-VAE)",
@@ -504,6 +583,7 @@ def export_reference_bundle(
                 "vqvae": {"file": vqvae_path.name, "sha256": sha256_of(vqvae_path)},
             },
         },
+        prima_state=checkpoint.state_dict,
     )
 
 

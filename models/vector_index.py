@@ -17,13 +17,40 @@ path on the CPU).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import faiss
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def _import_faiss():
+    """faiss, imported without its loader's INFO narrative: it tries the AVX512 and AVX2 builds first and logs a
+    ModuleNotFoundError for each one a wheel does not ship (the plain build then loads and dispatches on the CPU
+    itself). What was loaded is said once, below."""
+    loader = logging.getLogger("faiss.loader")
+    level = loader.level
+    loader.setLevel(logging.WARNING)
+    try:
+        import faiss
+    finally:
+        loader.setLevel(level)
+    return faiss
+
+
+def faiss_backend() -> str:
+    """Which faiss this process uses: version, compile options (SIMD levels), GPUs."""
+    options = faiss.get_compile_options().strip() if hasattr(faiss, "get_compile_options") else "unknown"
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    return f"faiss {faiss.__version__} ({options}; {gpus} GPU{'s' if gpus != 1 else ''})"
+
+
+faiss = _import_faiss()
+log.info("vector index backend: %s", faiss_backend())
 
 # Batched queries use GEMM from 20 queries on (see the module docstring).
 faiss.cvar.distance_compute_blas_threshold = 20

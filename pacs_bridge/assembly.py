@@ -169,6 +169,12 @@ class StudyAssembler:
                                                               studies.c.version == study.version))
                                    .values(status="queued", pipeline=decision.pipeline, dispatched_at=now))
             self._plan_forwards(connection, study, decision, now, run_id)
+        # One line each (after the commit, so the log never claims what was rolled back); UIDs, never patient data.
+        uid = study.study_instance_uid
+        log.info("study %s v%d complete: %d instances over %.1fs (%s)", uid, study.version, study.instance_count,
+                 (as_utc(study.last_received_at) - as_utc(study.first_received_at)).total_seconds(), why)
+        log.info("study %s v%d routed by rule %r to %s (%s lane)%s", uid, study.version, decision.rule,
+                 decision.pipeline, decision.lane, f", run {run_id}" if run_id is not None else "")
 
     def _create_run(self, connection: Connection, study, decision: RoutingDecision) -> int | None:
         routing = {"rule": decision.rule, "lane": decision.lane,
@@ -196,7 +202,9 @@ class StudyAssembler:
         """Hand runs to the broker. A run whose send failed (broker down) stays un-queued and is sent later."""
         with self.engine.connect() as connection:
             pending = connection.execute(
-                select(processing_runs.c.id, processing_runs.c.pipeline, processing_runs.c.lane)
+                select(processing_runs.c.id, processing_runs.c.pipeline, processing_runs.c.lane,
+                       processing_runs.c.last_image_at, studies.c.study_instance_uid, studies.c.dispatched_at)
+                .join(studies, studies.c.id == processing_runs.c.study_id)
                 .where(and_(processing_runs.c.status == "queued", processing_runs.c.queued_at.is_(None)))
                 .order_by(processing_runs.c.id)
             ).all()
@@ -214,6 +222,10 @@ class StudyAssembler:
                 connection.execute(update(processing_runs).where(processing_runs.c.id == run.id)
                                    .values(queued_at=now))
             sent.append(run.id)
+            since = f", {(now - as_utc(run.last_image_at)).total_seconds():.1f}s after the last image" \
+                if run.last_image_at is not None else ""
+            log.info("study %s run %d dispatched to queue %s (%s lane)%s", run.study_instance_uid, run.id,
+                     run.pipeline, run.lane or "routine", since)
         return sent
 
     def _forward_pending(self, now: datetime) -> list[int]:

@@ -214,7 +214,7 @@ class Bookkeeper:
             except queue.Empty:
                 break
 
-    def _write_prefix(self, items: list[ReceivedInstance | EventRecord]) -> int:
+    def _write_prefix(self, items: list[ReceivedInstance | EventRecord], retried: bool = False) -> int:
         """Write ``items`` or, when the database refuses them, the longest first part it takes; returns how many
         items were handled (written or set aside). Raises :class:`DatabaseUnavailable` when it cannot write."""
         try:
@@ -225,11 +225,16 @@ class Bookkeeper:
             if isinstance(exc, _TRANSIENT_ERRORS) or getattr(exc, "connection_invalidated", False) \
                     or not self._database_reachable():
                 raise DatabaseUnavailable(error) from exc
+            if isinstance(exc, sa_exc.IntegrityError) and not retried:
+                # Another writer (the API's STOW-RS, a scheduled reconciliation) inserted the same study, series
+                # or instance between our read and our insert: the next try reads its row and goes on.
+                time.sleep(0.05)
+                return self._write_prefix(items, retried=True)
             if len(items) == 1:
                 self._set_aside_unwritable(items[0], error)
                 return 1
             # The database answers but refuses something in this batch: halve until the row is found.
-            return self._write_prefix(items[:len(items) // 2])
+            return self._write_prefix(items[:len(items) // 2], retried=retried)
         for aside in set_aside:
             self._quarantine(aside.item, aside.reason, aside.detail)
         return len(items)

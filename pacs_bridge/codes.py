@@ -26,7 +26,7 @@ from highdicom.sr import CodedConcept
 from pydicom.sr.coding import Code
 
 #: Version of the label -> code table; written as the Coding Scheme Version of 99PRIMA.
-CODE_TABLE_VERSION = "2026.2"
+CODE_TABLE_VERSION = "2026.3"  # 2026.2: chest/CT findings of slice_knn; 2026.3: presence, not analysed
 
 #: Designator of our private coding scheme (private designators start with "99", PS3.16 §8.1).
 PRIVATE_SCHEME = "99PRIMA"
@@ -103,6 +103,26 @@ DIAGNOSIS_CODES: Mapping[str, _Row] = {
         PRIVATE_SCHEME, "VENT-IC-HYPOT", "ventricular_intracranial_hypotension"),
     "ventricular_ventriculomegaly": ("SCT", "413808003", "Ventriculomegaly"),
 }
+
+#: Chest radiograph and CT findings that the slice_knn pipeline scores (kNN and zero-shot from text prompts,
+#: models/prompts/slice_findings.json). Each SNOMED CT code is the one DICOM PS3.16 uses for the concept, as the
+#: concept dictionary generated from PS3.16 that pydicom 3.0.2 ships lists it (pydicom/sr/_concepts_dict.py;
+#: the context groups named in each comment); findings without a PS3.16 SNOMED code are 99PRIMA rows.
+CHEST_CT_FINDING_CODES: Mapping[str, _Row] = {
+    "chest_pneumothorax": ("SCT", "36118008", "Pneumothorax"),  # CID 6102, 6105
+    "chest_pleural_effusion": ("SCT", "60046008", "Pleural effusion"),  # CID 645, 8134
+    "chest_cardiomegaly": ("SCT", "287272002", "Cardiomegaly"),  # CID 12248, 12249
+    "chest_pulmonary_edema": ("SCT", "19242006", "Pulmonary edema"),  # CID 3700
+    "chest_nodule": ("SCT", "27925004", "Nodule"),  # CID 6102, 6104
+    "chest_mass": ("SCT", "4147007", "Mass"),  # CID 6102, 6104
+    "chest_pulmonary_embolism": ("SCT", "59282003", "Pulmonary embolism"),  # CID 6102, 6104
+    "chest_aortic_dissection": ("SCT", "308546005", "Aortic dissection"),  # CID 3700
+    "chest_consolidation": (PRIVATE_SCHEME, "CHEST-CONSOLID", "chest_consolidation"),
+    "chest_atelectasis": (PRIVATE_SCHEME, "CHEST-ATELECT", "chest_atelectasis"),
+}
+
+#: Every finding label the SR can code: Prima's diagnoses and the chest/CT findings.
+FINDING_CODES: Mapping[str, _Row] = {**DIAGNOSIS_CODES, **CHEST_CT_FINDING_CODES}
 
 #: Codes that an earlier table version gave a label; read-only (never written), so old SRs still read back.
 RETIRED_DIAGNOSIS_CODES: Mapping[tuple[str, str], str] = {}
@@ -240,7 +260,7 @@ def _reverse(table: Mapping[str, _Row], what: str) -> dict[tuple[str, str], str]
     return reverse
 
 
-_LABEL_BY_CODE = {**RETIRED_DIAGNOSIS_CODES, **_reverse(DIAGNOSIS_CODES, "diagnosis")}
+_LABEL_BY_CODE = {**RETIRED_DIAGNOSIS_CODES, **_reverse(FINDING_CODES, "diagnosis")}
 _REFERRAL_BY_CODE = _reverse(REFERRAL_CODES, "referral")
 _PRIORITY_BY_CODE = _reverse(PRIORITY_CODES, "priority")
 
@@ -251,7 +271,7 @@ LABELS: tuple[str, ...] = tuple(DIAGNOSIS_CODES)
 def code_for_label(label: str) -> CodedConcept:
     """The code of a model diagnosis label (the TID 1501 "Finding" value)."""
     try:
-        return _concept(DIAGNOSIS_CODES[label])
+        return _concept(FINDING_CODES[label])
     except KeyError:
         raise ValueError(
             f"diagnosis label {label!r} is not in the code table (version {CODE_TABLE_VERSION}); "

@@ -17,23 +17,19 @@ from datetime import datetime
 from pathlib import Path
 
 import pydicom
-from pynetdicom import AE
 from sqlalchemy import and_, insert, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
+from pacs_bridge import association
 from pacs_bridge.dicom_send import DeliveryError, DicomDestination
-from pacs_bridge.dicom_tls import client_context
 from pacs_bridge.dicomweb_send import DicomwebDestination, stow_rs
-from pacs_bridge.intake import STATUS_SUCCESS
 from pacs_bridge.routing import is_derived_object
 from pacs_bridge.rules import Forward
 from pacs_bridge.schema import deliveries, events, instances, series
 
 #: Instances per STOW-RS request when forwarding a study (bounded memory, bounded request size).
 STOW_BATCH = 50
-#: A DICOM association negotiates at most 128 presentation contexts (PS3.8 9.3.2.2).
-MAX_CONTEXTS = 128
 
 
 def study_image_paths(connection: Connection, study_id: int) -> list[str]:
@@ -93,37 +89,5 @@ def send_files(destination: DicomDestination | DicomwebDestination, paths: Seque
         for start in range(0, len(paths), STOW_BATCH):
             stow_rs(destination, [pydicom.dcmread(p) for p in paths[start:start + STOW_BATCH]])
         return
-    _c_store_files(destination, paths, calling_aet, timeout_s)
-
-
-def _c_store_files(destination: DicomDestination, paths: Sequence[Path], calling_aet: str, timeout_s: float) -> None:
-    contexts = set()
-    for path in paths:
-        header = pydicom.dcmread(path, stop_before_pixels=True)
-        contexts.add((str(header.SOPClassUID), str(header.file_meta.TransferSyntaxUID)))
-    if len(contexts) > MAX_CONTEXTS:
-        raise DeliveryError(f"{destination.name}: the study needs {len(contexts)} presentation contexts, "
-                            f"more than one association can negotiate ({MAX_CONTEXTS})")
-    ae = AE(ae_title=calling_aet)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    ae.connection_timeout = min(timeout_s, 10.0)
-    for sop_class, syntax in sorted(contexts):
-        ae.add_requested_context(sop_class, syntax)
-    tls_args = None
-    if destination.tls is not None:
-        tls_args = (client_context(destination.tls), destination.tls.server_name or destination.host)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
-    if not assoc.is_established:
-        raise DeliveryError(f"{destination.name}: association with {destination.ae_title}@{destination.host}:"
-                            f"{destination.port} was not established "
-                            f"({'rejected' if assoc.is_rejected else 'no answer'})")
-    try:
-        for path in paths:
-            status = assoc.send_c_store(Path(path))
-            code = getattr(status, "Status", None)
-            if code is None:
-                raise DeliveryError(f"{destination.name}: no response to C-STORE of {path}")
-            if code != STATUS_SUCCESS and not 0xB000 <= code <= 0xBFFF:  # Bxxx = stored with a warning
-                raise DeliveryError(f"{destination.name}: C-STORE of {path} failed, status 0x{code:04X}")
-    finally:
-        assoc.release()
+    association.c_store(destination, [Path(p) for p in paths], calling_aet=calling_aet, timeout_s=timeout_s,
+                        error=DeliveryError)

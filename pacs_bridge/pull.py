@@ -32,7 +32,7 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pynetdicom import AE, build_role, evt
+from pynetdicom import build_role, evt
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -42,7 +42,8 @@ from sqlalchemy import and_, func, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
-from pacs_bridge.dicom_tls import TlsFiles, client_context
+from pacs_bridge import association
+from pacs_bridge.dicom_tls import TlsFiles
 from pacs_bridge.ingest import IngestOutcome
 from pacs_bridge.intake import STATUS_SUCCESS
 from pacs_bridge.pull_schema import pull_items, pull_jobs
@@ -136,23 +137,10 @@ class Retrieved:
 
 
 # -- the network ---------------------------------------------------------------------------------------------
-def _associate(source: DimseSource, calling_aet: str, contexts: list, timeout_s: float, **kwargs):
-    ae = AE(ae_title=calling_aet)
-    ae.acse_timeout = ae.network_timeout = 30.0
-    ae.dimse_timeout = timeout_s
-    ae.connection_timeout = 10.0
-    for context in contexts:
-        if isinstance(context, tuple):
-            ae.add_requested_context(*context)
-        else:
-            ae.add_requested_context(context)
-    tls_args = (client_context(source.tls), source.tls.server_name or source.host) if source.tls else None
-    assoc = ae.associate(source.host, source.port, ae_title=source.ae_title, tls_args=tls_args, **kwargs)
-    if not assoc.is_established:
-        raise PullError(f"{source.name}: association with {source.ae_title}@{source.host}:{source.port} as "
-                        f"{calling_aet} was not established ({'rejected' if assoc.is_rejected else 'no answer'}); "
-                        f"does the PACS know our AE title?")
-    return assoc
+#: Associations a C-MOVE or C-GET may use when its responses stop: each waits up to the (long) retrieve timeout, so
+#: one resend; a study that still fails is tried again when the job is run again.
+RETRIEVE_ATTEMPTS = 2
+_HINT = "; does the PACS know our AE title?"
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -182,21 +170,19 @@ def find_studies_dimse(source: DimseSource, calling_aet: str, dates: str, modali
     query.StudyDate = dates
     query.ModalitiesInStudy = modality or ""
     query.NumberOfStudyRelatedInstances = ""
-    assoc = _associate(source, calling_aet, [StudyRootQueryRetrieveInformationModelFind], timeout_s)
+    responses = association.request(
+        source, calling_aet, [StudyRootQueryRetrieveInformationModelFind],
+        lambda assoc: assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind),
+        what=f"C-FIND for {dates}", timeout_s=30.0, dimse_timeout_s=timeout_s, error=PullError, hint=_HINT)
     found = []
-    try:
-        for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
-            code = getattr(status, "Status", None)
-            if code is None:
-                raise PullError(f"{source.name}: C-FIND for {dates} timed out or the association was aborted")
-            if code in STATUS_PENDING and identifier is not None:
-                study = _found(identifier)
-                if study is not None:
-                    found.append(study)
-            elif code != STATUS_SUCCESS and code not in STATUS_PENDING:
-                raise PullError(f"{source.name}: C-FIND for {dates} failed with status 0x{code:04X}")
-    finally:
-        assoc.release()
+    for status, identifier in responses:
+        code = status.Status
+        if code in STATUS_PENDING and identifier is not None:
+            study = _found(identifier)
+            if study is not None:
+                found.append(study)
+        elif code != STATUS_SUCCESS and code not in STATUS_PENDING:
+            raise PullError(f"{source.name}: C-FIND for {dates} failed with status 0x{code:04X}")
     return found
 
 
@@ -223,17 +209,12 @@ def move_study(source: DimseSource, calling_aet: str, destination_aet: str, stud
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
     query.StudyInstanceUID = study_uid
-    assoc = _associate(source, calling_aet, [StudyRootQueryRetrieveInformationModelMove], timeout_s)
-    final = None
-    try:
-        for status, _identifier in assoc.send_c_move(query, destination_aet,
-                                                     StudyRootQueryRetrieveInformationModelMove):
-            if getattr(status, "Status", None) is None:
-                raise PullError(f"{source.name}: C-MOVE of {study_uid} timed out or the association was aborted")
-            if status.Status not in STATUS_PENDING:
-                final = status
-    finally:
-        assoc.release()
+    responses = association.request(
+        source, calling_aet, [StudyRootQueryRetrieveInformationModelMove],
+        lambda assoc: assoc.send_c_move(query, destination_aet, StudyRootQueryRetrieveInformationModelMove),
+        what=f"C-MOVE of {study_uid}", timeout_s=30.0, dimse_timeout_s=timeout_s, error=PullError, hint=_HINT,
+        attempts=RETRIEVE_ATTEMPTS)
+    final = responses[-1][0]
     return _sub_operations(source, "C-MOVE", study_uid, final, destination_aet)
 
 
@@ -250,17 +231,12 @@ def get_study(source: DimseSource, calling_aet: str, study_uid: str, receive: Ca
     def on_store(event: evt.Event) -> int:
         return receive(event.encoded_dataset(include_meta=True)).status
 
-    assoc = _associate(source, calling_aet, contexts, timeout_s, ext_neg=roles,
-                       evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    final = None
-    try:
-        for status, _identifier in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
-            if getattr(status, "Status", None) is None:
-                raise PullError(f"{source.name}: C-GET of {study_uid} timed out or the association was aborted")
-            if status.Status not in STATUS_PENDING:
-                final = status
-    finally:
-        assoc.release()
+    responses = association.request(
+        source, calling_aet, contexts,
+        lambda assoc: assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet),
+        what=f"C-GET of {study_uid}", timeout_s=30.0, dimse_timeout_s=timeout_s, error=PullError, hint=_HINT,
+        attempts=RETRIEVE_ATTEMPTS, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    final = responses[-1][0]
     return _sub_operations(source, "C-GET", study_uid, final, None)
 
 

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 
 from sqlalchemy import select
@@ -142,7 +142,7 @@ class StoreReconciler:
         self.bookkeeper.add(ReceivedInstance(
             header=header, stored=stored, calling_aet=sender["calling_aet"], called_aet=sender["called_aet"],
             peer_address=sender["peer_address"], source=sender["source"] or "reconcile",
-            received_at=datetime.fromtimestamp(modified, timezone.utc)))
+            received_at=datetime.fromtimestamp(modified, UTC)))
         report.recorded += 1
         report.studies.add(study_uid)
 
@@ -177,3 +177,20 @@ def _entry_mtime(entry: os.DirEntry) -> float:
         return entry.stat(follow_symlinks=False).st_mtime
     except FileNotFoundError:
         return float("inf")
+
+
+def reconcile_store(engine: Engine, incoming_dir: Path, quarantine_dir: Path, *, full: bool = False,
+                    grace_s: float = 120.0, fsync: bool = True, timeout_s: float = 600.0) -> ReconcileReport:
+    """One pass from outside the receiving service (a scheduled task, an operator): with a bookkeeper of its own,
+    written out before it returns. ``full`` also takes files younger than ``grace_s``: use it only while no
+    receiver is writing into the store."""
+    store = InstanceStore(incoming_dir, quarantine_dir, fsync=fsync)
+    bookkeeper = Bookkeeper(engine, quarantine_file=store.quarantine_file)
+    bookkeeper.start()
+    try:
+        report = StoreReconciler(engine, store, bookkeeper, grace_s=grace_s).run(full=full)
+        if not bookkeeper.wait_idle(timeout_s):
+            raise TimeoutError(f"reconciliation: rows not written within {timeout_s:.0f}s ({bookkeeper.last_error})")
+        return report
+    finally:
+        bookkeeper.stop()

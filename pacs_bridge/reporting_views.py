@@ -16,10 +16,9 @@ migration that rebuilds one of the tables the views read wraps the change::
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
-VIEWS_DIR = Path(__file__).resolve().parents[1] / "sql" / "views"
+from sql import VIEWS_DIR
 
 
 def seconds_between(dialect: str, start: str, end: str) -> str:

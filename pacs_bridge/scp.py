@@ -37,6 +37,7 @@ from pydicom.uid import (
 from pacs_bridge.bookkeeping import Bookkeeper, ReceivedInstance
 from pacs_bridge.dicom_tls import DeferredHandshakeContext, PeerBindings, TlsFiles, server_context
 from pacs_bridge.intake import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, RejectedInstance, check_received
+from pacs_bridge import pynetdicom_adapter as adapter
 from pacs_bridge.storage import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,11 @@ class ScpSettings:
     port: int = 11112
     allowed_calling_aets: list[str] = field(default_factory=list)
     max_pdu: int = 131072
+    #: Negotiated associations served at once; connections that have not asked for an association yet do not count.
     max_associations: int = 10
     network_timeout_s: float = 60.0
+    #: Seconds a new connection may take to send its A-ASSOCIATE-RQ (TLS handshake included) before it is closed.
+    association_request_timeout_s: float = 5.0
     #: Calling AE title -> IP addresses/CIDR networks it may connect from (see :class:`PeerBindings`).
     ae_hosts: dict[str, list[str]] = field(default_factory=dict)
     #: DICOM TLS on the listener; None: plain TCP.
@@ -198,16 +202,22 @@ class StorageSCP:
         self._server = None
         self.back_pressure = BackPressure(settings, bookkeeper, store.incoming_dir)
 
+        adapter.check_version()
         ae = AE(ae_title=settings.ae_title)
         ae.maximum_pdu_size = settings.max_pdu
-        ae.maximum_associations = settings.max_associations
+        # pynetdicom would count connections that never asked for an association: the slots count negotiated ones.
+        self.slots = adapter.AssociationSlots(settings.max_associations)
+        ae.maximum_associations = adapter.UNLIMITED_ASSOCIATIONS
         ae.network_timeout = settings.network_timeout_s
-        # A peer that connects and never asks for an association is dropped as soon as an idle one would be.
-        ae.acse_timeout = settings.network_timeout_s
+        # A peer that connects and does not ask for an association at once is dropped: a legitimate sender sends
+        # its A-ASSOCIATE-RQ within milliseconds, and a silent connection costs two threads while it lasts.
+        ae.acse_timeout = settings.association_request_timeout_s
         self.bindings = PeerBindings(settings.ae_hosts)
-        allowed = list(dict.fromkeys([*settings.allowed_calling_aets, *self.bindings.ae_titles]))
-        if allowed:
-            ae.require_calling_aet = allowed
+        self.allowed_calling_aets = list(dict.fromkeys([*settings.allowed_calling_aets, *self.bindings.ae_titles]))
+        if self.allowed_calling_aets:
+            # Our EVT_REQUESTED handler refuses (and records) unknown titles first; pynetdicom's own check stays
+            # as a second lock, should that handler ever fail.
+            ae.require_calling_aet = self.allowed_calling_aets
         self.refused_associations = 0
         ae.add_supported_context(Verification)
         for uid in STORAGE_SOP_CLASSES.values():
@@ -247,30 +257,47 @@ class StorageSCP:
 
     def _on_association_closed(self, event: evt.Event) -> None:
         self.active.close(id(event.assoc))
+        self.slots.release(event.assoc)
 
     def _on_connection_opened(self, event: evt.Event) -> None:
         # pynetdicom leaves accepted sockets blocking: a peer that stalls mid-PDU (or mid-TLS-handshake) would hold
         # an association slot for ever. With a timeout every read gives up after network_timeout_s of silence.
-        event.assoc.dul.socket.socket.settimeout(self.settings.network_timeout_s)
+        adapter.set_read_timeout(event.assoc, self.settings.network_timeout_s)
         # pynetdicom reads a PDU of whatever length its header claims, into memory, before anything checks it.
         limit = max(self.settings.max_pdu, MAX_ASSOCIATION_PDU_BYTES) if self.settings.max_pdu else 0
         if limit:
-            _limit_pdu_reads(event.assoc.dul.socket, limit, event.assoc.requestor.address)
+            adapter.limit_pdu_reads(event.assoc, limit)
+        if self.settings.max_object_bytes:
+            # ... and buffers a whole data set before the handler sees it: bound it while it arrives.
+            adapter.limit_dataset_bytes(event.assoc, self._dataset_limit(event.assoc))
+
+    def _dataset_limit(self, assoc: object) -> adapter.DatasetLimit:
+        limit = getattr(assoc, "_triage_dataset_limit", None)
+        if limit is None:
+            limit = adapter.DatasetLimit(self.settings.max_object_bytes, OVERSIZED_QUARANTINE_BYTES)
+            assoc._triage_dataset_limit = limit  # type: ignore[attr-defined]
+        return limit
 
     def _on_association_requested(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
         calling_aet = requestor.primitive.calling_ae_title.strip()
-        if self.bindings.permits(calling_aet, requestor.address):
-            return
+        if self.allowed_calling_aets and calling_aet not in self.allowed_calling_aets:
+            self._refuse(event, calling_aet, f"calling AE title {calling_aet} is not allowed",
+                         adapter.REJECT_CALLING_AET)
+        elif not self.bindings.permits(calling_aet, requestor.address):
+            self._refuse(event, calling_aet, f"calling AE title {calling_aet} is not allowed from {requestor.address}",
+                         adapter.REJECT_CALLING_AET)
+        elif not self.slots.admit(event.assoc):
+            self._refuse(event, calling_aet, f"all {self.settings.max_associations} association slots are in use "
+                         "(scp.max_associations); the sender may retry", adapter.REJECT_LOCAL_LIMIT)
+
+    def _refuse(self, event: evt.Event, calling_aet: str, reason: str,
+                result_source_diagnostic: tuple[int, int, int]) -> None:
         self.refused_associations += 1
-        reason = f"calling AE title {calling_aet} is not allowed from {requestor.address}"
-        log.warning("refused association: %s", reason)
-        self.bookkeeper.event("association_refused", reason,
-                              detail={"calling_aet": calling_aet, "peer": requestor.address})
-        # Rejected permanent, service user, calling AE title not recognised (PS3.8 9.3.4); then wait, as pynetdicom
-        # does for its own rejections, until the reject is on the wire before the socket is closed.
-        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
-        event.assoc.kill()
+        peer = event.assoc.requestor.address
+        log.warning("refused association from %s: %s", peer, reason)
+        self.bookkeeper.event("association_refused", reason, detail={"calling_aet": calling_aet, "peer": peer})
+        adapter.reject(event.assoc, result_source_diagnostic)
 
     def _on_c_store(self, event: evt.Event) -> int:
         calling_aet = event.assoc.requestor.ae_title.strip()
@@ -289,13 +316,14 @@ class StorageSCP:
             return STATUS_OUT_OF_RESOURCES
         data = b""
         try:
-            size = _dataset_size(request.DataSet)
             limit = self.settings.max_object_bytes
-            if limit and size > limit:
+            oversized = self._dataset_limit(event.assoc).oversized(request.MessageID) if limit else None
+            if oversized is not None:
+                # Only the head was buffered (pynetdicom_adapter.limit_dataset_bytes); the rest was dropped.
                 data = _dataset_head(request.DataSet, OVERSIZED_QUARANTINE_BYTES)
-                raise RejectedInstance(f"dataset of {size} bytes exceeds scp.max_object_bytes ({limit}); only its "
-                                       f"first {len(data)} bytes (no file meta) are kept", STATUS_OUT_OF_RESOURCES)
-            data = event.encoded_dataset(include_meta=True)
+                raise RejectedInstance(f"dataset of {oversized} bytes exceeds scp.max_object_bytes ({limit}); only "
+                                       f"its first {len(data)} bytes (no file meta) are kept", STATUS_OUT_OF_RESOURCES)
+            data = adapter.encoded_dataset(request.DataSet, event.file_meta)
             header = check_received(data, request.AffectedSOPClassUID, request.AffectedSOPInstanceUID)
             called_aet = str(getattr(event.assoc.requestor.primitive, "called_ae_title", "") or "").strip()
             sender = {"calling_aet": calling_aet, "called_aet": called_aet,
@@ -331,41 +359,6 @@ class StorageSCP:
             detail={**context, "status": status, "path": str(path) if path else None},
         )
         return status
-
-
-class PduTooLarge(Exception):
-    """A peer announced a PDU longer than it may send; the association is aborted before it is read."""
-
-
-def _limit_pdu_reads(association_socket: object, limit: int, peer: str) -> None:
-    """Refuse, on this association's socket, any read longer than ``limit`` bytes.
-
-    pynetdicom reads a PDU as a 6-byte header, then one read of the length the header claims. A P-DATA-TF PDU may
-    not be longer than the maximum length we negotiated (PS3.8 D.1); raising here makes pynetdicom abort the
-    association (A-ABORT) instead of filling memory with whatever a hostile peer sends.
-    """
-    read = association_socket.recv  # type: ignore[attr-defined]
-
-    def recv(nr_bytes: int) -> bytearray:
-        if nr_bytes > limit:
-            log.warning("aborting the association from %s: it announced a PDU of %d bytes (limit %d)",
-                        peer, nr_bytes, limit)
-            raise PduTooLarge(f"PDU of {nr_bytes} bytes announced, more than {limit}")
-        return read(nr_bytes)
-
-    association_socket.recv = recv  # type: ignore[attr-defined]
-
-
-def _dataset_size(dataset: object) -> int:
-    """Bytes of a received dataset: an in-memory buffer, or a file when pynetdicom receives to disk."""
-    if hasattr(dataset, "getbuffer"):
-        return dataset.getbuffer().nbytes
-    if hasattr(dataset, "seek") and hasattr(dataset, "tell"):
-        position = dataset.tell()
-        size = dataset.seek(0, 2)
-        dataset.seek(position)
-        return size
-    return 0
 
 
 def _dataset_head(dataset: object, limit: int) -> bytes:

@@ -31,7 +31,7 @@ slice_embeddings = Table(
     Column("vector", LargeBinary, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     # Modality and body region of the study ("MR-HEAD", models.vector_index.partition_key): similar studies are
-    # searched within one partition. Migration 0007; "" for rows written before it.
+    # searched within one partition. Migration 0008; "" for rows written before it.
     Column("index_partition", String(64), nullable=False, server_default=""),
     Index("ix_slice_embeddings_model_level", "model", "series_instance_uid"),
     Index("ix_slice_embeddings_partition", "model", "index_partition", "series_instance_uid"),

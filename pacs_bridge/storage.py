@@ -21,7 +21,7 @@ import os
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 
 #: PS3.5 §9.1: components of digits separated by periods, at most 64 characters, no leading zero in a
@@ -161,7 +161,7 @@ class InstanceStore:
         return path
 
     def _quarantine_path(self) -> Path:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         return self.quarantine_dir / f"{stamp}-{secrets.token_hex(4)}.dcm"
 
     def _write_reason(self, path: Path, reason: str, size: int, context: dict[str, object] | None) -> None:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.stress import cpu_stress_fixture as cpu_stress  # noqa: F401  (a fixture for every test module)
+
 POSTGRES_ADMIN_URL = os.environ.get("TRIAGE_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("TRIAGE_TEST_REDIS", "redis://127.0.0.1:6379")
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +55,18 @@ def postgres_url():
         )
         c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}"')
     admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def bookkeeping_url(request, tmp_path):
+    """A migrated database, once on SQLite and once on PostgreSQL: every test that writes bookkeeping runs on both
+    (SQLite does not enforce column widths)."""
+    from worker.database import upgrade
+
+    url = (f"sqlite:///{tmp_path / 'triage.db'}" if request.param == "sqlite"
+           else request.getfixturevalue("postgres_url"))
+    upgrade(url)
+    return url
 
 
 @pytest.fixture

@@ -11,18 +11,14 @@ from pacs_bridge.bookkeeping import EventRecord, ReceivedInstance, write_batch
 from pacs_bridge.intake import InstanceHeader
 from pacs_bridge.schema import events, instances, make_engine, series, studies
 from pacs_bridge.storage import StoredInstance
-from worker.database import upgrade
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request, tmp_path):
-    url = (f"sqlite:///{tmp_path / 'triage.db'}" if request.param == "sqlite"
-           else request.getfixturevalue("postgres_url"))
-    upgrade(url)
-    engine = make_engine(url)
+@pytest.fixture
+def engine(bookkeeping_url):
+    engine = make_engine(bookkeeping_url)
     yield engine
     engine.dispose()
 

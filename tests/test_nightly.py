@@ -21,7 +21,8 @@ from train import registry
 from train.backbone import bundle_backbone_id
 from train.embedding_store import store_embedding
 from train.nightly import GateConfig, NightlyConfig, gate_candidate, run_nightly
-from train.nightly_commands import NIGHTLY_TASK, TRAINING_QUEUE, beat_schedule, rebuild_vector_index, training_app
+from train.nightly_commands import NIGHTLY_TASK, TRAINING_QUEUE, rebuild_vector_index, training_app
+from worker.celery_app import beat_schedule
 from worker.config import load_settings
 from worker.database import upgrade
 from worker.pipeline import RunProcessor

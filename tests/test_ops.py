@@ -22,7 +22,9 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path):
         pytest.skip("systemd-analyze is not installed (ops/setup.sh installs systemd)")
     units = sorted((OPS / "systemd").glob("*.service"))
     assert {u.name for u in units} >= {"triage-scp.service", "triage-api.service", "triage-worker.service",
-                                       "triage-gpu-worker@.service", "triage-scheduler.service"}
+                                       "triage-gpu-worker@.service", "triage-scheduler.service",
+                                       "triage-training-worker.service", "triage-reports.service",
+                                       "triage-migrate.service"}
     # verify checks that ExecStart's program exists: point the install path at this checkout's venv.
     for unit in units:
         (tmp_path / unit.name).write_text(unit.read_text().replace("/opt/triage/venv/bin/", f"{VENV_BIN}/"))
@@ -31,6 +33,16 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path):
     result = subprocess.run([analyze, "verify", *names], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "", result.stderr  # unknown keys are only warnings: none allowed
+    commands = {u.name: next(line for line in u.read_text().splitlines() if line.startswith("ExecStart="))
+                for u in units}
+    assert commands["triage-training-worker.service"].endswith("triage --log-format json train worker")
+    assert commands["triage-reports.service"].endswith("triage --log-format json reports listen")
+    assert commands["triage-migrate.service"].endswith("triage --log-format json db upgrade")
+    assert "-A worker.tasks beat" in commands["triage-scheduler.service"]
+    assert "--queues delivery,slice_knn,maintenance" in commands["triage-worker.service"]
+    for unit in units:  # every service starts after the migrations
+        if unit.name != "triage-migrate.service":
+            assert "After=" in unit.read_text() and "triage-migrate.service" in unit.read_text(), unit.name
 
 
 def test_compose_file_validates_with_docker_compose(tmp_path):
@@ -46,7 +58,15 @@ def test_compose_file_validates_with_docker_compose(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     services = json.loads(result.stdout)["services"]
-    assert {"postgres", "redis", "migrate", "scp", "api", "worker-cpu", "worker-gpu", "scheduler"} <= set(services)
+    assert {"postgres", "redis", "migrate", "scp", "api", "reports", "worker-cpu", "worker-gpu", "worker-training",
+            "scheduler"} <= set(services)
+    assert services["migrate"]["command"] == ["db", "upgrade"]
+    assert services["reports"]["command"] == ["reports", "listen"]
+    assert services["worker-training"]["command"] == ["train", "worker"]
+    assert services["scheduler"]["entrypoint"][:4] == ["celery", "-A", "worker.tasks", "beat"]
+    assert "delivery,slice_knn,maintenance" in services["worker-cpu"]["command"]
+    for name in ("scp", "api", "reports", "worker-cpu", "worker-gpu", "worker-training", "scheduler"):
+        assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully", name
     gpu = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["capabilities"] == ["gpu"] and gpu["device_ids"] == ["0"]
     # No secret in the compose file: the database URL comes from a Docker secret through TRIAGE_*_FILE.
@@ -83,6 +103,21 @@ def test_helm_chart_renders_and_lints_with_helms_engine():
     config = yaml.safe_load(next(d for d in documents if d["kind"] == "ConfigMap")["data"]["triage.yaml"])
     assert "url" not in config.get("database", {})  # the database URL comes from a Secret
 
+    def args(name: str) -> list[str]:
+        deployment = next(d for d in documents if d["kind"] == "Deployment" and d["metadata"]["name"] == name)
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        return container.get("command", []) + container["args"]
+
+    assert args("triage-worker-training")[-2:] == ["train", "worker"]
+    assert args("triage-reports")[-2:] == ["reports", "listen"]
+    assert args("triage-api")[-1] == "api"
+    assert args("triage-scheduler")[:4] == ["celery", "-A", "worker.tasks", "beat"]
+    assert "delivery,slice_knn,maintenance" in args("triage-worker-cpu")
+    job = next(d for d in documents if d["kind"] == "Job")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"][-2:] == ["db", "upgrade"]
+    assert ("Service", "triage-reports") in kinds
+
 
 def test_helm_chart_with_an_hpa_instead_of_keda():
     documents = _render({"autoscaling": {"mode": "hpa"}})
@@ -101,7 +136,7 @@ def test_rendered_kubernetes_objects_match_the_kubernetes_schemas(mode):
             continue  # a KEDA custom resource: no schema in kubernetes-validate
         kubernetes_validate.validate(document, "1.30", strict=True)
         checked += 1
-    assert checked >= 8
+    assert checked >= 12
 
 
 def _promtool() -> str:
@@ -122,7 +157,7 @@ def test_prometheus_configuration_and_alert_rules_pass_promtool():
     alerts = {r["alert"] for g in yaml.safe_load((OPS / "prometheus" / "alerts.yml").read_text())["groups"]
               for r in g["rules"]}
     assert {"TriageQueueBacklog", "TriageDeliveriesFailing", "TriageDeadLetters", "TriageTurnaroundOverTarget",
-            "TriageFairnessDrift"} <= alerts
+            "TriageFairnessDrift", "TriageQueueWithoutConsumer"} <= alerts
 
 
 def test_grafana_dashboard_queries_parse_and_use_exported_metric_names(tmp_path):
@@ -138,7 +173,7 @@ def test_grafana_dashboard_queries_parse_and_use_exported_metric_names(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     exported = set()
     for module in (REPO / "worker" / "metrics.py", REPO / "train" / "fairness" / "metrics.py",
-                   REPO / "worker" / "service.py"):
+                   REPO / "worker" / "service.py", REPO / "worker" / "queue_watch.py"):
         exported |= set(__import__("re").findall(r'"(triage_[a-z_]+)"', module.read_text()))
     used = set(__import__("re").findall(r"\b(triage_[a-z_]+?)(?:_bucket|_total)?\b", " ".join(expressions)))
     counters = {name[: -len("_total")] for name in exported if name.endswith("_total")}

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import time
+import tracemalloc
 import warnings
 from pathlib import Path
 
@@ -179,10 +180,84 @@ def test_a_known_ae_title_from_the_wrong_host_is_refused_and_from_its_own_host_a
 
     assert scp.bookkeeper.wait_idle()
     assert _count(engine) == 1
-    assert _count(engine, events, kind="association_refused") == 1  # the wrong-host attempt, with its reason
     with engine.connect() as c:
-        reason = c.execute(select(events.c.reason).where(events.c.kind == "association_refused")).scalar_one()
-    assert "MR1" in reason and "127.0.0.1" in reason
+        reasons = c.execute(select(events.c.reason).where(events.c.kind == "association_refused")
+                            .order_by(events.c.id)).scalars().all()
+    # Both refusals are recorded with their reason: the wrong host, and the unknown title.
+    assert len(reasons) == 2
+    assert "MR1" in reasons[0] and "127.0.0.1" in reasons[0]
+    assert "INTRUDER" in reasons[1]
+
+
+def test_an_unknown_calling_ae_title_is_refused_and_recorded(make_receiver):
+    scp, engine, _ = make_receiver(allowed_calling_aets=["PYSCU"])
+    intruder = AE(ae_title="INTRUDER")
+    intruder.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    assoc = intruder.associate("127.0.0.1", scp.port, ae_title="TRIAGE")
+    assert assoc.is_rejected
+    assert assoc.acceptor.primitive.result_str == "Rejected Permanent"
+    assert assoc.acceptor.primitive.reason_str == "Calling AE title not recognised"
+    assert scp.bookkeeper.wait_idle()
+    with engine.connect() as c:
+        refused = c.execute(select(events).where(events.c.kind == "association_refused")).one()
+    assert "INTRUDER" in refused.reason and refused.detail["peer"] == "127.0.0.1"
+
+
+# --- association slots -----------------------------------------------------------------------------------------
+
+def _associate(port: int, aet: str = "PYSCU"):
+    ae = AE(ae_title=aet)
+    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    return ae.associate("127.0.0.1", port, ae_title="TRIAGE")
+
+
+def test_silent_connections_hold_no_association_slot_and_are_closed_quickly(make_receiver, tmp_path):
+    scp, engine, _ = make_receiver(max_associations=2, network_timeout_s=60.0, association_request_timeout_s=2.0)
+    # An attacker opens more connections than there are slots and never sends an A-ASSOCIATE-RQ.
+    silent = [socket.create_connection(("127.0.0.1", scp.port)) for _ in range(6)]
+    try:
+        time.sleep(0.5)  # the receiver has accepted them all
+        assoc = _associate(scp.port)
+        assert assoc.is_established, "a legitimate sender was refused while silent connections were open"
+        assert assoc.send_c_store(mr_slice(generate_uid(), generate_uid(), 0)).Status == STATUS_SUCCESS
+        assoc.release()
+        # Each silent connection is closed after the pre-association timeout, not the minute of network_timeout_s.
+        started = time.monotonic()
+        for sock in silent:
+            sock.settimeout(15)
+            try:
+                assert sock.recv(1024) == b""
+            except ConnectionResetError:
+                pass
+        assert time.monotonic() - started < 10
+    finally:
+        for sock in silent:
+            sock.close()
+    assert scp.bookkeeper.wait_idle()
+    assert _count(engine) == 1
+
+
+def test_negotiated_associations_over_the_limit_are_refused_transiently_and_recorded(make_receiver):
+    scp, engine, _ = make_receiver(max_associations=2)
+    held = [_associate(scp.port) for _ in range(2)]
+    assert all(a.is_established for a in held)
+    over = _associate(scp.port)
+    assert over.is_rejected
+    assert over.acceptor.primitive.result_str == "Rejected Transient"
+    assert over.acceptor.primitive.reason_str == "Local limit exceeded"
+    held.pop().release()
+    deadline = time.monotonic() + 10
+    again = _associate(scp.port)
+    while not again.is_established and time.monotonic() < deadline:  # the released thread may take a moment
+        time.sleep(0.2)
+        again = _associate(scp.port)
+    assert again.is_established
+    again.release()
+    held[0].release()
+    assert scp.bookkeeper.wait_idle()
+    with engine.connect() as c:
+        refused = c.execute(select(events.c.reason).where(events.c.kind == "association_refused")).scalars().all()
+    assert refused and all("scp.max_associations" in r for r in refused)
 
 
 def test_ae_bindings_reject_malformed_networks_at_start():
@@ -308,6 +383,30 @@ def test_an_oversized_object_is_refused_with_out_of_resources_and_its_head_kept(
     assert "exceeds scp.max_object_bytes (16000)" in kept["reason"] and kept["status"] == "0xA700"
     assert kept["size_bytes"] <= 64 * 1024
     assert _count(engine) == 1
+
+
+@pytest.mark.slow
+def test_an_oversized_object_is_not_buffered_while_it_arrives(make_receiver, tmp_path):
+    """A 48 MB image against a 1 MB limit, from dcmtk's storescu in its own process: the receiver's memory (traced
+    in this process, where only the receiver runs) stays far below the object's size, and the sender gets A700."""
+    scp, engine, root = make_receiver(max_object_bytes=1_000_000, network_timeout_s=60.0)
+    big = mr_slice(generate_uid(), generate_uid(), 0, rows=4096, columns=6144)  # 48 MiB of 16-bit pixels
+    path = tmp_path / "big.dcm"
+    big.save_as(path, enforce_file_format=True)
+    del big
+    tracemalloc.start()
+    try:
+        result = _storescu(scp.port, path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert "0xa700" in (result.stdout + result.stderr).lower() or result.returncode != 0, result.stderr
+    assert peak < 8 * (1 << 20), f"the receiver held {peak / (1 << 20):.0f} MiB for a refused object"
+    assert scp.bookkeeper.wait_idle()
+    (kept,) = _quarantined(root)
+    assert "exceeds scp.max_object_bytes (1000000)" in kept["reason"] and kept["size_bytes"] <= 64 * 1024
+    assert _count(engine) == 0
+    _still_serves(scp, engine, tmp_path)
 
 
 @pytest.mark.parametrize("field", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])

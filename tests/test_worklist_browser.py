@@ -222,8 +222,8 @@ def test_the_worklist_puts_a_stat_study_first_and_shows_new_results_without_a_re
     try:
         wait_for(api_up, 60, what="the API to answer")
         chromium.navigate(f"{base}/worklist/")
-        chromium.wait("location.pathname.endsWith('/worklist/login') && !!document.querySelector('#token')",
-                      what="the login page")
+        chromium.wait("location.pathname.endsWith('/worklist/login') "
+                      "&& document.querySelector('#login')?.disabled === false", what="the login page, ready")
         chromium.type_into("#token", "not-the-token")
         chromium.click("#login")
         chromium.wait("!document.querySelector('#login-error').hidden", what="the refusal of a wrong token")

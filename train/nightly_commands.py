@@ -1,36 +1,23 @@
-"""``triage train nightly | worker | beat``: the nightly retraining from the command line and from Celery beat.
+"""``triage train nightly | worker | beat``: the nightly retraining from the command line and the training worker.
 
 The job itself is :mod:`train.nightly`; this module stays light to import (the command line builds every
 parser at start-up) and loads torch only when a command runs.
 
-Celery: ``triage train beat`` sends ``triage.train_nightly`` on ``training.nightly_cron`` to the ``training``
-queue; ``triage train worker`` consumes that queue (training runs on its own worker, never in the way of the
-studies on ``neuro_mri``). ``triage train nightly`` runs the job once, now, in this process.
+Celery: the deployment's one beat (``celery -A worker.tasks beat``; ``triage train beat`` runs the same schedule,
+from ``worker.celery_app.beat_schedule``) sends ``triage.train_nightly`` on ``training.nightly_cron`` and
+``triage.fairness_refresh`` every ``fairness.refresh_interval_s`` to the ``training`` queue by task name;
+``triage train worker`` consumes that queue (training runs on its own worker, never in the way of the studies on
+``neuro_mri``). ``triage train nightly`` runs the job once, now, in this process.
 """
 from __future__ import annotations
 
 import argparse
 import json
 from dataclasses import replace
-from typing import Any
 
 NIGHTLY_TASK = "triage.train_nightly"
+FAIRNESS_REFRESH_TASK = "triage.fairness_refresh"
 TRAINING_QUEUE = "training"
-
-
-def beat_schedule(settings) -> dict[str, Any]:
-    """The Celery beat entry of the nightly job, from ``training.nightly_cron`` ("minute hour dom month dow")."""
-    from celery.schedules import crontab
-
-    minute, hour, day_of_month, month, day_of_week = str(settings["training"]["nightly_cron"]).split()
-    return {
-        "nightly-retraining": {
-            "task": NIGHTLY_TASK,
-            "schedule": crontab(minute=minute, hour=hour, day_of_month=day_of_month, month_of_year=month,
-                                day_of_week=day_of_week),
-            "options": {"queue": TRAINING_QUEUE},
-        }
-    }
 
 
 def rebuild_vector_index(settings, outcome=None) -> None:
@@ -51,7 +38,8 @@ def rebuild_vector_index(settings, outcome=None) -> None:
 
 
 def training_app(settings):
-    """The Celery app with the nightly task registered and its beat schedule set (``triage train worker|beat``)."""
+    """The Celery app of the training worker: the nightly job and the fairness refresh registered on it. Its
+    beat schedule is the deployment's one schedule (``make_celery`` sets it from the settings)."""
     from worker.celery_app import make_celery
 
     app = make_celery(settings)
@@ -65,9 +53,43 @@ def training_app(settings):
                               after_run=lambda result: rebuild_vector_index(settings, result))
         return f"{outcome.status}:{outcome.decision}"
 
-    app.conf.beat_schedule = beat_schedule(settings)
-    app.conf.task_routes = {**(app.conf.task_routes or {}), NIGHTLY_TASK: {"queue": TRAINING_QUEUE}}
+    @app.task(name=FAIRNESS_REFRESH_TASK, time_limit=3600, soft_time_limit=3300)
+    def fairness_refresh() -> str:
+        return refresh_fairness(settings)
+
+    app.conf.task_routes = {**(app.conf.task_routes or {}), NIGHTLY_TASK: {"queue": TRAINING_QUEUE},
+                            FAIRNESS_REFRESH_TASK: {"queue": TRAINING_QUEUE}}
     return app
+
+
+def refresh_fairness(settings) -> str:
+    """One scheduled fairness refresh: analyse and store, set the Prometheus gauges, write the HTML report."""
+    import logging
+    import time
+    from pathlib import Path
+
+    from pacs_bridge.schema import make_engine
+    from pacs_bridge.study_attributes import AttributePolicy
+    from train.fairness.analysis import FairnessConfig
+    from train.fairness.cohort import load_cohort_db
+    from train.fairness.metrics import publish
+    from train.fairness.report import render_html
+    from train.fairness.store import load_latest, refresh
+
+    fairness = settings["fairness"]
+    engine = make_engine(settings.database_url)
+    try:
+        results = refresh(engine, FairnessConfig.from_settings(fairness), AttributePolicy.from_settings(fairness))
+        publish(results, time.time())
+        with engine.connect() as connection:
+            stored, cohort = load_latest(connection), load_cohort_db(connection)
+    finally:
+        engine.dispose()
+    out = Path(fairness["report_path"] or settings.var_dir / "fairness" / "report.html")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_html(stored, cohort))
+    logging.getLogger(__name__).info("fairness refresh %s: report %s", results.refresh_id, out)
+    return f"refresh:{results.refresh_id}"
 
 
 def _nightly_command(args: argparse.Namespace) -> int:
@@ -93,7 +115,13 @@ def _nightly_command(args: argparse.Namespace) -> int:
 def _worker_command(args: argparse.Namespace) -> int:
     from worker.config import load_settings
 
-    app = training_app(load_settings(args.config))
+    settings = load_settings(args.config)
+    app = training_app(settings)
+    port = int(settings["fairness"]["metrics_port"])
+    if port:  # the gauges the scheduled fairness refresh sets in this process
+        from prometheus_client import start_http_server
+
+        start_http_server(port, addr=settings["metrics"]["host"])
     app.worker_main(["worker", "--pool", "solo", "--concurrency", "1", "--queues", TRAINING_QUEUE,
                      "--loglevel", args.loglevel, "--without-gossip", "--without-mingle"])
     return 0
@@ -117,9 +145,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--url", help="database URL (default: from the configuration)")
     p.add_argument("--seed", type=int, help="override training.seed")
     p.set_defaults(func=_nightly_command)
-    p = sub.add_parser("worker", help=f"a Celery worker for the '{TRAINING_QUEUE}' queue (runs the nightly job)")
+    p = sub.add_parser("worker", help=f"a Celery worker for the '{TRAINING_QUEUE}' queue (the nightly job, the "
+                                      "fairness refresh)")
     p.add_argument("--loglevel", default="INFO")
     p.set_defaults(func=_worker_command)
-    p = sub.add_parser("beat", help="Celery beat: sends the nightly job on training.nightly_cron")
+    p = sub.add_parser("beat", help="Celery beat with every periodic job (the same schedule as `celery -A "
+                                    "worker.tasks beat`; run one per deployment)")
     p.add_argument("--loglevel", default="INFO")
     p.set_defaults(func=_beat_command)

@@ -6,7 +6,8 @@ log like a stack (a promotion pushes a version, a rollback pops the serving one)
 the version that served before the one rolled back, however often that happens. Workers ask
 :func:`serving_version` before each run and load a new bundle when the answer changes (no restart).
 
-Command line: ``triage models list | promote VERSION | rollback | register BUNDLE``.
+Command line: ``triage models list | promote VERSION | rollback | register BUNDLE | install PATH``
+(:mod:`train.model_install`).
 """
 from __future__ import annotations
 
@@ -106,13 +107,14 @@ def register_bundle(
     training_run_id: int | None = None,
     notes: str | None = None,
 ) -> ModelVersion:
-    """Register the bundle in ``bundle_path`` under its manifest's version (verified by loading it). A version
-    registered before with the same folder is returned as it is; with another folder it is an error."""
-    from models.bundle import load_bundle
+    """Register the bundle in ``bundle_path`` under its manifest's version (verified: checksums and architecture,
+    without reading a full-size bundle into memory). A version registered before with the same folder is
+    returned as it is; with another folder it is an error."""
+    from models.bundle import map_bundle
     from train.backbone import bundle_backbone_id
 
     folder = Path(bundle_path).resolve()
-    bundle = load_bundle(folder)
+    bundle = map_bundle(folder)
     version = bundle.version
     with engine.begin() as connection:
         existing = _version_row(connection, version)
@@ -264,7 +266,7 @@ def _register(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """``triage models ...``."""
-    models = subparsers.add_parser("models", help="model registry: list, promote, roll back, register")
+    models = subparsers.add_parser("models", help="model registry: list, promote, roll back, register, install")
     sub = models.add_subparsers(dest="models_command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", help="database URL (default: from the configuration)")
@@ -284,3 +286,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("bundle")
     p.add_argument("--notes")
     p.set_defaults(func=_register)
+
+    from train.model_install import add_install_parser
+
+    add_install_parser(sub, common)

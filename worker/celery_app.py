@@ -12,9 +12,20 @@ from worker.config import Settings, load_settings
 
 PROCESS_STUDY = "triage.process_study"
 DELIVER = "triage.deliver"
+#: Raising a study's priority in the worklist systems: retried like a delivery, on the delivery queue.
+PUBLISH = "triage.publish"
 PIPELINE_QUEUES = ("neuro_mri", "slice_knn")
 #: Deliveries wait on remote peers, not GPUs: their own queue, served by CPU workers (or any worker).
 DELIVERY_QUEUE = "delivery"
+#: Periodic housekeeping of the service (index maintenance, store reconciliation), served by the CPU workers.
+MAINTENANCE_QUEUE = "maintenance"
+INDEX_MAINTENANCE = "triage.index_maintenance"
+RECONCILE_STORE = "triage.reconcile_store"
+#: Tasks of the training worker (``triage train worker``, train/nightly_commands.py). ``worker`` never imports
+#: ``train``: the beat schedule names them, and beat sends them by name.
+TRAINING_QUEUE = "training"
+TRAIN_NIGHTLY = "triage.train_nightly"
+FAIRNESS_REFRESH = "triage.fairness_refresh"
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
@@ -52,11 +63,57 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_time_limit=hard_limit,
         task_soft_time_limit=hard_limit * 0.9,
         task_default_queue=PIPELINE_QUEUES[0],
-        task_routes={PROCESS_STUDY: {"queue": PIPELINE_QUEUES[0]}, DELIVER: {"queue": DELIVERY_QUEUE}},
+        task_routes={PROCESS_STUDY: {"queue": PIPELINE_QUEUES[0]}, DELIVER: {"queue": DELIVERY_QUEUE},
+                     PUBLISH: {"queue": DELIVERY_QUEUE}, INDEX_MAINTENANCE: {"queue": MAINTENANCE_QUEUE},
+                     RECONCILE_STORE: {"queue": MAINTENANCE_QUEUE}, TRAIN_NIGHTLY: {"queue": TRAINING_QUEUE},
+                     FAIRNESS_REFRESH: {"queue": TRAINING_QUEUE}},
         worker_hijack_root_logger=False,
+        beat_schedule=beat_schedule(settings),
     )
     app.conf.triage_settings = settings
     return app
+
+
+def crontab_of(fields: str, key: str):
+    """A Celery crontab from five crontab fields ("minute hour day-of-month month day-of-week")."""
+    from celery.schedules import crontab
+
+    parts = str(fields).split()
+    if len(parts) != 5:
+        raise ValueError(f"{key}: {fields!r} is not five crontab fields (minute hour day-of-month month "
+                         "day-of-week)")
+    minute, hour, day_of_month, month, day_of_week = parts
+    return crontab(minute=minute, hour=hour, day_of_month=day_of_month, month_of_year=month,
+                   day_of_week=day_of_week)
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict]:
+    """Every periodic job of the product, for the one Celery beat of a deployment (``celery -A worker.tasks
+    beat``). Each entry names its task and queue, so that beat needs none of the tasks' code: the training
+    worker runs the first two, the CPU workers (queue ``maintenance``) the others."""
+    from datetime import timedelta
+
+    schedule = {
+        "nightly-retraining": {
+            "task": TRAIN_NIGHTLY, "options": {"queue": TRAINING_QUEUE},
+            "schedule": crontab_of(settings["training"]["nightly_cron"], "training.nightly_cron"),
+        },
+    }
+    # An interval of 0 or an empty crontab turns a job off (each can be run by hand: `triage fairness refresh
+    # --every 0`, `triage index rebuild`).
+    fairness_every = float(settings["fairness"]["refresh_interval_s"])
+    if fairness_every > 0:
+        schedule["fairness-refresh"] = {"task": FAIRNESS_REFRESH, "options": {"queue": TRAINING_QUEUE},
+                                        "schedule": timedelta(seconds=fairness_every)}
+    maintenance = settings["maintenance"]
+    if maintenance["index_cron"]:
+        schedule["index-maintenance"] = {"task": INDEX_MAINTENANCE, "options": {"queue": MAINTENANCE_QUEUE},
+                                         "schedule": crontab_of(maintenance["index_cron"], "maintenance.index_cron")}
+    if maintenance["reconcile_cron"]:
+        schedule["store-reconciliation"] = {
+            "task": RECONCILE_STORE, "options": {"queue": MAINTENANCE_QUEUE},
+            "schedule": crontab_of(maintenance["reconcile_cron"], "maintenance.reconcile_cron")}
+    return schedule
 
 
 #: Message priority per routing lane. With Redis the lower number is taken first (kombu's priority steps 0, 3,

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from worker.config import load_settings
+from worker.log_format import configure_logging
 
 #: Modules that add their own subcommands: each has ``register(subparsers)``, setting ``func`` on its parsers.
 FEATURE_COMMANDS: tuple[str, ...] = ("worker.delivery", "worker.fairness_commands", "worker.report_commands",
@@ -19,7 +20,7 @@ FEATURE_COMMANDS += ("worker.rules_commands", "worker.pull_commands")
 #: `triage index rebuild|delete|stats`: the slice-embedding index of prior studies.
 FEATURE_COMMANDS += ("worker.slice_evidence",)
 
-#: Training: `triage models list|promote|rollback|register`, `triage train nightly|worker|beat`.
+#: Training: `triage models list|promote|rollback|register|install`, `triage train nightly|worker|beat`.
 FEATURE_COMMANDS += ("train.registry", "train.nightly_commands")
 
 #: ``triage bench NAME``: each benchmark is "module:function"; the function takes the remaining arguments and
@@ -33,6 +34,16 @@ BENCHMARKS: dict[str, str] = {
     # MedImageInsight slice embeddings and the kNN evidence index (models/bench_slices.py)
     "embedder": "models.bench_slices:bench_embedder",
     "knn": "models.bench_slices:bench_knn",
+}
+#: One line per benchmark for ``triage bench --help`` (written here: importing a benchmark imports torch).
+BENCHMARK_HELP: dict[str, str] = {
+    "encoder": "study-encoder throughput at the published size (studies/s, TFLOP/s)",
+    "e2e": "phantom studies through serve and workers as processes, under concurrent load",
+    "ingest": "our DICOM receiver against dcmtk's storescp and Orthanc (images/s)",
+    "labeller": "accuracy of the report labeller on the committed labelled sentences",
+    "learn": "train the tiny demo model on phantoms (seconds per stage)",
+    "embedder": "MedImageInsight slice-embedding throughput",
+    "knn": "nearest-neighbour search over slice embeddings (queries/s, recall)",
 }
 
 
@@ -103,9 +114,9 @@ def _db_upgrade(args: argparse.Namespace) -> int:
 
 
 def _phantoms(args: argparse.Namespace) -> int:
-    from train.phantoms import main as phantoms_main
+    from train.phantoms.cli import main as phantoms_main
 
-    return phantoms_main(args.rest) or 0
+    return phantoms_main(args.rest, prog="triage phantoms") or 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -117,23 +128,14 @@ def _demo(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import importlib
 
-    if args.name not in BENCHMARKS:
-        print(f"unknown benchmark {args.name!r}; available: {', '.join(sorted(BENCHMARKS)) or 'none'}",
-              file=sys.stderr)
-        return 2
     module, function = BENCHMARKS[args.name].split(":")
     return int(getattr(importlib.import_module(module), function)(args.rest) or 0)
 
 
 def _api(args: argparse.Namespace) -> int:
-    import uvicorn
+    from worker.api.server import serve
 
-    from worker.api.app import create_app
-
-    settings = load_settings(args.config)
-    uvicorn.run(create_app(settings), host=settings["api"]["host"], port=int(settings["api"]["port"]),
-                **api_tls_options(settings["api"]["tls"]))
-    return 0
+    return serve(args.config, api_tls_options(load_settings(args.config)["api"]["tls"]))
 
 
 def api_tls_options(tls: dict) -> dict:
@@ -155,10 +157,7 @@ def api_tls_options(tls: dict) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="triage", description="PACS-integrated AI triage worker")
-    parser.add_argument("--config", help="YAML configuration (default: $TRIAGE_CONFIG or ./triage.yaml)")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text",
-                        help="json: one JSON object per line, for log shippers")
+    _global_options(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the DICOM receiver (C-STORE/C-ECHO SCP) and the study assembler")
@@ -177,10 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="database URL (default: from the configuration)")
     p.set_defaults(func=_db_upgrade)
 
-    p = sub.add_parser("phantoms", help="write synthetic brain-MRI phantom studies as DICOM",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_phantoms)
+    add_passthrough(sub, "phantoms", _phantoms, help="write synthetic brain-MRI phantom studies as DICOM",
+                    global_options=True)
 
     p = sub.add_parser("demo", help="send a phantom study through the whole service and print its SR")
     p.add_argument("--lesion", default="subdural_haemorrhage")
@@ -192,29 +189,83 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("api", help="serve the HTTP API and the worklist page")
     p.set_defaults(func=_api)
 
-    p = sub.add_parser("bench", help="run a benchmark; prints a JSON line last")
-    p.add_argument("name")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_bench)
+    bench = sub.add_parser("bench", help="run a benchmark; prints a JSON line last",
+                           description="Run a benchmark; it prints a JSON line last. "
+                                       "`triage bench NAME --help` shows the benchmark's options.")
+    benchmarks = bench.add_subparsers(dest="name", required=True, metavar="NAME")
+    for name in BENCHMARKS:
+        add_passthrough(benchmarks, name, _bench, help=BENCHMARK_HELP.get(name, ""))
 
     import importlib
 
     for module in FEATURE_COMMANDS:
         importlib.import_module(module).register(sub)
+    _accept_global_options_everywhere(parser)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # highdicom narrates every attribute it copies at INFO; keep the service's log about the service.
-    logging.getLogger("highdicom").setLevel(logging.WARNING)
-    if args.log_format == "json":
-        from worker.metrics import JsonLogFormatter
+def add_passthrough(subparsers, name: str, func, help: str, global_options: bool = False
+                    ) -> argparse.ArgumentParser:
+    """A subcommand whose arguments, all of them, go to a parser of its own (built when it runs, because building
+    it imports numpy or torch): ``func`` gets them as ``args.rest`` and parses them, ``--help`` included.
 
-        for handler in logging.getLogger().handlers:
-            handler.setFormatter(JsonLogFormatter())
+    argparse cannot hand options that come before the first positional to a ``REMAINDER`` argument (it treats
+    them as unknown options: "unrecognized arguments: --help"); ``parse_arguments`` puts them back in front, in
+    order. ``global_options``: ``--config``, ``-v`` and ``--log-format`` anywhere in them are triage's (leave it
+    off where the command's own parser has options of those names, as ``bench embedder --config`` does)."""
+    parser = subparsers.add_parser(name, help=help, add_help=False)
+    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    parser.set_defaults(func=func, passthrough="global_options" if global_options else "all")
+    return parser
+
+
+def _global_options(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
+    def default(value):
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument("--config", default=default(None),
+                        help="YAML configuration (default: $TRIAGE_CONFIG or ./triage.yaml)")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default(False), help="debug logging")
+    parser.add_argument("--log-format", choices=("text", "json"), default=default("text"),
+                        help="json: one JSON object per line, for log shippers")
+
+
+def _accept_global_options_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``--config``, ``-v`` and ``--log-format`` also after the subcommand (``triage serve --config x.yaml``).
+
+    On the subcommands they default to SUPPRESS, so a value given before the subcommand is not overwritten."""
+    for action in parser._actions:  # argparse has no public walk over its subparsers
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                if child.get_default("passthrough"):
+                    continue
+                if "--config" not in child._option_string_actions:
+                    _global_options(child, suppress=True)
+                _accept_global_options_everywhere(child)
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args`` that also lets subcommands made by ``add_passthrough`` have every argument."""
+    args, unknown = parser.parse_known_args(argv)
+    passthrough = getattr(args, "passthrough", None)
+    if unknown and not passthrough:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if passthrough:
+        # The unknown strings are the options before the first positional (see add_passthrough): in front again.
+        args.rest = [*unknown, *args.rest]
+    if passthrough == "global_options":
+        ours = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        _global_options(ours, suppress=True)
+        found, args.rest = ours.parse_known_args(args.rest)  # what it does not know stays, in order
+        vars(args).update(vars(found))
+    if args.config and not Path(args.config).is_file():
+        parser.error(f"--config {args.config}: no such file")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(build_parser(), argv)
+    configure_logging(args.verbose, args.log_format)
     return int(args.func(args) or 0)
 
 

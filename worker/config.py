@@ -33,6 +33,10 @@ DEFAULTS: dict[str, Any] = {
         "url": "",
         # Redis visibility timeout; must exceed the longest queue wait plus run time (unacked tasks are redelivered).
         "visibility_timeout_s": 7200,
+        # How often `triage serve` asks the workers which queues they consume (one broadcast, 1 s timeout); a routed
+        # pipeline's queue (or the delivery queue) that no worker consumes raises triage_queue_without_consumer and,
+        # while messages wait in it, a `queue_without_consumer` event.
+        "consumer_check_interval_s": 60,
     },
     "scp": {
         # pynetdicom: the C-STORE SCP in this process (TLS, per-image refusals with A700/A900/C000; ~150 images/s
@@ -51,6 +55,10 @@ DEFAULTS: dict[str, Any] = {
         # Seconds without any PDU after which an idle association is aborted; also the most a peer may stay silent
         # while connecting, negotiating TLS or sending one PDU (slow senders are cut off, not waited for).
         "network_timeout_s": 60,
+        # Seconds a new connection may take to send its A-ASSOCIATE-RQ (TLS handshake included) before it is closed
+        # (pynetdicom engine). max_associations counts negotiated associations only, so silent connections cannot
+        # hold the slots; this bounds how long each one lasts.
+        "association_request_timeout_s": 5,
         # Calling AE title -> the IP addresses or CIDR networks it may connect from, e.g. {PACS: [10.1.2.3],
         # MR1: [10.20.0.0/24]}. A title listed here is allowed (as if in allowed_calling_aets) but only from these
         # addresses; titles not listed are governed by allowed_calling_aets alone.
@@ -235,15 +243,34 @@ DEFAULTS: dict[str, Any] = {
         # slice_knn: finding label -> worklist priority (routine | urgent | stat); the highest positive one wins.
         "priority_of_findings": {},
     },
+    # Zero-shot findings from text prompts (worker/zero_shot.py): a prompt table per pipeline (a file, or a name in
+    # models/prompts), several prompts per finding averaged against a "no finding" prompt; text embeddings are
+    # cached under <var_dir>/text_embeddings per (weights sha256, table hash). slice_knn: where neighbours with a
+    # final report exist, a finding's score is knn_weight * kNN + (1 - knn_weight) * zero-shot.
+    "zero_shot": {
+        "enabled": True,
+        "slice_prompts": "slice_findings",
+        "prima_prompts": "prima_diagnoses",
+        "knn_weight": 0.5,
+        # A zero-shot score from this on makes the finding positive.
+        "threshold": 0.5,
+    },
     # Where SRs go. Each: {name, kind: dicom, host, port, ae_title, tls} or {name, kind: dicomweb, url}. Empty: SRs
     # stay in <var_dir>/outbox only. results: false makes an entry a destination that routing rules forward images to
     # (routing.rules[].forward) and that gets no SRs.
     # tls (optional, DICOM TLS): {ca: PEM that signs the peer, cert/key: our client certificate if the peer wants
     # one, server_name: the name in the peer's certificate if not its host}.
     "destinations": [],
+    # Retries of SR deliveries, forwards and worklist publications (Celery retries with a countdown, no loop of
+    # ours): the n-th retry waits min(backoff_s * 2**n, max_backoff_s); a delivery still failing retry_for_s after
+    # it was created (a publication: after it was first tried) is dead-lettered (`triage deliveries`, `triage
+    # publications`). The defaults ride out a PACS maintenance window of several hours with no manual step.
     "delivery": {
-        "attempts": 3,
-        "backoff_s": 2.0,
+        # Also give up after this many attempts (0: no limit but retry_for_s).
+        "attempts": 0,
+        "backoff_s": 10.0,
+        "max_backoff_s": 600.0,
+        "retry_for_s": 28800.0,
         # Our calling AE title when sending.
         "ae_title": "TRIAGE",
     },
@@ -260,9 +287,31 @@ DEFAULTS: dict[str, Any] = {
         # by STOW-RS: POST /dicom-web/studies), admin (everything).
         # Tokens are read from files or the environment, never written in this file.
         "tokens": [],
+        # Signing in on the worklist also opens a browser session (an HttpOnly, SameSite=Strict cookie signed with
+        # the token) for the pages a browser navigates to, such as /fairness; it ends after this many seconds.
+        "session_max_age_s": 43200,
         # HTTPS: PEM certificate and key (no cert: plain HTTP, for loopback only). ca + require_client_cert: clients
         # must also present a certificate signed by ca.
         "tls": {"cert": "", "key": "", "ca": "", "require_client_cert": False},
+        # Tokens live in the database (hashes), shared by every API replica; a replica caches an accepted token this
+        # many seconds, so a revoked one (POST /admin/tokens/reload on any replica) is refused everywhere after it.
+        "token_cache_s": 2.0,
+        # OpenID Connect bearer tokens (JWTs) from the hospital's identity provider, beside the static tokens:
+        # issuer and audience must match, keys from jwks_url (or jwks_file), the role from role_claim (a dotted
+        # path, e.g. realm_access.roles) through role_map ({provider role: radiologist|sender|admin}). No issuer:
+        # off.
+        "oidc": {"issuer": "", "audience": "", "jwks_url": "", "jwks_file": "", "algorithms": ["RS256", "ES256"],
+                 "role_claim": "roles", "role_map": {}, "name_claim": "preferred_username", "leeway_s": 30,
+                 "jwks_cache_s": 300},
+        # Request limits. A body larger than this is refused (413) while it streams in; STOW-RS is limited per
+        # instance by scp.max_object_bytes instead. A request whose headers take longer than header_timeout_s, or
+        # whose body pauses longer than body_timeout_s, is cut off; at most max_connections are served at once
+        # (503 beyond). Idle keep-alive connections close after keep_alive_s.
+        "max_body_bytes": 8388608,
+        "header_timeout_s": 10.0,
+        "body_timeout_s": 30.0,
+        "max_connections": 200,
+        "keep_alive_s": 5,
     },
     "worker": {
         # A stable identifier of this deployment's device, written as the SR's Device Observer UID.
@@ -361,20 +410,45 @@ DEFAULTS: dict[str, Any] = {
         "correction": "holm",
         # A TPR/FPR disparity smaller than this is not flagged, however small its p-value.
         "min_disparity": 0.05,
-        # Seconds between scheduled refreshes (`triage fairness refresh --every`); 0: once and exit.
+        # Seconds between scheduled refreshes (the beat's fairness-refresh entry, run by `triage train worker`;
+        # `triage fairness refresh --every` loops on its own); 0: no scheduled refresh.
         "refresh_interval_s": 3600,
-        # Port for Prometheus metrics of the scheduled refresh; 0: not served.
+        # Port for Prometheus metrics of the scheduled refresh (served by `triage train worker`); 0: not served.
         "metrics_port": 0,
         # Where the scheduled refresh writes the HTML report. Empty: <var_dir>/fairness/report.html.
         "report_path": "",
         # HL7 v2 ORU^R01 final-report listener (MLLP). 2575 is the registered HL7 port.
         "mllp_host": "127.0.0.1",
         "mllp_port": 2575,
+        # Who may send final reports (a final ORU takes its study off the worklist and becomes training ground
+        # truth). Each: {application: MSH-3, facility: MSH-4 (optional), hosts: [IP or CIDR, ...] (optional)}.
+        # Connections from addresses no entry allows are closed unread; other messages are rejected (AR) and kept.
+        # Empty: any peer and any sender (a warning is logged at start).
+        "mllp_senders": [],
+        # TLS on the listener: PEM cert and key (no cert: plain TCP); ca + require_client_cert: senders must present
+        # a certificate signed by ca (mutual TLS).
+        "mllp_tls": {"cert": "", "key": "", "ca": "", "require_client_cert": False},
+        # Connections open at once (more are closed as they arrive); seconds a connection may be silent between
+        # messages; seconds from a message's first byte to its end (and for the TLS handshake).
+        "mllp_max_connections": 32,
+        "mllp_idle_timeout_s": 600,
+        "mllp_message_timeout_s": 30,
         # MSH-3/MSH-4 of our acknowledgements.
         "mllp_application": "TRIAGE",
         "mllp_facility": "",
         # Kept rejected and failed HL7 messages. Empty: <var_dir>/hl7.
         "hl7_kept_dir": "",
+    },
+    # Periodic jobs besides the nightly retraining (training.nightly_cron) and the fairness refresh
+    # (fairness.refresh_interval_s): all are entries of the one Celery beat schedule (worker/celery_app.py; run
+    # exactly one `celery -A worker.tasks beat` per deployment).
+    "maintenance": {
+        # Rebuild of the slice-evidence vector index from its table (compaction after deletions, the index kind
+        # chosen anew by size), crontab fields as training.nightly_cron. Empty: not scheduled.
+        "index_cron": "0 4 * * *",
+        # A pass over the whole store from a CPU worker (task triage.reconcile_store), besides the receiver's own
+        # passes over the folders changed since its last (store.reconcile_interval_s). Empty: not scheduled.
+        "reconcile_cron": "30 4 * * *",
     },
     # Training and nightly retraining (train/nightly.py, `triage train nightly|worker|beat`, `triage models ...`).
     "training": {

@@ -8,8 +8,8 @@ from alembic.config import Config
 from sqlalchemy.engine import make_url
 
 from pacs_bridge.schema import make_engine
+from sql import MIGRATIONS_DIR
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "sql" / "migrations"
 
 
 def alembic_config(url: str) -> Config:

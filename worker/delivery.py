@@ -1,8 +1,9 @@
 """Reliable delivery of results: one ``deliveries`` row per (run, destination), attempts with backoff, then a
 dead-letter state that an operator lists and retries (``triage deliveries``).
 
-A delivery is retried by Celery (the ``triage.deliver`` task re-queues itself with exponential backoff) and, after
-``delivery.attempts`` failures, is marked ``failed``: the dead-letter list. Nothing is lost: the SR stays in the
+A delivery is retried by Celery (the ``triage.deliver`` task re-queues itself with a countdown: exponential
+backoff capped at ``delivery.max_backoff_s``) for ``delivery.retry_for_s`` after it was created, long enough for a
+PACS maintenance window, and is then marked ``failed``: the dead-letter list. Nothing is lost: the SR stays in the
 outbox and the row keeps the last error. Each attempt is one association or one STOW-RS request; a destination
 that refuses is never hammered (backoff, bounded attempts).
 
@@ -13,7 +14,9 @@ satisfies the rule's condition. Destinations marked ``results: false`` get forwa
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import and_, insert, select, update
@@ -57,6 +60,38 @@ def send(destination: Destination, paths: list[Path], calling_aet: str) -> None:
 
 
 @dataclass(frozen=True)
+class RetryPolicy:
+    """When the next attempt of a failed delivery (or publication) is due, or that there is none."""
+
+    backoff_s: float
+    max_backoff_s: float
+    retry_for_s: float
+    #: 0: no limit on the number of attempts, only on the time.
+    max_attempts: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "RetryPolicy":
+        cfg = settings["delivery"]
+        policy = cls(float(cfg["backoff_s"]), float(cfg["max_backoff_s"]), float(cfg["retry_for_s"]),
+                     int(cfg["attempts"] or 0))
+        for key in ("backoff_s", "max_backoff_s", "retry_for_s"):
+            if getattr(policy, key) < 0:
+                raise ValueError(f"delivery.{key} must not be negative, not {getattr(policy, key)}")
+        return policy
+
+    def next_delay(self, attempts_made: int, elapsed_s: float) -> float | None:
+        """Seconds until the next attempt after ``attempts_made`` failed ones, the first ``elapsed_s`` seconds
+        ago; None when it is time to give up. The last attempt is moved to the deadline rather than dropped."""
+        if self.max_attempts and attempts_made >= self.max_attempts:
+            return None
+        remaining = self.retry_for_s - elapsed_s
+        if remaining <= 0:
+            return None
+        delay = min(self.backoff_s * 2 ** max(attempts_made - 1, 0), self.max_backoff_s)
+        return max(min(delay, remaining), 0.0)
+
+
+@dataclass(frozen=True)
 class AttemptOutcome:
     delivered: bool
     error: str | None = None
@@ -71,8 +106,26 @@ class DeliveryBook:
         self.engine = engine
 
     @property
-    def max_attempts(self) -> int:
-        return max(int(self.settings["delivery"]["attempts"]), 1)
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy.from_settings(self.settings)
+
+    def next_attempt_in(self, delivery_id: int) -> float | None:
+        """Seconds until the failed delivery's next attempt under the retry policy, None to dead-letter it. The
+        due time is kept in ``queued_at``, so the sweeper re-sends a retry only once it is overdue (a lost
+        message), never one that is merely waiting for its countdown."""
+        with self.engine.connect() as connection:
+            row = connection.execute(select(deliveries.c.attempts, deliveries.c.created_at)
+                                     .where(deliveries.c.id == delivery_id)).first()
+        if row is None:
+            return None
+        now = utcnow()
+        created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=now.tzinfo)
+        delay = self.policy.next_delay(row.attempts, (now - created).total_seconds())
+        if delay is not None:
+            with self.engine.begin() as connection:
+                connection.execute(update(deliveries).where(deliveries.c.id == delivery_id)
+                                   .values(queued_at=now + timedelta(seconds=delay)))
+        return delay
 
     def create(self, run_id: int, sop_instance_uid: str, path: Path) -> list[int]:
         """One pending delivery per destination that takes results (existing ones are kept: idempotent per run)."""
@@ -147,6 +200,7 @@ class DeliveryBook:
             error = f"destination {row.destination!r} is no longer configured"
             self._record(row, "failed", error)
             return AttemptOutcome(False, error, unknown_destination=True)
+        started = time.monotonic()
         try:
             if row.kind == "images":  # a forward: the study's images as received
                 send_files(destination, [Path(p) for p in row.files or []], self.settings["delivery"]["ae_title"])
@@ -157,6 +211,14 @@ class DeliveryBook:
             self._record(row, "pending", str(exc))
             return AttemptOutcome(False, str(exc))
         DELIVERIES.labels(outcome="delivered").inc()
+        seconds = time.monotonic() - started
+        with self.engine.connect() as connection:  # an SR's row names its run, not its study
+            study_uid = _study_uid(connection, row) or connection.execute(
+                select(studies.c.study_instance_uid).join(processing_runs, processing_runs.c.study_id == studies.c.id)
+                .where(processing_runs.c.id == row.run_id)).scalar()
+        log.info("study %s: %s %s delivered to %s on attempt %d in %.2fs (delivery %d, run %s)", study_uid,
+                 row.kind, row.sop_instance_uid or "images", row.destination, row.attempts + 1, seconds, row.id,
+                 row.run_id)
         self._record(row, "delivered", None)
         return AttemptOutcome(True)
 

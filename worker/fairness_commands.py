@@ -122,7 +122,9 @@ def _load_cohort(args: argparse.Namespace) -> int:
 def _make_cohort(args: argparse.Namespace) -> int:
     from train.fairness.make_cohort import main
 
-    return main(args.rest)
+    settings = load_settings(args.config)
+    return main(args.rest, prog="triage fairness make-cohort",
+                default_out=settings.var_dir / "fairness" / "synthetic_cohort.csv")
 
 
 def register(subparsers) -> None:
@@ -145,7 +147,8 @@ def register(subparsers) -> None:
     p.add_argument("cohort", nargs="?", help="default: train/data/synthetic_cohort.csv")
     p.add_argument("--url", help="database URL (default: from the configuration)")
     p.set_defaults(func=_load_cohort)
-    p = commands.add_parser("make-cohort", help="write the seeded synthetic cohort with planted effects",
-                            add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_make_cohort)
+    from worker.cli import add_passthrough
+
+    add_passthrough(commands, "make-cohort", _make_cohort,
+                    help="write the seeded synthetic cohort with planted effects (default: <var_dir>/fairness/)",
+                    global_options=True)

@@ -101,8 +101,9 @@ class HealthServer:
             try:
                 ok = check()
                 results[name] = "ok" if ok is not False else "failing"
-            except Exception as exc:
-                results[name] = f"failing: {type(exc).__name__}"
+            except Exception as exc:  # only the class: messages may carry hosts or URLs, unless marked for operators
+                reason = f": {exc}" if getattr(exc, "public_reason", False) else ""
+                results[name] = f"failing: {type(exc).__name__}{reason}"
         return results
 
     def start(self) -> "HealthServer":

@@ -119,18 +119,37 @@ def make_result(prediction, settings: Settings, study_uid: str, model_name: str,
 class RunProcessor:
     """Holds what is expensive to set up (engine, loaded model) across the runs a worker process handles."""
 
-    def __init__(self, settings: Settings, engine: Engine, enqueue_delivery: Callable[[int], None]) -> None:
+    def __init__(self, settings: Settings, engine: Engine, enqueue_delivery: Callable[[int], None],
+                 enqueue_publication: Callable[[int], None] | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self.deliveries = DeliveryBook(settings, engine)
         #: Hands a delivery id to the delivery queue (a Celery task in the service).
         self.enqueue_delivery = enqueue_delivery
+        #: Hands a run id to the publication task (the service); None publishes in this process, now.
+        self.enqueue_publication = enqueue_publication
         self._predictor = None
         self._bundle = None
         # The run records <worker>:<pid>, so an operator (or a fault test) can tell which process holds it.
         self.host = socket.gethostname()
 
+    def publish(self, run_id: int, result) -> None:
+        """The run's worklist priority: queued as a retried task of its own in the service (never published
+        inside the GPU task); published here and now without a queue (demo, tests). Never raises."""
+        if self.enqueue_publication is None:
+            publish_result(self.settings, self.engine, run_id, result)
+            return
+        try:
+            self.enqueue_publication(run_id)
+        except Exception:  # the broker is down: the run's SR still goes out; `triage publications retry` later
+            log.exception("run %d: the publication task could not be queued", run_id)
+
     # -- model ---------------------------------------------------------------------------------------------
+    @property
+    def loaded_version(self) -> str | None:
+        """The version of the model this process has loaded, or None before the first load."""
+        return None if self._bundle is None else self._bundle.version
+
     def predictor(self, refresh: bool = True):
         """The study predictor of the model that should serve now.
 
@@ -424,10 +443,12 @@ class RunProcessor:
         sr_path, sr = self._write_sr(run_id, study_id, study_uid, version, result,
                                      [p for paths in image_paths.values() for p in paths])
         timings["sr_s"] = time.perf_counter() - t0
+        log.info("study %s v%d run %d: SR %s written to %s in %.2fs", study_uid, version, run_id, sr.SOPInstanceUID,
+                 sr_path, timings["sr_s"])
         self._stamp(run_id, "sr_created_at", sr_sop_instance_uid=str(sr.SOPInstanceUID), sr_path=str(sr_path),
                     priority=result.priority)
         self._record_predictions(run_id, prediction, result)
-        publish_result(self.settings, self.engine, run_id, result)  # worklist priority; never raises
+        self.publish(run_id, result)
 
         delivery_ids = self.deliveries.create(run_id, str(sr.SOPInstanceUID), sr_path)
         # The routing rule's forwards after processing, decided on this result (routing as a router).

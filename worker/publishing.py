@@ -1,6 +1,10 @@
 """Publishing a run's AI priority to the worklist systems, and the record of what was changed.
 
-``publish_result`` is called by the pipeline once a run's predictions are recorded. Each configured publisher
+``publish_run`` is the ``triage.publish`` task's work (worker/tasks.py), queued by the pipeline once a run's
+predictions are recorded, on the delivery queue: never inside the GPU task. Publishers that could not be reached
+are tried again under the delivery retry policy (``delivery.*``) and then dead-lettered: an ``events`` row of kind
+``dead_letter`` that ``triage publications`` lists first, and ``triage publications retry`` publishes again.
+``publish_result`` publishes a result in hand, now. Each configured publisher
 (``publishers`` in the configuration; :mod:`pacs_bridge.publishers`) gets the study's priority; each decision
 is written as an ``events`` row of kind ``publication`` whose ``detail`` holds the publisher, the target
 (workitem, resource, order), the action (raised, unchanged, skipped, notified, failed...), the value found
@@ -11,6 +15,7 @@ reached is a ``failed`` publication, an error in this module is an ``error`` eve
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,12 +143,69 @@ def record(engine: Engine, update: PriorityUpdate, publications: list[Publicatio
     return ids
 
 
-def publish_result(settings: Settings, engine: Engine, run_id: int,
-                   result: TriageResult) -> list[Publication]:
-    """Publish ``result``'s priority with every configured publisher and record what each did. Never
-    raises."""
+def publish_run(settings: Settings, engine: Engine, run_id: int,
+                only: Collection[str] | None = None) -> list[Publication]:
+    """Publish a finished run's priority, rebuilt from the database, with every configured publisher (or those
+    named in ``only``); returns what each did. Never raises."""
     try:
-        publishers = configured_publishers(settings)
+        result = stored_result(engine, run_id)
+    except Exception as exc:
+        log.exception("run %d: nothing to publish", run_id)
+        _record_error(engine, run_id, None, exc)
+        return []
+    return publish_result(settings, engine, run_id, result, only=only)
+
+
+def dead_letter_publications(engine: Engine, run_id: int, publishers: list[str], attempts: int) -> None:
+    """Record that the run's publications to ``publishers`` were given up after ``attempts`` tries."""
+    from worker.metrics import DEAD_LETTERS
+
+    info = study_info(engine, run_id)
+    with engine.begin() as connection:
+        for name in publishers:
+            DEAD_LETTERS.inc()
+            connection.execute(insert(events).values(
+                at=utcnow(), kind="dead_letter", study_instance_uid=info.study_instance_uid,
+                reason=f"publication of run {run_id} to {name} failed {attempts} times; "
+                       "`triage publications retry` publishes it again",
+                detail={"publication": True, "run_id": run_id, "publisher": name, "attempts": attempts}))
+    log.warning("run %d study %s: publications to %s dead-lettered after %d attempts", run_id,
+                info.study_instance_uid, ", ".join(publishers), attempts)
+
+
+def dead_publications(engine: Engine) -> list:
+    """Dead-lettered publications whose publisher has not succeeded for the study since (newest first)."""
+    with engine.connect() as connection:
+        dead = connection.execute(select(events).where(events.c.kind == "dead_letter")
+                                  .order_by(events.c.id.desc())).all()
+        later = connection.execute(select(events.c.id, events.c.study_instance_uid, events.c.detail)
+                                   .where(events.c.kind == EVENT_KIND)).all()
+    done_after: dict[tuple[str, str], int] = {}
+    for event_id, study_uid, detail in later:
+        if detail and detail.get("action") not in (FAILED, None):
+            key = (study_uid, detail.get("publisher"))
+            done_after[key] = max(done_after.get(key, 0), event_id)
+    return [row for row in dead if (row.detail or {}).get("publication")
+            and done_after.get((row.study_instance_uid, row.detail.get("publisher")), 0) < row.id]
+
+
+def _record_error(engine: Engine, run_id: int, study_uid: str | None, exc: Exception) -> None:
+    try:
+        with engine.begin() as connection:
+            connection.execute(insert(events).values(
+                at=utcnow(), kind="error", study_instance_uid=study_uid,
+                reason=f"publishing run {run_id} failed: {type(exc).__name__}: {exc}"[:4000],
+                detail={"run_id": run_id, "stage": "publishing"}))
+    except Exception:
+        log.exception("could not record the publishing failure of run %d", run_id)
+
+
+def publish_result(settings: Settings, engine: Engine, run_id: int, result: TriageResult,
+                   only: Collection[str] | None = None) -> list[Publication]:
+    """Publish ``result``'s priority with every configured publisher (or those named in ``only``) and record
+    what each did. Never raises."""
+    try:
+        publishers = [p for p in configured_publishers(settings) if only is None or p.name in only]
         if not publishers:
             return []
         info = study_info(engine, run_id)
@@ -167,14 +229,7 @@ def publish_result(settings: Settings, engine: Engine, run_id: int,
         return done
     except Exception as exc:
         log.exception("publishing run %d failed", run_id)
-        try:
-            with engine.begin() as connection:
-                connection.execute(insert(events).values(
-                    at=utcnow(), kind="error", study_instance_uid=result.study_instance_uid,
-                    reason=f"publishing run {run_id} failed: {type(exc).__name__}: {exc}"[:4000],
-                    detail={"run_id": run_id, "stage": "publishing"}))
-        except Exception:
-            log.exception("could not record the publishing failure of run %d", run_id)
+        _record_error(engine, run_id, result.study_instance_uid, exc)
         return []
 
 
@@ -297,6 +352,14 @@ def _open(args):
 
 def _list(args) -> int:
     _, engine = _open(args)
+    dead = [r for r in dead_publications(engine) if not args.study or r.study_instance_uid == args.study]
+    if dead:
+        print(f"{'event':>6}  {'at':<19}  {'publisher':<12} {'state':<9} {'run':>5}  study")
+        for r in dead:
+            d = r.detail or {}
+            print(f"{r.id:>6}  {r.at:%Y-%m-%d %H:%M:%S}  {d.get('publisher', ''):<12} {'dead':<9} "
+                  f"{d.get('run_id', '-'):>5}  {r.study_instance_uid}")
+        print()
     rows = publications(engine, args.study, args.limit)
     if not rows:
         print("no publications recorded")

@@ -15,6 +15,7 @@ from pathlib import Path
 from sqlalchemy import delete, insert, select
 
 from pacs_bridge.hl7_intake import MllpReportListener, ReportIntake, ack_code, send_messages
+from pacs_bridge.hl7_senders import MllpLimits, SenderAllowList, mllp_tls_context
 from pacs_bridge.report_schema import ground_truth_labels, reports
 from pacs_bridge.schema import make_engine, utcnow
 from pacs_bridge.study_attributes import AttributePolicy
@@ -34,7 +35,15 @@ def build_intake(settings: Settings, engine=None) -> ReportIntake:
     fairness = settings["fairness"]
     return ReportIntake(engine or make_engine(settings.database_url), AttributePolicy.from_settings(fairness),
                         kept_dir(settings), labeller=default_labeller(),
-                        application=fairness["mllp_application"], facility=fairness["mllp_facility"])
+                        application=fairness["mllp_application"], facility=fairness["mllp_facility"],
+                        senders=SenderAllowList.from_config(fairness["mllp_senders"]))
+
+
+def listener_limits(settings: Settings) -> MllpLimits:
+    fairness = settings["fairness"]
+    return MllpLimits(max_connections=int(fairness["mllp_max_connections"]),
+                      idle_timeout_s=float(fairness["mllp_idle_timeout_s"]),
+                      message_timeout_s=float(fairness["mllp_message_timeout_s"]))
 
 
 def _listen(args: argparse.Namespace) -> int:
@@ -44,7 +53,9 @@ def _listen(args: argparse.Namespace) -> int:
     upgrade(settings.database_url)
     fairness = settings["fairness"]
     listener = MllpReportListener(build_intake(settings), host=args.host or fairness["mllp_host"],
-                                  port=int(args.port if args.port is not None else fairness["mllp_port"])).start()
+                                  port=int(args.port if args.port is not None else fairness["mllp_port"]),
+                                  limits=listener_limits(settings),
+                                  ssl_context=mllp_tls_context(fairness["mllp_tls"])).start()
     print(f"triage: HL7 MLLP report listener on {listener.host}:{listener.port}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

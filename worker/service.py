@@ -21,6 +21,7 @@ from pacs_bridge.storage import InstanceStore
 from worker.celery_app import DELIVER, DELIVERY_QUEUE, dispatcher, make_celery
 from worker.config import Settings
 from worker.metrics import HealthServer
+from worker.queue_watch import QueueWatch
 from worker.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
@@ -50,23 +51,25 @@ class ReceiverCollector:
         backlog.add_metric([], self.service.bookkeeper.backlog)
         yield backlog
         yield from queue_depths(self.service.settings)
+        if self.service.queue_watch is not None:
+            yield from self.service.queue_watch.collect()
 
 
 def queue_depths(settings: Settings):
-    """Depth of each pipeline and delivery queue, read from Redis (the embedded broker has no cheap count)."""
+    """Depth of each pipeline, delivery and job queue, every priority sub-queue counted, read from Redis (the
+    embedded broker has no cheap count)."""
     from prometheus_client.core import GaugeMetricFamily
 
     if not settings.broker_url.startswith("redis"):
         return
     import redis
 
-    from worker.celery_app import DELIVERY_QUEUE, PIPELINE_QUEUES
+    from worker.queue_watch import redis_depths
 
     family = GaugeMetricFamily("triage_queue_depth", "Messages waiting in a broker queue", labels=["queue"])
     try:
-        client = redis.Redis.from_url(settings.broker_url, socket_timeout=2)
-        for queue in (*PIPELINE_QUEUES, DELIVERY_QUEUE):
-            family.add_metric([queue], client.llen(queue))
+        for queue, depth in redis_depths(settings.broker_url).items():
+            family.add_metric([queue], depth)
     except redis.RedisError:
         return
     yield family
@@ -81,6 +84,7 @@ class ReceivingService:
     sweeper: Sweeper | None = None
     reconciler: StoreReconciler | None = None
     reconcile_interval_s: float = 300.0
+    queue_watch: QueueWatch | None = None
     health: HealthServer | None = None
     _collector: ReceiverCollector | None = None
     _stopping: threading.Event = field(default_factory=threading.Event)
@@ -94,6 +98,8 @@ class ReceivingService:
         # rows a crash lost would be completed without them and re-opened as a second version when they land.
         self._startup = threading.Thread(target=self._reconcile_then_assemble, name="startup", daemon=True)
         self._startup.start()
+        if self.queue_watch is not None:
+            self.queue_watch.start()
         port = int(self.settings["metrics"]["serve_port"])
         if port:
             try:
@@ -142,6 +148,8 @@ class ReceivingService:
         self.assembler.stop()
         if self.sweeper is not None:
             self.sweeper.stop()
+        if self.queue_watch is not None:
+            self.queue_watch.stop()
         self.bookkeeper.stop()
 
 
@@ -180,6 +188,7 @@ def build_receiving_service(settings: Settings) -> ReceivingService:
         allowed_calling_aets=list(scp_settings["allowed_calling_aets"] or []),
         max_pdu=int(scp_settings["max_pdu"]), max_associations=int(scp_settings["max_associations"]),
         network_timeout_s=float(scp_settings["network_timeout_s"]),
+        association_request_timeout_s=float(scp_settings["association_request_timeout_s"]),
         ae_hosts=dict(scp_settings["ae_hosts"] or {}), tls=TlsFiles.from_config(scp_settings["tls"]),
         max_object_bytes=int(scp_settings["max_object_bytes"] or 0),
         max_backlog=int(scp_settings["max_backlog"]),
@@ -209,5 +218,8 @@ def build_receiving_service(settings: Settings) -> ReceivingService:
         forward=lambda delivery_id: celery_app.send_task(DELIVER, args=[delivery_id], queue=DELIVERY_QUEUE),
         store_root=settings.incoming_dir,
     )
+    # Only Redis answers the workers' broadcast cheaply; the embedded broker serves one host's demo.
+    watch = QueueWatch(celery_app, settings, engine, float(settings["broker"]["consumer_check_interval_s"])) \
+        if settings.broker_url.startswith("redis") else None
     return ReceivingService(settings, scp, bookkeeper, assembler, sweeper, reconciler=reconciler,
-                            reconcile_interval_s=float(store_settings["reconcile_interval_s"]))
+                            reconcile_interval_s=float(store_settings["reconcile_interval_s"]), queue_watch=watch)

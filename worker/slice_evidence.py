@@ -491,8 +491,6 @@ class SliceKnnProcessor:
     def _run(self, claim):
         from worker.metrics import RUNS, STAGE_SECONDS
         from worker.pipeline import RunFailed, RunOutcome
-        from worker.publishing import publish_result
-
         p = self.processor
         timings: dict[str, float] = {}
         image_paths = self._image_paths(claim.study_id)
@@ -535,7 +533,7 @@ class SliceKnnProcessor:
                 connection.execute(insert(events).values(
                     at=utcnow(), kind="slice_knn", study_instance_uid=claim.study_uid,
                     reason=f"run {claim.run_id}: no neighbour with a final report; evidence only"))
-        publish_result(p.settings, p.engine, claim.run_id, result)
+        p.publish(claim.run_id, result)
         delivery_ids = p.deliveries.create(claim.run_id, str(sr.SOPInstanceUID), sr_path)
         forward_ids = p.deliveries.create_forwards_after(claim.run_id, result, scores)
         for delivery_id in delivery_ids + forward_ids:

@@ -5,7 +5,8 @@ that failed because the database was down. The sweeper, running in the ``triage 
 
 * runs queued longer than ``worker.redispatch_after_s`` that no worker has started,
 * runs 'running' longer than the task's hard time limit (their worker died), and
-* deliveries still pending longer than ``worker.redispatch_after_s``,
+* deliveries still pending longer than ``worker.redispatch_after_s`` after they were queued or, for one that
+  failed and waits for its retry (``queued_at`` then holds the retry's due time), after that retry was due,
 
 and hands them to the broker again. Duplicates are harmless by construction: a worker claims a run with a
 conditional update (one wins), and a delivered row is never sent again.
@@ -17,7 +18,7 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.engine import Engine
 
 from pacs_bridge.periodic import PeriodicLoop
@@ -62,8 +63,9 @@ class Sweeper:
                 .order_by(processing_runs.c.id)
             ).all()
             pending = connection.execute(
-                select(deliveries.c.id).where(and_(deliveries.c.status == "pending",
-                                                   deliveries.c.created_at < queued_before))
+                select(deliveries.c.id).where(and_(
+                    deliveries.c.status == "pending",
+                    func.coalesce(deliveries.c.queued_at, deliveries.c.created_at) < queued_before))
             ).scalars().all()
         sent_runs = []
         for run in runs:

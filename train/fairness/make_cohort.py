@@ -1,6 +1,7 @@
 """The synthetic cohort with planted effects: ``python -m train.fairness.make_cohort [OUT] [--seed N] [--studies N]``.
 
-Writes ``train/data/synthetic_cohort.csv`` (the layout ``train.fairness.cohort`` reads). Every attribute is drawn
+Writes OUT (default ``var/fairness/synthetic_cohort.csv``; the shipped copy is ``train/data/synthetic_cohort.csv``,
+``DEFAULT_OUT``) in the layout ``train.fairness.cohort`` reads. Every attribute is drawn
 independently of every other, so an effect planted on one group does not leak into the groups of another
 attribute (intersections that contain the planted group carry it, as they should). Planted:
 
@@ -115,9 +116,13 @@ def write_cohort(rows: list[dict[str, str]], out: Path) -> None:
         writer.writerows(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.fairness.make_cohort", description=__doc__.split("\n")[0])
-    parser.add_argument("out", nargs="?", type=Path, default=DEFAULT_OUT)
+def main(argv: list[str] | None = None, prog: str = "python -m train.fairness.make_cohort",
+         default_out: Path = Path("var/fairness/synthetic_cohort.csv")) -> int:
+    # The default is under the working directory, never the shipped DEFAULT_OUT: an installed package's folder is
+    # not the user's to write (and may be read-only). Regenerate the shipped file by naming it.
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    parser.add_argument("out", nargs="?", type=Path, default=default_out,
+                        help=f"CSV file to write (default: {default_out})")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--studies", type=int, default=6000)
     args = parser.parse_args(argv)

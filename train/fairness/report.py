@@ -20,6 +20,14 @@ from matplotlib.figure import Figure
 from train.fairness.analysis import ALL_DIAGNOSES, DAY_S, FairnessResults, RateDisparity, TurnaroundOdds
 from train.fairness.cohort import MEASURE_NAMES, Cohort
 
+
+def plot_text(value: object) -> str:
+    """A group value or attribute name as plot text: Matplotlib reads text between two ``$`` as math (and a
+    stray one as a parse error), but group values come from senders (PID-22, Manufacturer), so every ``$`` is
+    literal."""
+    return str(value).replace("$", r"\$")
+
+
 HIGHLIGHT, NEUTRAL, MUTED = "#c0392b", "#2c3e50", "#95a5a6"
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -73,7 +81,8 @@ def forest_plot(odds: Sequence[TurnaroundOdds], threshold: float, single: set[st
     axes.set_xticks(ticks, [f"{t:g}" for t in ticks])
     axes.minorticks_off()
     axes.set_yticks(range(len(rows)))
-    axes.set_yticklabels([f"{r.attribute}: {r.group_value} (vs {r.reference_value})" for r in reversed(rows)],
+    axes.set_yticklabels([plot_text(f"{r.attribute}: {r.group_value} (vs {r.reference_value})")
+                          for r in reversed(rows)],
                          fontsize=7)
     axes.set_xlabel(f"odds ratio of a radiologist turnaround over {threshold:g} days (95% CI, log scale)")
     axes.set_title(f"Long turnaround (> {threshold:g} days) by group; red: significant after correction",
@@ -101,8 +110,8 @@ def disparity_boxes(disparities: Sequence[RateDisparity], metric: str, attribute
             patch.set_facecolor(HIGHLIGHT if row.flagged else "#d6eaf8")
         axes.axhline(0.0, color=MUTED, linestyle="--", linewidth=1)
         axes.set_xticks(range(1, len(rows) + 1))
-        axes.set_xticklabels([d.group_value for d in rows], rotation=35, ha="right", fontsize=7)
-        axes.set_title(attribute, fontsize=9)
+        axes.set_xticklabels([plot_text(d.group_value) for d in rows], rotation=35, ha="right", fontsize=7)
+        axes.set_title(plot_text(attribute), fontsize=9)
         axes.tick_params(axis="y", labelsize=7)
     figure.suptitle(f"{metric.upper()} disparity per group: bootstrap group rate minus diagnosis-matched population "
                     f"rate (red: flagged)", fontsize=10)
@@ -126,8 +135,8 @@ def turnaround_distributions(cohort: Cohort, attributes: Sequence[str], threshol
         for threshold in thresholds:
             axes.axhline(threshold, color=HIGHLIGHT, linestyle=":", linewidth=1)
         axes.set_xticks(range(1, len(keep) + 1))
-        axes.set_xticklabels([names[i] for i in keep], rotation=35, ha="right", fontsize=7)
-        axes.set_title(f"radiologist turnaround (days) by {attribute}", fontsize=9)
+        axes.set_xticklabels([plot_text(names[i]) for i in keep], rotation=35, ha="right", fontsize=7)
+        axes.set_title(plot_text(f"radiologist turnaround (days) by {attribute}"), fontsize=9)
         axes.tick_params(axis="y", labelsize=7)
     for offset, (measure, unit, scale) in enumerate((("ai", "minutes", 60.0), ("queue", "seconds", 1.0))):
         axes = figure.add_subplot(lines, columns, len(shown) + offset + 1)

@@ -17,9 +17,9 @@ from train.phantoms.lesions import LESIONS
 from train.phantoms.study import write_phantom_study
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m train.phantoms",
+        prog=prog,
         description="Write synthetic brain-MRI studies (multi-series DICOM) with a planted lesion.",
     )
     parser.add_argument("out", type=Path, help="output folder; studies go to OUT/<StudyInstanceUID>/")
@@ -38,9 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m train.phantoms") -> int:
     """Run the command line; returns the process exit status."""
-    parser = _parser()
+    parser = _parser(prog)
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error(f"--count must be at least 1, got {args.count}")

@@ -1,61 +1,52 @@
 """The worker's HTTP API (FastAPI). Feature routers live beside this module and are included here.
 
-Every route but the health check requires a bearer token. Tokens come from files or environment variables named
-in the configuration (``api.tokens``), never from the configuration itself; each token has a role.
+Every route but the health check, the landing page and the static pages requires a bearer token: a static token
+(``api.tokens``: read from files or environment variables, never from the configuration itself, and shared by every
+replica through the database, ``tokens.py``) or an OpenID Connect token from the hospital's identity provider
+(``api.oidc``, ``oidc.py``). Pages a browser navigates to also accept the session cookie of ``session.py``. Each
+principal has a role. Who sent a request is worked out once, by the audit middleware (``auth.py``); the routes use
+that answer.
 """
 from __future__ import annotations
 
-import hmac
 import os
-from dataclasses import dataclass
-from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.engine import Engine
 
 from pacs_bridge.schema import make_engine
+from worker.api.auth import SCOPE_KEY, Authentication, authenticate
+from worker.api.oidc import verifier_from_settings
+from worker.api.tokens import ROLES, Principal, TokenStore, read_configured_tokens
 from worker.config import Settings, load_settings
 
-#: radiologist: read; sender: store images (STOW-RS); admin: everything.
-ROLES = ("radiologist", "sender", "admin")
+__all__ = ["ROLES", "Principal", "create_app", "current_principal", "engine_of", "require_role"]
+
 #: Modules under worker/api/ that expose a FastAPI ``router``; each feature adds its own.
-FEATURE_ROUTERS: tuple[str, ...] = ("reports", "fairness", "worklist", "stow", "audit")
+FEATURE_ROUTERS: tuple[str, ...] = ("reports", "fairness", "worklist", "stow", "audit", "session", "landing")
 _bearer = HTTPBearer(auto_error=False)
 
 
-@dataclass(frozen=True)
-class Principal:
-    name: str
-    role: str
-
-
-def load_tokens(settings: Settings) -> dict[str, Principal]:
-    tokens: dict[str, Principal] = {}
-    for entry in settings["api"]["tokens"]:
-        if entry.get("role") not in ROLES:
-            raise ValueError(f"api.tokens entry {entry.get('name')!r}: role must be one of {ROLES}")
-        if "token_file" in entry:
-            secret = Path(entry["token_file"]).read_text().strip()
-        elif "token_env" in entry:
-            secret = os.environ.get(entry["token_env"], "").strip()
-        else:
-            raise ValueError(f"api.tokens entry {entry.get('name')!r} needs token_file or token_env")
-        if not secret:
-            raise ValueError(f"api.tokens entry {entry.get('name')!r}: the token is empty")
-        tokens[secret] = Principal(entry.get("name", "unnamed"), entry["role"])
-    return tokens
+def authentication_of(request: Request) -> Authentication:
+    """The middleware's answer for this request (computed here for a route outside its view)."""
+    found: Authentication | None = request.scope.get(SCOPE_KEY)
+    if found is None:
+        found = authenticate(request.app, request.scope.get("headers", []), request.method)
+    return found
 
 
 def current_principal(request: Request,
-                      credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Principal:
-    if credentials is None:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "a bearer token is required",
-                            headers={"WWW-Authenticate": "Bearer"})
-    for secret, principal in request.app.state.tokens.items():
-        if hmac.compare_digest(secret.encode(), credentials.credentials.encode()):
-            return principal
-    raise HTTPException(status.HTTP_401_UNAUTHORIZED, "unknown token", headers={"WWW-Authenticate": "Bearer"})
+                      _declared: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Principal:
+    """The principal the audit middleware found for this request (the same answer, never a second reading of the
+    headers; ``_declared`` only puts the bearer scheme into the OpenAPI document)."""
+    found = authentication_of(request)
+    if found.via_session:  # the cookie opens pages only (session.page_role): JSON routes want the header
+        found = Authentication(None)
+    if found.principal is None:
+        raise HTTPException(found.status, found.reason,
+                            headers={"WWW-Authenticate": "Bearer"} if found.status == 401 else None)
+    return found.principal
 
 
 def require_role(*roles: str):
@@ -71,13 +62,20 @@ def engine_of(request: Request) -> Engine:
     return request.app.state.engine
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or load_settings()
+def create_app(settings: Settings | None = None, config_path: str | os.PathLike[str] | None = None) -> FastAPI:
+    """The application. ``config_path``: where ``POST /admin/tokens/reload`` reads the configuration again (so a
+    user removed from it loses their token); without it, the reload reads the token files of ``settings``."""
+    settings = settings or load_settings(config_path)
     app = FastAPI(title="triage-worker API", version="0.1.0",
                   description="Worklist, results and reports of the AI triage worker.")
     app.state.settings = settings
     app.state.engine = make_engine(settings.database_url)
-    app.state.tokens = load_tokens(settings)
+    app.state.reload_settings = (lambda: load_settings(config_path)) if config_path else (lambda: settings)
+    app.state.token_store = TokenStore(app.state.engine, float(settings["api"]["token_cache_s"]))
+    # The configuration is the truth: this replica's start writes its tokens for all replicas (a wrong entry
+    # stops the start, naming it).
+    app.state.token_store.replace(read_configured_tokens(settings["api"]["tokens"], strict=True))
+    app.state.oidc = verifier_from_settings(settings["api"])
 
     @app.get("/healthz", tags=["operations"])
     def healthz() -> dict[str, str]:

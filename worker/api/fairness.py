@@ -21,9 +21,12 @@ from train.fairness.metrics import publish
 from train.fairness.report import render_html
 from train.fairness.store import load_latest, refresh
 from worker.api.app import Principal, engine_of, require_role
+from worker.api.session import page_role
 
 router = APIRouter(prefix="/fairness", tags=["fairness"])
 Reader = Annotated[Principal, Depends(require_role("radiologist", "admin"))]
+#: The page itself also opens in a browser signed in on the worklist (worker/api/session.py).
+PageReader = Annotated[Principal, Depends(page_role("radiologist", "admin"))]
 Admin = Annotated[Principal, Depends(require_role("admin"))]
 _render_lock = threading.Lock()
 
@@ -38,7 +41,7 @@ def _latest(request: Request):
 
 
 @router.get("", response_class=HTMLResponse, summary="The turnaround and fairness report (HTML)")
-def fairness_page(request: Request, principal: Reader) -> HTMLResponse:
+def fairness_page(request: Request, principal: PageReader) -> HTMLResponse:
     results = _latest(request)
     state = request.app.state
     with _render_lock:  # one rendering at a time; later requests for the same refresh get the cached page

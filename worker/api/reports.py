@@ -10,7 +10,8 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
-from pydantic import BaseModel, Field
+from fastapi import Path as PathParam
+from pydantic import AfterValidator, BaseModel, Field
 from sqlalchemy import select
 
 from pacs_bridge.report_intake import FinalReport, ReportValidationError, store_report
@@ -23,26 +24,38 @@ router = APIRouter(prefix="/reports", tags=["reports"])
 Reader = Annotated[Principal, Depends(require_role("radiologist", "admin"))]
 #: 422 under its current name (Starlette renamed it; older versions only have the old one).
 UNPROCESSABLE = getattr(status, "HTTP_422_UNPROCESSABLE_CONTENT", 422)
+#: reports.id is a 32-bit integer column: a larger number is a 422, not an overflow inside the database driver.
+MAX_ID = 2 ** 31 - 1
+
+
+def _no_nul(value: str | None) -> str | None:
+    if value is not None and "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+#: Text as stored: PostgreSQL's text columns cannot hold NUL, so it is refused here (422) rather than there (500).
+Text = Annotated[str, AfterValidator(_no_nul)]
 
 
 class PatientGroups(BaseModel):
     """What the sender knows of the patient; reduced to groups on arrival, never stored as given."""
 
-    sex: str | None = Field(None, description="F, M, O or U (DICOM/HL7 codes)")
+    sex: Text | None = Field(None, description="F, M, O or U (DICOM/HL7 codes)")
     age_years: float | None = Field(None, ge=0, le=150, description="age at the examination")
-    ethnic_group: str | None = None
-    postcode: str | None = Field(None, description="looked up in the postcode table, then discarded")
-    insurance_class: str | None = None
+    ethnic_group: Text | None = None
+    postcode: Text | None = Field(None, description="looked up in the postcode table, then discarded")
+    insurance_class: Text | None = None
 
 
 class ReportIn(BaseModel):
-    text: str = Field(..., min_length=1, description="the report text (findings and impression)")
+    text: Text = Field(..., min_length=1, description="the report text (findings and impression)")
     reported_at: datetime = Field(..., description="when the report was signed; local time if no offset")
-    accession_number: str | None = Field(None, max_length=64)
-    study_instance_uid: str | None = Field(None, max_length=64)
+    accession_number: Text | None = Field(None, max_length=64)
+    study_instance_uid: Text | None = Field(None, max_length=64)
     exam_at: datetime | None = Field(None, description="when the examination took place")
-    status: str = Field("F", description="HL7 result status: F final, C corrected, P preliminary")
-    message_id: str | None = Field(None, max_length=64, description="the sender's ID, so a resend is not stored twice")
+    status: Text = Field("F", description="HL7 result status: F final, C corrected, P preliminary")
+    message_id: Text | None = Field(None, max_length=64, description="the sender's ID, so a resend is not stored twice")
     patient: PatientGroups | None = None
 
 
@@ -74,6 +87,11 @@ def _labeller(request: Request):
     return state.report_labeller
 
 
+def _given(value: str | None) -> str | None:
+    """A blank identifier is no identifier: "" must not become a message ID that every blank resend shares."""
+    return (value or "").strip() or None
+
+
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=ReportOut,
              summary="Store a final report and label it")
 def post_report(body: ReportIn, request: Request, principal: Reader) -> ReportOut:
@@ -93,8 +111,9 @@ def post_report(body: ReportIn, request: Request, principal: Reader) -> ReportOu
         attrs.set("density_quartile", density, "http")
     try:
         report = FinalReport(text=body.text, reported_at=reported_at, exam_at=exam_at, status=body.status.upper(),
-                             accession_number=body.accession_number, study_instance_uid=body.study_instance_uid,
-                             source="http", source_message_id=body.message_id, attributes=attrs)
+                             accession_number=_given(body.accession_number),
+                             study_instance_uid=_given(body.study_instance_uid),
+                             source="http", source_message_id=_given(body.message_id), attributes=attrs)
     except ReportValidationError as exc:
         raise HTTPException(UNPROCESSABLE, str(exc)) from exc
     with engine_of(request).begin() as connection:
@@ -104,7 +123,7 @@ def post_report(body: ReportIn, request: Request, principal: Reader) -> ReportOu
 
 
 @router.get("/{report_id}", summary="A stored report with its labels")
-def get_report(report_id: int, request: Request, principal: Reader) -> dict:
+def get_report(report_id: Annotated[int, PathParam(ge=1, le=MAX_ID)], request: Request, principal: Reader) -> dict:
     with engine_of(request).connect() as connection:
         row = connection.execute(select(reports).where(reports.c.id == report_id)).first()
         if row is None:

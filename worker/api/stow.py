@@ -9,7 +9,9 @@ database). The API process runs its own bookkeeper, started and stopped with the
 The response is the Store Instances Response Module (PS3.18 Table 10.5.3-1) as ``application/dicom+json``: a
 ReferencedSOPSequence item per stored instance and a FailedSOPSequence item, with its FailureReason, per refused
 one. 200 when every instance was stored, 202 when some were, 409 when none was; 415 for any other content type.
-Parts are read one at a time as the request streams in, so a large study never has to fit in memory.
+Parts are read one at a time as the request streams in, so a large study never has to fit in memory, and a part
+larger than ``scp.max_object_bytes`` is refused as it streams, without being kept (FailureReason A700, Out of
+Resources, as C-STORE answers it); the other parts are stored.
 """
 from __future__ import annotations
 
@@ -23,18 +25,21 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, status
 from fastapi.responses import JSONResponse
 from pydicom.dataset import Dataset
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser
 from starlette.concurrency import run_in_threadpool
 
 from pacs_bridge.bookkeeping import Bookkeeper
 from pacs_bridge.ingest import IngestOutcome, as_file_format, ingest
-from pacs_bridge.intake import STATUS_CANNOT_UNDERSTAND
+from pacs_bridge.intake import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES
 from pacs_bridge.storage import InstanceStore, InvalidUID, validate_uid
 from worker.api.app import Principal, require_role
 
 log = logging.getLogger(__name__)
 
 DICOM_JSON = "application/dicom+json"
-#: A single part larger than this is refused (413) rather than held in memory.
+#: A part larger than this is refused (Out of Resources, like C-STORE) while it streams in, never held in memory;
+#: ``scp.max_object_bytes`` sets it, this is the bound where that is 0 (no limit).
 MAX_PART_BYTES = 2 * 1024 ** 3
 
 
@@ -61,12 +66,63 @@ Sender = Annotated[Principal, Depends(require_role("sender", "admin"))]
 
 @dataclass(frozen=True)
 class Part:
+    """One part: its headers, and its body (None when it was larger than the limit: not kept, only counted)."""
+
     headers: Message
-    body: bytes
+    body: bytearray | None
+    size: int
 
 
 class MultipartError(ValueError):
     """A request body that is not the multipart/related message its Content-Type announces."""
+
+
+class _PartCollector:
+    """python-multipart's callbacks, collecting finished parts; a part's body is kept only up to the limit."""
+
+    def __init__(self, max_part_bytes: int) -> None:
+        self.max_part_bytes = max_part_bytes
+        self.ready: list[Part] = []
+        self.ended = False
+        self._field = bytearray()
+        self._value = bytearray()
+        self._headers = Message()
+        self._body: bytearray | None = bytearray()
+        self._size = 0
+
+    def callbacks(self) -> dict:
+        return {"on_part_begin": self._begin, "on_header_field": self._header_field,
+                "on_header_value": self._header_value, "on_header_end": self._header_end,
+                "on_part_data": self._data, "on_part_end": self._part_end, "on_end": self._end}
+
+    def _begin(self) -> None:
+        self._headers, self._body, self._size = Message(), bytearray(), 0
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        self._headers[self._field.decode("latin-1").strip()] = self._value.decode("latin-1").strip()
+        self._field, self._value = bytearray(), bytearray()
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        self._size += end - start
+        if self._body is None:
+            return
+        if self._size > self.max_part_bytes:
+            self._body = None  # refused: the rest streams past without being kept
+            return
+        self._body += memoryview(data)[start:end]
+
+    def _part_end(self) -> None:
+        self.ready.append(Part(self._headers, self._body, self._size))
+        self._body = bytearray()
+
+    def _end(self) -> None:
+        self.ended = True
 
 
 def _boundary_and_type(content_type: str) -> tuple[str, str]:
@@ -88,61 +144,30 @@ def _boundary_and_type(content_type: str) -> tuple[str, str]:
 
 async def iter_parts(chunks: AsyncIterator[bytes], boundary: str, max_part_bytes: int = MAX_PART_BYTES
                      ) -> AsyncIterator[Part]:
-    """The parts of a multipart body (RFC 2046 §5.1) as the chunks arrive, holding at most one part."""
+    """The parts of a multipart body (RFC 2046 §5.1) as the chunks arrive, holding at most one part's body, and
+    none beyond ``max_part_bytes`` (such a part comes out with ``body`` None). Parsing is python-multipart's; the
+    preamble before the first delimiter, which it does not take, is skipped here."""
     delimiter = b"--" + boundary.encode("latin-1")
-    buffer = bytearray()
-    state = "preamble"
-    scanned = 0
-    headers: Message | None = None
+    collector = _PartCollector(max_part_bytes)
+    parser = MultipartParser(boundary.encode("latin-1"), collector.callbacks())
+    preamble: bytearray | None = bytearray()
     async for chunk in chunks:
-        buffer += chunk
-        while True:
-            if state == "preamble":
-                at = buffer.find(delimiter)
-                if at < 0:
-                    del buffer[:max(0, len(buffer) - len(delimiter))]
-                    break
-                del buffer[:at + len(delimiter)]
-                state = "after-delimiter"
-            if state == "after-delimiter":
-                if len(buffer) < 2:
-                    break
-                if buffer.startswith(b"--"):
-                    return  # the close delimiter; an epilogue, if any, is ignored
-                end = buffer.find(b"\r\n")
-                if end < 0:
-                    break
-                del buffer[:end + 2]  # transport padding and the line break
-                state = "headers"
-            if state == "headers":
-                if buffer.startswith(b"\r\n"):
-                    end, skip = 0, 2
-                else:
-                    end, skip = buffer.find(b"\r\n\r\n"), 4
-                    if end < 0:
-                        if len(buffer) > 65536:
-                            raise MultipartError("a part's headers are longer than 64 KiB")
-                        break
-                headers = Message()
-                for line in bytes(buffer[:end]).decode("latin-1").split("\r\n"):
-                    if ":" in line:
-                        name, value = line.split(":", 1)
-                        headers[name.strip()] = value.strip()
-                del buffer[:end + skip]
-                state, scanned = "body", 0
-            if state == "body":
-                at = buffer.find(b"\r\n" + delimiter, scanned)
-                if at < 0:
-                    if len(buffer) > max_part_bytes:
-                        raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
-                                            f"a part is larger than {max_part_bytes} bytes")
-                    scanned = max(0, len(buffer) - len(delimiter) - 2)
-                    break
-                yield Part(headers, bytes(buffer[:at]))
-                del buffer[:at + 2 + len(delimiter)]
-                state = "after-delimiter"
-    if state != "after-delimiter" or buffer:
-        raise MultipartError("the body ended before the multipart close delimiter")
+        if preamble is not None:
+            preamble += chunk
+            at = 0 if preamble.startswith(delimiter) else preamble.find(b"\r\n" + delimiter)
+            if at < 0:
+                del preamble[:max(0, len(preamble) - len(delimiter) - 2)]
+                continue
+            chunk, preamble = bytes(preamble[at:]), None
+        try:
+            parser.write(chunk)
+        except MultipartParseError as exc:
+            raise MultipartError(str(exc)) from exc
+        while collector.ready:
+            yield collector.ready.pop(0)
+        if collector.ended:
+            return
+    raise MultipartError("the body ended before the multipart close delimiter")
 
 
 def store_response(outcomes: list[IngestOutcome]) -> Dataset:
@@ -187,10 +212,17 @@ async def _store(request: Request, principal: Principal, study: str | None) -> J
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "STOW-RS is not started (application lifespan)")
     peer = request.client.host if request.client else None
     outcomes: list[IngestOutcome] = []
+    limit = int(request.app.state.settings["scp"]["max_object_bytes"]) or MAX_PART_BYTES
     try:
-        async for part in iter_parts(request.stream(), boundary):
+        async for part in iter_parts(request.stream(), boundary, limit):
             part_type = (part.headers.get_content_type() if part.headers.get("content-type") else
                          "application/dicom")
+            if part.body is None:
+                log.warning("STOW-RS from %s: a part of %d bytes refused (scp.max_object_bytes %d)",
+                            principal.name, part.size, limit)
+                outcomes.append(IngestOutcome(STATUS_OUT_OF_RESOURCES, "", "",
+                                              f"part of {part.size} bytes exceeds scp.max_object_bytes ({limit})"))
+                continue
             if part_type != "application/dicom":
                 outcomes.append(IngestOutcome(STATUS_CANNOT_UNDERSTAND, "", "",
                                               f"part of type {part_type} is not application/dicom"))

@@ -24,6 +24,7 @@ from typing import Annotated, Any
 
 import pydicom
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, HTMLResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import and_, func, or_, select
@@ -36,6 +37,9 @@ from worker.api.app import Principal, current_principal, engine_of, require_role
 
 router = APIRouter(prefix="/worklist", tags=["worklist"])
 Reader = Annotated[Principal, Depends(require_role("radiologist", "admin"))]
+#: A Study Instance UID in a path: digits and dots (anything else could not name a study, and a NUL would reach
+#: the database).
+StudyUID = Annotated[str, PathParam(max_length=64, pattern=r"^[0-9.]+$")]
 
 STATIC = Path(__file__).resolve().parent / "static" / "worklist"
 ASSETS = {"worklist.js": "text/javascript", "study.js": "text/javascript", "auth.js": "text/javascript",
@@ -361,7 +365,7 @@ def _study_row(reader: WorklistReader, study_uid: str) -> dict[str, Any]:
 
 @router.get("/studies/{study_uid}", response_model=StudyDetailOut,
             summary="One study's AI result and evidence")
-def study_detail(study_uid: str, request: Request, principal: Reader) -> StudyDetailOut:
+def study_detail(study_uid: StudyUID, request: Request, principal: Reader) -> StudyDetailOut:
     reader = WorklistReader(request)
     row = _study_row(reader, study_uid)
     item = reader.item(row, top=None)
@@ -408,7 +412,7 @@ def study_detail(study_uid: str, request: Request, principal: Reader) -> StudyDe
 
 @router.get("/studies/{study_uid}/sr", summary="The study's AI result as a DICOM SR file",
             response_class=FileResponse, responses={200: {"content": {"application/dicom": {}}}})
-def study_sr(study_uid: str, request: Request, principal: Reader) -> FileResponse:
+def study_sr(study_uid: StudyUID, request: Request, principal: Reader) -> FileResponse:
     row = _study_row(WorklistReader(request), study_uid)
     path = row.get("sr_path")
     if not path or not Path(path).is_file():

@@ -4,6 +4,10 @@
 // token typed on the login page and kept in sessionStorage (gone when the tab closes). An OpenID Connect login
 // would be another entry in LOGINS with the same two methods: start() on the login page, and a token() that the
 // pages read; nothing else in the pages knows how the token was obtained.
+//
+// Pages a browser navigates to (the fairness report) cannot send the token in a header: after the login check the
+// page opens a browser session (POST ../session with the token; an HttpOnly, SameSite=Strict cookie that scripts
+// cannot read and other sites' pages do not send; worker/api/session.py). Signing out closes it.
 
 const TOKEN_KEY = "triage.worklist.token";
 // The roles the worklist's data routes accept (worker/api/worklist.py).
@@ -23,9 +27,19 @@ export function forget() {
   sessionStorage.removeItem(TOKEN_KEY);
 }
 
-// Only a path on this site may be a return address after login (no open redirect).
+// Only a page of this site may be a return address after login (no open redirect). The browser, not a prefix
+// test, decides where a URL leads: it drops tabs and newlines and reads a backslash as "/", so "/<tab>/evil" and
+// "/<backslash>evil" are other sites. The address is resolved as location.assign would resolve it, kept only if it
+// stays on this origin, and returned absolute (a path such as "/.//evil" would turn protocol-relative again).
 export function safeNext(next) {
-  return next && next.startsWith("/") && !next.startsWith("//") ? next : "./";
+  if (!next || !next.startsWith("/")) return "./";
+  let url;
+  try {
+    url = new URL(next, location.href);
+  } catch {
+    return "./";
+  }
+  return url.origin === location.origin ? url.href : "./";
 }
 
 function goToLogin() {
@@ -41,8 +55,16 @@ export function requireLogin() {
   return true;
 }
 
-export function logout() {
+// The session cookie for the server-rendered pages; the worklist itself works without it.
+async function openSession(secret) {
+  const response = await fetch("../session", { method: "POST", credentials: "same-origin",
+    headers: { Accept: "application/json", Authorization: `Bearer ${secret}` } });
+  return response.ok;
+}
+
+export async function logout() {
   forget();
+  await fetch("../session", { method: "DELETE", credentials: "same-origin" }).catch(() => {});
   location.assign("login");
 }
 
@@ -84,6 +106,7 @@ export const LOGINS = {
         return { ok: false, error: `This token (role ${principal.role}) may not read the worklist.` };
       }
       sessionStorage.setItem(TOKEN_KEY, secret);
+      await openSession(secret).catch(() => false);
       return { ok: true, principal };
     },
   },

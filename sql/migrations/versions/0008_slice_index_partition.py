@@ -2,8 +2,8 @@
 searched only among studies of the same kind (brain MR never finds CT heads). Rows written before this revision
 get the empty partition, which no new study searches; `triage index rebuild` after re-processing fills it.
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 Create Date: 2027-01-10 10:00:00
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0007"
-down_revision = "0006"
+revision = "0008"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,136 @@
+"""Browser sessions: one sign-in on the worklist also opens the server-rendered pages (the fairness report).
+
+The worklist page keeps its bearer token in the tab's sessionStorage and sends it with every ``fetch``; a page the
+browser navigates to (``/fairness``) cannot carry a header. So, after the login check, the page asks
+``POST /session`` (with the bearer token) for a session cookie: ``HttpOnly`` (no script reads it),
+``SameSite=Strict`` (no other site's page sends it), ``Secure`` over HTTPS, ``Path=/``, expiring after
+``api.session_max_age_s``. The cookie never holds the token: it names the principal and an expiry, signed with
+HMAC-SHA256 keyed by the hash of that principal's token in the shared token store (``tokens.py``), so it needs no
+session store, survives a restart and works across API replicas, and dies with its token on every replica (rotated
+or removed, then ``POST /admin/tokens/reload``). A principal of the identity provider (OIDC) has no static token,
+so it cannot open a session.
+
+The cookie is read with the Authorization header, once per request, by ``auth.authenticate``. Only routes that
+declare :data:`PageReader`-style dependencies (:func:`page_role`) accept it, and only for GET and HEAD: the JSON
+and changing routes still require the bearer header, so a cookie cannot be used to change anything (no cross-site
+request forgery), and the token is never put in a URL.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import time
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from worker.api.app import authentication_of, current_principal
+from worker.api.auth import authorization_values
+from worker.api.tokens import Principal, TokenStore
+
+COOKIE = "triage_session"
+_VERSION = "v1"
+#: Methods for which a page route accepts the cookie instead of the bearer header: reading only.
+READ_METHODS = ("GET", "HEAD")
+#: Where an unauthenticated browser is sent to sign in, with ``?next=`` the page it asked for.
+LOGIN_PAGE = "/worklist/login"
+
+router = APIRouter(prefix="/session", tags=["session"])
+_bearer = HTTPBearer(auto_error=False)
+
+
+def _mac(secret: str, name: str, role: str, expires: int) -> str:
+    message = f"triage-session-{_VERSION}\n{name}\n{role}\n{expires}".encode()
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def _b64(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _unb64(text: str) -> str:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+
+
+def session_value(store: TokenStore, principal: Principal, expires: int) -> str | None:
+    """The cookie's value for ``principal`` until ``expires`` (Unix seconds), or None if it has no static token."""
+    keys = store.signing_keys(principal)
+    if not keys:
+        return None
+    return ".".join((_VERSION, _b64(principal.name), principal.role, str(expires),
+                     _mac(keys[0], principal.name, principal.role, expires)))
+
+
+def session_principal(store: TokenStore, value: str | None, now: float | None = None) -> Principal | None:
+    """The principal a session cookie names, or None when it is malformed, expired, or its token is gone.
+    Blocking (a database lookup)."""
+    if not value:
+        return None
+    try:
+        version, name_b64, role, expires_text, mac = value.split(".")
+        name, expires = _unb64(name_b64), int(expires_text)
+    except ValueError:  # wrong number of parts, bad base64 or UTF-8, not a number
+        return None
+    if version != _VERSION or expires < (time.time() if now is None else now):
+        return None
+    principal = Principal(name, role)
+    for key in store.signing_keys(principal):
+        if hmac.compare_digest(_mac(key, name, role, expires), mac):
+            return principal
+    return None
+
+
+def cookie_of(cookie_header: str | None) -> str | None:
+    """Our cookie's value from a raw ``Cookie`` header (for the ASGI middleware, which has no Request)."""
+    for part in (cookie_header or "").split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == COOKIE:
+            return value
+    return None
+
+
+def page_role(*roles: str):
+    """A dependency for pages a browser navigates to: the bearer header, or on GET/HEAD the session cookie.
+
+    A browser that has neither is sent to the sign-in page, which comes back here afterwards."""
+
+    def check(request: Request, _declared: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Principal:
+        found = authentication_of(request)  # the middleware's one reading of header and cookie
+        principal = found.principal
+        if principal is None:
+            if found.status == status.HTTP_401_UNAUTHORIZED and not authorization_values(request.scope["headers"]) \
+                    and "text/html" in request.headers.get("accept", ""):
+                raise HTTPException(status.HTTP_303_SEE_OTHER, "sign in first", headers={
+                    "Location": f"{LOGIN_PAGE}?next={quote(request.url.path, safe='/')}"})
+            raise HTTPException(found.status, found.reason if found.status != 401 else
+                                "a bearer token or a session is required",
+                                headers={"WWW-Authenticate": "Bearer"} if found.status == 401 else None)
+        if principal.role not in roles:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, f"role {principal.role!r} may not do this")
+        return principal
+
+    return check
+
+
+@router.post("", summary="Open a browser session for the pages (send the bearer token; sets an HttpOnly cookie)")
+def open_session(request: Request, response: Response,
+                 principal: Principal = Depends(current_principal)) -> dict:
+    max_age = int(request.app.state.settings["api"].get("session_max_age_s", 43200))
+    expires = int(time.time()) + max_age
+    value = session_value(request.app.state.token_store, principal, expires)
+    if value is None:
+        raise HTTPException(status.HTTP_409_CONFLICT, "only a static API token can open a browser session; send "
+                                                      "the identity provider's token as a bearer header")
+    response.set_cookie(COOKIE, value, max_age=max_age,
+                        path="/", httponly=True, samesite="strict", secure=request.url.scheme == "https")
+    response.headers["Cache-Control"] = "no-store"
+    return {"name": principal.name, "role": principal.role, "expires": expires}
+
+
+@router.delete("", summary="Close the browser session (signing out)")
+def close_session(request: Request, response: Response) -> dict:
+    response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict",
+                           secure=request.url.scheme == "https")
+    return {"closed": True}
