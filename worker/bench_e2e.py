@@ -142,7 +142,7 @@ def run_load(workdir: Path, study_folders: list[Path], *, database_url: str, bro
             while True:
                 with engine.connect() as c:
                     finished = c.execute(select(func.count()).select_from(processing_runs)
-                                         .where(processing_runs.c.status.in_(("done", "failed")))).scalar_one()
+                                         .where(processing_runs.c.status.in_(("done", "failed", "not_analysed")))).scalar_one()
                 progress.update(done_task, completed=finished)
                 if finished >= len(study_folders):
                     break

@@ -114,7 +114,7 @@ def run_demo(lesion: str = "subdural_haemorrhage", seed: int = 7, workdir: str |
                 labels = {"receiving": "Waiting for the study to complete (quiet period)",
                           "queued": "Queued for the worker (first start loads the model)",
                           "processing": "Worker is processing: volumes, tokens, VQ-VAE, ViT, heads, SR"}
-                if run is not None and run.status in ("done", "failed"):
+                if run is not None and run.status in ("done", "failed", "not_analysed"):
                     break
                 progress.update(task, description=labels.get(status or "receiving", str(status)))
                 if time.monotonic() - sent_at > 600:
@@ -126,7 +126,7 @@ def run_demo(lesion: str = "subdural_haemorrhage", seed: int = 7, workdir: str |
         stop_process_groups(worker)
         service.stop()
 
-    if run.status != "done":
+    if run.status != "done":  # failed, or not analysed by the input gate (the error says why)
         console.print(f"[red]processing failed: {run.error}")
         return 1
     from pacs_bridge.sr import read_sr
