@@ -143,6 +143,8 @@ class DcmtkFront:
         self._inotify = INotify()
         self._by_watch: dict[int, Association] = {}
         self._finished: collections.deque[Association] = collections.deque()
+        #: Rows of files taken in and not yet synced to disk (see :meth:`_record_taken_in`).
+        self._taken_in: list[ReceivedInstance] = []
         self._stop = threading.Event()
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
@@ -387,6 +389,7 @@ class DcmtkFront:
                     association = self._by_watch.get(event.wd)
                 if association is not None and _is_spooled_object(event.name):
                     self._take_in(association, association.folder / event.name)
+            self._record_taken_in()
             while True:
                 with self._lock:
                     if not self._finished:
@@ -434,6 +437,8 @@ class DcmtkFront:
             left = [p.name for p in folder.iterdir() if _is_spooled_object(p.name)]
         except FileNotFoundError:
             left = []
+        finally:
+            self._record_taken_in()  # before the association closes: it is active until these rows are written
         if left:  # not storable now (the store's disk): kept, tried again at the next rescan, never deleted
             log.error("%d file(s) left in %s, tried again within %.0f s", len(left), folder, RETRY_STORE_AFTER_S)
             return False
@@ -468,8 +473,10 @@ class DcmtkFront:
             # Kept beside the series by the store: a row rebuilt by the reconciler routes as this one would.
             sender = {"calling_aet": association.calling_aet, "called_aet": association.called_aet,
                       "peer_address": association.peer_address, "source": "c-store"}
+            # storescp answered Success before this runs, without an fsync; the store's sync before the rows are
+            # handed on (:meth:`_record_taken_in`) makes a whole batch durable at once.
             stored = self.store.store(header.study_instance_uid, header.series_instance_uid,
-                                      header.sop_instance_uid, data, source=path, sender=sender)
+                                      header.sop_instance_uid, data, source=path, sender=sender, durable=False)
         except FileNotFoundError:
             return  # taken in already (an inotify event for a file the finishing pass got to first)
         except RejectedInstance as exc:
@@ -479,10 +486,22 @@ class DcmtkFront:
             log.error("could not store %s: %s (left in the spool)", path, exc)
             return
         self.active.add(association.number, header.study_instance_uid)
-        self.bookkeeper.add(ReceivedInstance(header=header, stored=stored, calling_aet=association.calling_aet,
-                                             called_aet=association.called_aet,
-                                             peer_address=association.peer_address))
+        self._taken_in.append(ReceivedInstance(header=header, stored=stored, calling_aet=association.calling_aet,
+                                               called_aet=association.called_aet,
+                                               peer_address=association.peer_address))
         self.received += 1
+
+    def _record_taken_in(self) -> None:
+        """Make the files taken in since the last call durable (one sync for all), then queue their rows."""
+        if not self._taken_in:
+            return
+        try:
+            self.store.sync()
+        except OSError as exc:  # the rows are still worth having: the files are in the store
+            log.error("could not sync the store: %s", exc)
+        for row in self._taken_in:
+            self.bookkeeper.add(row)
+        self._taken_in.clear()
 
     def _quarantine(self, path: Path, data: bytes, reason: str, status: int, context: dict[str, str]) -> None:
         self.rejected_by_status[status] += 1
