@@ -181,7 +181,7 @@ def add_slice_zero_shot(evidence, result, study_vector, neighbours, knn_scores: 
         scores = scorer.score(np.asarray(study_vector, np.float32), knn)
         parameters = (f"knn_weight={scorer.knn_weight!r}",) if labelled else ()
         zero_shot = as_findings(scores, evidence.model_version, evidence.settings, parameters)
-    except Exception:
+    except Exception:  # zero-shot is an addition: the result goes out without it
         log.exception("study %s: no zero-shot findings", result.study_instance_uid)
         return result
     return dataclasses.replace(result, zero_shot=zero_shot)
@@ -216,7 +216,7 @@ def add_prima_zero_shot(settings, bundle, prediction, result):
             return result
         scores = scorer.score(prediction.embedding)
         zero_shot = as_findings(scores, bundle.version, settings)
-    except Exception:
+    except Exception:  # zero-shot is an addition: the result goes out without it
         log.exception("study %s: no zero-shot findings", result.study_instance_uid)
         return result
     return dataclasses.replace(result, zero_shot=zero_shot)
