@@ -63,7 +63,7 @@ def test_a_specificity_target_and_a_bad_configuration():
     config = OperatingPointConfig(target="specificity", value=0.9, bootstrap=50)
     point = choose_operating_points(["x"], v_scores, v_truth, v_scores, v_truth, config)["x"]
     assert point["held_out"]["specificity"] >= 0.9
-    thresholds, sensitivity, specificity = roc_curve(v_scores[:, 0], v_truth[:, 0] > 0.5)
+    _, sensitivity, specificity = roc_curve(v_scores[:, 0], v_truth[:, 0] > 0.5)
     assert np.all(np.diff(sensitivity) >= 0) and np.all(np.diff(specificity) <= 0)
     with pytest.raises(ValueError, match="target 'ppv'"):
         OperatingPointConfig.from_mapping({"target": "ppv", "value": 0.9})

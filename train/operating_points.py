@@ -97,7 +97,7 @@ def measured(scores: np.ndarray, truth: np.ndarray, threshold: float, config: Op
     pos, neg = np.nonzero(truth)[0], np.nonzero(~truth)[0]
     sensitivity, specificity = _rates(scores, truth, threshold)
     out: dict[str, Any] = {"sensitivity": sensitivity, "specificity": specificity, "auroc": auroc(scores, truth),
-                           "n_positive": int(len(pos)), "n_negative": int(len(neg))}
+                           "n_positive": len(pos), "n_negative": len(neg)}
     if not len(pos) or not len(neg):
         return out
     samples = []
