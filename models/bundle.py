@@ -5,6 +5,10 @@ the creation time, the sha256 of every weight file, the label names in output or
 columns, the priority classes, the referral names and free-form training notes. Weight files are plain state
 dicts written with ``torch.save`` and read with ``torch.load(weights_only=True)``: loading a bundle never runs
 pickled code. Checksums are verified before anything is deserialised.
+
+Optionally a bundle carries Prima's CLIP text tower (``prima_text.pt``, :mod:`models.prima_text`) for zero-shot
+findings: its sha256 is in ``files`` beside the others, its architecture in ``text_config`` and its CLIP
+temperature in ``text_temperature``. A bundle without it loads as before, with ``text`` None.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from monai.networks.nets import VQVAE
 
 from models.labels import DIAGNOSIS_NAMES, PRIORITY_CLASSES, REFERRALS
 from models.prima import PRIMA_CONFIGS, PrimaConfig, PrimaModel
+from models.prima_text import PRIMA_TEXT_CONFIGS, PrimaTextConfig, PrimaTextModel
 from models.vqvae import VQVAE_CONFIGS, build_vqvae
 
 FAMILY = "prima"
@@ -31,6 +36,7 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 VQVAE_FILE = "vqvae.pt"
 PRIMA_FILE = "prima.pt"
+TEXT_FILE = "prima_text.pt"
 
 
 class BundleError(Exception):
@@ -43,6 +49,15 @@ class LoadedBundle:
     manifest: dict[str, Any]
     vqvae: VQVAE
     prima: PrimaModel
+    text: PrimaTextModel | None = None  # Prima's CLIP text tower, where the bundle carries one
+
+    @property
+    def text_weights_id(self) -> str | None:
+        """The text tower's identity for caches of its embeddings: its file's sha256 (from the verified manifest),
+        or the random bundle's version; None without a text tower."""
+        if self.text is None:
+            return None
+        return str(self.manifest["files"].get(TEXT_FILE) or f"{self.version}:text")
 
     @property
     def version(self) -> str:
@@ -100,11 +115,14 @@ def _config_name(prima: PrimaModel) -> str:
 def save_bundle(
     directory: str | os.PathLike[str], vqvae: VQVAE, prima: PrimaModel, meta: Mapping[str, Any],
     prima_state: Mapping[str, torch.Tensor] | None = None,
+    text: PrimaTextModel | None = None,
+    text_state: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a bundle; returns its folder. ``meta`` needs "version"; may carry "notes" (training notes),
     "created_at" and any further keys (kept in the manifest). Thresholds and columns come from the model.
     ``prima_state``: the weights to write when ``prima`` only describes the architecture (on the meta device),
-    e.g. a converted checkpoint's state dict; it must fit ``prima`` exactly."""
+    e.g. a converted checkpoint's state dict; it must fit ``prima`` exactly. ``text``: Prima's CLIP text tower to
+    carry (optional; ``text_state`` as for ``prima_state``); it must project to the study ViT's CLIP width."""
     if "version" not in meta:
         raise ValueError("bundle meta needs a 'version'")
     if prima_state is None:
@@ -113,10 +131,25 @@ def save_bundle(
         expected = {k: tuple(v.shape) for k, v in prima.state_dict().items()}
         if expected != {k: tuple(v.shape) for k, v in prima_state.items()}:
             raise ValueError("prima_state does not fit the model's architecture (names or shapes differ)")
+    if text is not None:
+        if text.config.feature_dim != prima.config.outer.out_dim:
+            raise ValueError(f"the text tower projects to {text.config.feature_dim}, the study ViT to "
+                             f"{prima.config.outer.out_dim}: they are not one CLIP pair")
+        if text_state is None:
+            text_state = text.state_dict()
+        elif {k: tuple(v.shape) for k, v in text.state_dict().items()} != {k: tuple(v.shape)
+                                                                             for k, v in text_state.items()}:
+            raise ValueError("text_state does not fit the text tower's architecture (names or shapes differ)")
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(vqvae.state_dict(), folder / VQVAE_FILE)
     torch.save(dict(prima_state), folder / PRIMA_FILE)
+    weight_files = [VQVAE_FILE, PRIMA_FILE]
+    if text is not None:
+        torch.save(dict(text_state), folder / TEXT_FILE)
+        weight_files.append(TEXT_FILE)
+    else:
+        (folder / TEXT_FILE).unlink(missing_ok=True)  # a re-written bundle must not keep a stale text tower
 
     thresholds, columns = _head_table(prima.diagnosis_names, prima.diagnosis_heads)
     referral_thresholds, referral_columns = _head_table(prima.referral_names, prima.referral_heads)
@@ -127,7 +160,7 @@ def save_bundle(
         "config": _config_name(prima),
         "version": str(meta["version"]),
         "created_at": meta.get("created_at") or datetime.now(UTC).isoformat(timespec="seconds"),
-        "files": {name: sha256_of(folder / name) for name in (VQVAE_FILE, PRIMA_FILE)},
+        "files": {name: sha256_of(folder / name) for name in weight_files},
         "prima_config": prima.config.to_dict(),
         "vqvae_config": _vqvae_widths(vqvae),
         "diagnosis_names": list(prima.diagnosis_names),
@@ -141,6 +174,12 @@ def save_bundle(
         "referral_outputs": prima.referral_heads.dims[-1],
         "notes": meta.get("notes", ""),
     }
+    if text is not None:
+        manifest["text_config"] = text.config.to_dict()
+        manifest["text_temperature"] = float(text.temperature)
+    else:
+        manifest.pop("text_config", None)
+        manifest.pop("text_temperature", None)
     temporary = folder / (MANIFEST_FILE + ".tmp")
     temporary.write_text(json.dumps(manifest, indent=2) + "\n")
     temporary.replace(folder / MANIFEST_FILE)  # the manifest appears only once the weights are complete
@@ -253,16 +292,43 @@ def _load(folder: Path, device: str | torch.device, mapped: bool) -> LoadedBundl
         for heads in (prima.diagnosis_heads, prima.referral_heads):  # their tables are not in the state dict
             heads.threshold = torch.empty_like(heads.threshold, device="cpu")
     _apply_head_tables(prima, manifest)
-    return LoadedBundle(folder, manifest, vqvae.eval(), prima.eval())
+    text = _load_text(folder, manifest, device, mapped)
+    return LoadedBundle(folder, manifest, vqvae.eval(), prima.eval(), text)
 
 
-def random_bundle(config: str = "tiny", seed: int = 0, version: str | None = None) -> LoadedBundle:
-    """A bundle with random weights, in memory (tests, demos). Thresholds are 0; ``save_bundle`` writes it."""
+def _load_text(folder: Path, manifest: Mapping[str, Any], device: str | torch.device,
+               mapped: bool) -> PrimaTextModel | None:
+    """The bundle's text tower, verified like the other weights; None where the bundle has none."""
+    if TEXT_FILE not in manifest["files"]:
+        return None
+    if "text_config" not in manifest:
+        raise BundleError(f"{folder / MANIFEST_FILE} lists {TEXT_FILE} but no text_config")
+    try:
+        config = PrimaTextConfig.from_dict(manifest["text_config"])
+    except TypeError as error:
+        raise BundleError(f"{folder / MANIFEST_FILE}: text_config is not a text tower's: {error}") from None
+    state = _verified_state_dict(folder, TEXT_FILE, manifest)
+    with torch.device("meta"):
+        text = (PrimaTextModel(config, float(manifest["text_temperature"])) if "text_temperature" in manifest
+                else PrimaTextModel(config))
+    text = text.to_empty(device=device)
+    try:
+        text.load_state_dict(state, strict=True, assign=mapped)
+    except RuntimeError as error:
+        raise BundleError(f"bundle {folder}: {TEXT_FILE} does not fit the manifest's text_config: {error}") from None
+    return text.eval()
+
+
+def random_bundle(config: str = "tiny", seed: int = 0, version: str | None = None,
+                  text: bool = False) -> LoadedBundle:
+    """A bundle with random weights, in memory (tests, demos). Thresholds are 0; ``save_bundle`` writes it.
+    ``text``: with a random text tower of the same size (zero-shot findings)."""
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
         vqvae = build_vqvae(config)
         prima = PrimaModel(PRIMA_CONFIGS[config], DIAGNOSIS_NAMES, REFERRALS, PRIORITY_CLASSES)
+        text_model = PrimaTextModel(PRIMA_TEXT_CONFIGS[config]).eval() if text else None
     finally:
         torch.random.set_rng_state(generator_state)  # tests that build bundles do not perturb each other
     manifest = {
@@ -277,4 +343,4 @@ def random_bundle(config: str = "tiny", seed: int = 0, version: str | None = Non
         "referral_names": list(REFERRALS),
         "notes": "random weights: for tests and demos only, predictions mean nothing",
     }
-    return LoadedBundle(None, manifest, vqvae.eval(), prima.eval())
+    return LoadedBundle(None, manifest, vqvae.eval(), prima.eval(), text_model)

@@ -559,10 +559,19 @@ def export_reference_bundle(
     vqvae_path: str | PathLike[str],
     directory: str | PathLike[str],
     version: str = "prima-107",
+    text: bool = True,
 ) -> Path:
-    """Read both published checkpoints safely and write them as a bundle; the manifest records their sha256."""
+    """Read both published checkpoints safely and write them as a bundle; the manifest records their sha256.
+    ``text``: carry the checkpoint's CLIP text tower too (zero-shot findings); a checkpoint without a readable one
+    is refused then (ReferenceCheckpointError), since a bundle that silently lost it would not say why."""
     prima_path, vqvae_path = Path(prima_path), Path(vqvae_path)
     checkpoint = load_reference_prima(prima_path)
+    reference_text = load_reference_prima_text(prima_path) if text else None
+    if reference_text is not None:
+        with torch.device("meta"):
+            text_model = PrimaTextModel(reference_text.config, reference_text.temperature)
+    else:
+        text_model = None
     vqvae = load_reference_vqvae(vqvae_path)
     config_name = "full" if vqvae_widths_of(vqvae.state_dict()) == VQVAE_CONFIGS["full"] else "custom"
     # The weights are written straight from the checkpoint's memory-mapped tensors (already in our layout);
@@ -584,6 +593,8 @@ def export_reference_bundle(
             },
         },
         prima_state=checkpoint.state_dict,
+        text=text_model,
+        text_state=reference_text.state_dict if reference_text is not None else None,
     )
 
 
@@ -596,9 +607,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("vqvae", help="vqvae_model_step16799.pth")
     parser.add_argument("out", help="bundle folder to write")
     parser.add_argument("--version", default="prima-107")
+    parser.add_argument("--no-text", action="store_true", help="leave the CLIP text tower out (no zero-shot)")
     args = parser.parse_args(argv)
     try:
-        folder = export_reference_bundle(args.prima, args.vqvae, args.out, args.version)
+        folder = export_reference_bundle(args.prima, args.vqvae, args.out, args.version, text=not args.no_text)
     except ReferenceCheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

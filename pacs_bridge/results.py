@@ -68,6 +68,28 @@ class SimilarStudy:
 
 
 @dataclass(frozen=True)
+class ZeroShotFindings:
+    """Findings scored from text prompts (zero-shot), reported beside the model's own findings.
+
+    ``method`` and ``version`` identify the algorithm apart from the heads or the kNN (the SR gives these findings
+    their own TID 4019 Algorithm Identification); ``parameters`` say how it was run (prompt table, kNN weight).
+    """
+
+    method: str
+    version: str
+    findings: tuple[Finding, ...]
+    parameters: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.method.strip() or not self.version.strip():
+            raise ValueError(f"zero-shot findings need a method and a version, got {self.method!r} "
+                             f"{self.version!r}")
+        for f in self.findings:
+            if not 0.0 <= f.probability <= 1.0:
+                raise ValueError(f"zero-shot finding {f.label!r} has probability {f.probability} outside 0..1")
+
+
+@dataclass(frozen=True)
 class TriageResult:
     """What the triage says about one study version."""
 
@@ -79,6 +101,8 @@ class TriageResult:
     model_version: str = "unknown"
     priority_scores: dict[str, float] = field(default_factory=dict)
     similar_studies: tuple[SimilarStudy, ...] = ()
+    #: Zero-shot scores from the text tower, as findings of their own method (never raise the priority).
+    zero_shot: ZeroShotFindings | None = None
 
     def __post_init__(self) -> None:
         if self.priority not in PRIORITIES:

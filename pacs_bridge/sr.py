@@ -27,6 +27,12 @@ Content tree (PS3.16 template and row in brackets)::
             INFERRED FROM SCOORD POLYLINE, closed                               [TID 320]
               SELECTED FROM IMAGE, the source image
           CODE (705057003, SCT, "Presence") = Present | Absent | Undetermined   [TID 1501 row 11]
+        CONTAINS CONTAINER Measurement Group, one per zero-shot finding         [TID 1501]
+          TEXT Tracking Identifier "zs-<code value>"; UIDREF Tracking Unique Identifier
+          CODE Finding = the finding code (pacs_bridge.codes, chest/CT codes included)
+          TEXT Algorithm Name = the zero-shot method, e.g. "medimageinsight-zero-shot",  [TID 4019]
+               Algorithm Version; TEXT Algorithm Parameters ("prompts=<table>", "knn_weight=<w>")
+          NUM  Probability, NUM Operating point threshold, CODE Presence         [TID 300, TID 1501 row 11]
         CONTAINS CONTAINER Measurement Group, one per similar prior study       [TID 1501]
           TEXT Tracking Identifier "prior-<keyed hash>" (never the other study's UID)
           CODE Finding = (SIMILAR-PRIOR, 99PRIMA, "Similar prior study"); TID 4019
@@ -62,6 +68,10 @@ Decisions worth knowing:
 * The row 12 container accepts only CODE and TEXT items (and TID 4019, whose TEXT items PixelMed then
   mismatches against row 14): priority class scores are therefore TEXT items with a private concept name, and
   the algorithm is identified in each measurement group.
+* Zero-shot scores (text prompts against the image embedding) are findings of another algorithm than the
+  heads or the kNN: each has its own group, tracked as "zs-<code>" under a UID of its own, whose TID 4019
+  Algorithm Identification names the zero-shot method, its version and its parameters. They never decide the
+  priority; :func:`read_sr` returns them as ``TriageResult.zero_shot``.
 * Similar prior studies belong to other patients: the SR names them only by a pseudonymous reference (a keyed
   hash of the other study's UID, :func:`worker.slice_evidence.study_reference`), which the worklist resolves
   for authorised users; their findings are codes, their similarity a NUM. :func:`read_sr` returns them with an
@@ -85,7 +95,14 @@ from pydicom.sr.coding import Code
 from pydicom.uid import UID, generate_uid
 
 from pacs_bridge import codes
-from pacs_bridge.results import Finding, ImageRegion, NotAnalysed, SimilarStudy, TriageResult
+from pacs_bridge.results import (
+    Finding,
+    ImageRegion,
+    NotAnalysed,
+    SimilarStudy,
+    TriageResult,
+    ZeroShotFindings,
+)
 
 #: Series Number of our SR series by default, and the range that :func:`is_our_sr` treats as ours.
 DEFAULT_SERIES_NUMBER = 990
@@ -106,6 +123,8 @@ _PRESENCE_OF_CALL = {"present": codes.PRESENT, "absent": codes.ABSENT, "not call
 _CALL_OF_PRESENCE = {(c.scheme_designator, c.value): call for call, c in _PRESENCE_OF_CALL.items()}
 _NO_DIAGNOSIS_TRACKING_ID = "dx-none"
 _NOT_ANALYSED_TRACKING_ID = "not-analysed"
+#: Tracking Identifier prefix of a zero-shot finding's group (a head's finding is "dx-<code>").
+_ZERO_SHOT_TRACKING_PREFIX = "zs-"
 #: What a pseudonymous reference to another study looks like (worker.slice_evidence.study_reference).
 _REFERENCE = re.compile(r"prior-[0-9a-f]{32}")
 _TRACKING_NAMESPACE = uuid.UUID("6f6e8f8e-2a4b-5c1d-9e0f-7472696167e5")
@@ -194,6 +213,10 @@ def build_sr(
         groups = [_measurement_group(result, finding, instances, sites) for finding in result.findings]
     else:
         groups = [_no_diagnosis_group(result)]
+    if analysed and result.zero_shot is not None:
+        sites = _finding_sites(evidence)
+        groups += [_zero_shot_group(result, result.zero_shot, finding, sites)
+                   for finding in result.zero_shot.findings]
     if analysed:
         groups += [_similar_study_group(result, study) for study in result.similar_studies]
     procedures = _procedures(evidence)
@@ -284,11 +307,14 @@ def read_outcome(ds: pydicom.Dataset) -> TriageResult | NotAnalysed:
     model_version = _text_value(groups[0][0], dcm_codes.DCM.AlgorithmVersion, f"SR {sop_uid}")
     findings = []
     similar_studies: list[SimilarStudy] = []
+    zero_shot: ZeroShotFindings | None = None
     not_analysed = False
     for group in groups:
         if group.finding_type is None:
             raise ValueError(f"SR {sop_uid}: measurement group {group.tracking_identifier!r} has no Finding")
-        if group.finding_type == codes.NOT_ANALYSED:
+        if _is_zero_shot_group(group):
+            zero_shot = _read_zero_shot(group, zero_shot, series_of, f"SR {sop_uid}")
+        elif group.finding_type == codes.NOT_ANALYSED:
             not_analysed = True
         elif group.finding_type == codes.SIMILAR_PRIOR_STUDY:
             similar_studies.append(_read_similar_study(group, f"SR {sop_uid}"))
@@ -330,6 +356,7 @@ def read_outcome(ds: pydicom.Dataset) -> TriageResult | NotAnalysed:
         model_version=model_version,
         priority_scores=priority_scores,
         similar_studies=tuple(similar_studies),
+        zero_shot=zero_shot,
     )
 
 
@@ -517,6 +544,36 @@ def _measurement_group(result: TriageResult, finding: Finding, instances: dict[s
         algorithm_id=_algorithm_identification(result),
         finding_sites=list(finding_sites) or None,
         measurements=measurements,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.PRESENCE, _PRESENCE_OF_CALL[finding.call])],
+    )
+
+
+def _zero_shot_group(result: TriageResult, zero_shot: ZeroShotFindings, finding: Finding,
+                     finding_sites: Sequence[hd.sr.FindingSite] = ()
+                     ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The TID 1501 group of one zero-shot finding: its code, score and threshold, identified as the zero-shot
+    method's (TID 4019 with the method's name, version and parameters), tracked apart from the heads' finding."""
+    code = codes.code_for_label(finding.label)
+    _check_text("zero-shot method", zero_shot.method)
+    _check_text("zero-shot version", zero_shot.version)
+    for parameter in zero_shot.parameters:
+        _check_text("zero-shot parameter", parameter)
+    what = f"zero-shot finding {finding.label!r}"
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=_tracking_uid(result.study_instance_uid, f"zero-shot/{finding.label}"),
+            identifier=f"{_ZERO_SHOT_TRACKING_PREFIX}{code.value}"),
+        finding_type=code,
+        algorithm_id=hd.sr.AlgorithmIdentification(name=zero_shot.method, version=zero_shot.version,
+                                                   parameters=list(zero_shot.parameters) or None),
+        finding_sites=list(finding_sites) or None,
+        measurements=[
+            hd.sr.Measurement(name=codes.PROBABILITY, value=_finite(f"probability of {what}", finding.probability),
+                              unit=codes.UNIT_ONE),
+            hd.sr.Measurement(name=codes.OPERATING_THRESHOLD, value=_finite(f"threshold of {what}",
+                                                                              finding.threshold),
+                              unit=codes.UNIT_ONE),
+        ],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(codes.PRESENCE, _PRESENCE_OF_CALL[finding.call])],
     )
 
@@ -720,6 +777,27 @@ def _parse_similar_study(text: str, where: str) -> SimilarStudy:
         )
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"{what} is not the JSON object build_sr writes: {exc}") from None
+
+
+def _is_zero_shot_group(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> bool:
+    identifiers = hd.sr.utils.find_content_items(group[0], name=dcm_codes.DCM.TrackingIdentifier)
+    return bool(identifiers) and str(identifiers[0].TextValue).startswith(_ZERO_SHOT_TRACKING_PREFIX)
+
+
+def _read_zero_shot(group: hd.sr.MeasurementsAndQualitativeEvaluations, so_far: ZeroShotFindings | None,
+                    series_of: dict[str, str], where: str) -> ZeroShotFindings:
+    """``so_far`` with the zero-shot finding of ``group`` added; every zero-shot group must name one method."""
+    method = _text_value(group[0], dcm_codes.DCM.AlgorithmName, f"{where}: zero-shot finding")
+    version = _text_value(group[0], dcm_codes.DCM.AlgorithmVersion, f"{where}: zero-shot finding")
+    parameters = tuple(str(item.TextValue) for item in hd.sr.utils.find_content_items(
+        group[0], name=dcm_codes.DCM.AlgorithmParameters, recursive=True))
+    finding = _read_finding(group, series_of, f"{where}: zero-shot")
+    if so_far is None:
+        return ZeroShotFindings(method, version, (finding,), parameters)
+    if (so_far.method, so_far.version) != (method, version):
+        raise ValueError(f"{where}: zero-shot findings of two methods ({so_far.method} {so_far.version}, "
+                         f"{method} {version})")
+    return ZeroShotFindings(method, version, (*so_far.findings, finding), so_far.parameters)
 
 
 def _read_finding(group: hd.sr.MeasurementsAndQualitativeEvaluations, series_of: dict[str, str], where: str

@@ -515,7 +515,7 @@ def _run(engine: Engine, config: NightlyConfig, outcome: NightlyOutcome, since: 
     )
     if folder.exists():
         shutil.rmtree(folder)
-    save_bundle(folder, candidate_model.vqvae, candidate_model.prima, meta)
+    save_bundle(folder, candidate_model.vqvae, candidate_model.prima, meta, text=candidate_model.text)
     registry.register_bundle(engine, folder, metrics=metrics, gates=gates, training_run_id=outcome.run_id,
                              parent_version=serving.version)
     outcome.candidate_version, outcome.metrics, outcome.gates = version, metrics, gates

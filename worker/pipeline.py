@@ -439,6 +439,9 @@ class RunProcessor:
         from worker.slice_evidence import add_slice_evidence  # similar prior studies (slice_evidence.enabled)
 
         result = add_slice_evidence(self, item, result)  # within the study's partition (item.partition)
+        from worker.zero_shot import add_prima_zero_shot  # where the bundle carries Prima's text tower
+
+        result = add_prima_zero_shot(self.settings, self._bundle, prediction, result)
         t0 = time.perf_counter()
         sr_path, sr = self._write_sr(run_id, study_id, study_uid, version, result,
                                      [p for paths in image_paths.values() for p in paths])

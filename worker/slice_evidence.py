@@ -300,6 +300,7 @@ class StudyEvidence:
     neighbours: list  # models.knn.Neighbour, the k nearest, most similar first
     n_series: int
     n_slices: int
+    study_vector: np.ndarray | None = None  # the study's MedImageInsight vector (zero-shot findings score it)
 
 
 class SliceEvidence:
@@ -371,7 +372,7 @@ class SliceEvidence:
         book.add_study(study_uid, run_id, study_vector, per_series)
         timings["slice_search_s"] = time.perf_counter() - t0
         return StudyEvidence(similar, neighbours[: int(self.cfg["k"])], len(per_series),
-                             sum(n for _, n in per_series.values()))
+                             sum(n for _, n in per_series.values()), study_vector)
 
 
 _EVIDENCE: "weakref.WeakKeyDictionary[object, SliceEvidence | None]" = weakref.WeakKeyDictionary()
@@ -491,6 +492,7 @@ class SliceKnnProcessor:
     def _run(self, claim):
         from worker.metrics import RUNS, STAGE_SECONDS
         from worker.pipeline import RunFailed, RunOutcome
+        from worker.zero_shot import add_slice_zero_shot
         p = self.processor
         timings: dict[str, float] = {}
         image_paths = self._image_paths(claim.study_id)
@@ -515,6 +517,8 @@ class SliceKnnProcessor:
         p._stamp(claim.run_id, "inferred_at")
         result, scores = knn_result(claim.study_uid, found.neighbours, p.settings, evidence.model_version)
         result = dataclasses.replace(result, similar_studies=found.similar)
+        # zero-shot findings beside the kNN (zero_shot.enabled)
+        result = add_slice_zero_shot(evidence, result, found.study_vector, found.neighbours, scores)
         t0 = time.perf_counter()
         sr_path, sr = p._write_sr(claim.run_id, claim.study_id, claim.study_uid, claim.version, result,
                                   [path for paths in image_paths.values() for path in paths])

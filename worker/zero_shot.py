@@ -17,6 +17,7 @@ import functools
 import hashlib
 import logging
 import os
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,3 +131,92 @@ def zero_shot_findings(scores: ZeroShotScores, threshold: float, top_k: int, cod
     chosen += [label for label in ranked if label not in chosen][: max(top_k - len(chosen), 0)]
     return tuple(Finding(label=label, probability=min(max(values[label], 0.0), 1.0), threshold=threshold)
                  for label in sorted(chosen, key=lambda name: (-values[name], name)))
+
+
+# -- the product's call sites: slice_knn (worker.slice_evidence) and neuro_mri (worker.pipeline) ---------------------
+_SLICE: weakref.WeakKeyDictionary[object, SliceZeroShot | None] = weakref.WeakKeyDictionary()
+# A LoadedBundle is an unhashable dataclass: keyed by id, with a weak reference that says it is still that bundle.
+_PRIMA: dict[int, tuple[weakref.ref, PrimaZeroShot | None]] = {}
+
+
+def as_findings(scores: ZeroShotScores, version: str, settings, parameters: Sequence[str] = ()):
+    """The scores as :class:`pacs_bridge.results.ZeroShotFindings`: the method, the model version, the labels the
+    SR reports (``zero_shot.threshold``, topped up to ``model.report_top_k``) and how they were made."""
+    from pacs_bridge.codes import FINDING_CODES
+    from pacs_bridge.results import ZeroShotFindings
+
+    findings = zero_shot_findings(scores, float(settings["zero_shot"]["threshold"]),
+                                  max(int(settings["model"]["report_top_k"]), 1), codable=FINDING_CODES)
+    return ZeroShotFindings(scores.method, version[:64], findings,
+                            (f"prompts={scores.table}"[:64], *parameters))
+
+
+def slice_zero_shot_for(evidence) -> SliceZeroShot | None:
+    """The SliceZeroShot of a worker's SliceEvidence (its embedder's text tower), built once; None when
+    ``zero_shot.enabled`` is off or the prompt table cannot be used (said once)."""
+    if evidence in _SLICE:
+        return _SLICE[evidence]
+    scorer = None
+    if evidence.settings["zero_shot"]["enabled"]:
+        try:
+            scorer = SliceZeroShot(evidence.settings, evidence.embedder)
+        except (ValueError, OSError) as exc:
+            log.error("zero-shot findings are off for slice_knn: %s", exc)
+    _SLICE[evidence] = scorer
+    return scorer
+
+
+def add_slice_zero_shot(evidence, result, study_vector, neighbours, knn_scores: Mapping[str, float]):
+    """``result`` (slice_knn) with the study's zero-shot findings, combined with the kNN scores where neighbours
+    with a final report exist (they then score every label: a label none of them carries counts 0); never
+    raises: without zero-shot the kNN result goes out alone."""
+    import dataclasses
+
+    try:
+        scorer = slice_zero_shot_for(evidence)
+        if scorer is None or study_vector is None:
+            return result
+        labelled = any(n.labels is not None for n in neighbours)
+        knn = {label: float(knn_scores.get(label, 0.0)) for label in scorer.table.label_names} if labelled else {}
+        scores = scorer.score(np.asarray(study_vector, np.float32), knn)
+        parameters = (f"knn_weight={scorer.knn_weight!r}",) if labelled else ()
+        zero_shot = as_findings(scores, evidence.model_version, evidence.settings, parameters)
+    except Exception:  # zero-shot is an addition: the result goes out without it
+        log.exception("study %s: no zero-shot findings", result.study_instance_uid)
+        return result
+    return dataclasses.replace(result, zero_shot=zero_shot)
+
+
+def prima_zero_shot_for(settings, bundle) -> PrimaZeroShot | None:
+    """The PrimaZeroShot of a loaded bundle, built once per bundle; None when the bundle has no text tower or
+    ``zero_shot.enabled`` is off."""
+    known = _PRIMA.get(id(bundle))
+    if known is not None and known[0]() is bundle:
+        return known[1]
+    scorer = None
+    if settings["zero_shot"]["enabled"] and getattr(bundle, "text", None) is not None:
+        try:
+            scorer = PrimaZeroShot(settings, bundle.prima, bundle.text, bundle.text_weights_id)
+        except (ValueError, OSError) as exc:
+            log.error("zero-shot findings are off for bundle %s: %s", bundle.version, exc)
+    for key in [key for key, (ref, _) in _PRIMA.items() if ref() is None]:
+        del _PRIMA[key]
+    _PRIMA[id(bundle)] = (weakref.ref(bundle), scorer)
+    return scorer
+
+
+def add_prima_zero_shot(settings, bundle, prediction, result):
+    """``result`` (neuro_mri) with Prima's zero-shot findings for the study embedding, where the bundle carries a
+    text tower; never raises."""
+    import dataclasses
+
+    try:
+        scorer = prima_zero_shot_for(settings, bundle)
+        if scorer is None:
+            return result
+        scores = scorer.score(prediction.embedding)
+        zero_shot = as_findings(scores, bundle.version, settings)
+    except Exception:  # zero-shot is an addition: the result goes out without it
+        log.exception("study %s: no zero-shot findings", result.study_instance_uid)
+        return result
+    return dataclasses.replace(result, zero_shot=zero_shot)
