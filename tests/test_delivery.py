@@ -204,7 +204,7 @@ def test_a_worklist_raise_is_retried_on_the_delivery_queue_until_the_receiver_re
         service._start("worker", ["worker", "--queues", "delivery", "--hostname", "delivery@localhost"])
         make_celery(settings).send_task(PUBLISH, args=[run_id], kwargs={"first_tried_at": time.time()},
                                         queue=DELIVERY_QUEUE)
-        wait_for(lambda: len(publications("failed")) >= 4, 120, what="four failed publications")
+        wait_for(lambda: len(publications("failed")) >= 4, 300, what="four failed publications")
         server = ThreadingHTTPServer(("127.0.0.1", hook_port), _Hook)  # the pager is back
         threading.Thread(target=server.serve_forever, daemon=True).start()
         wait_for(lambda: publications("notified"), 60, what="the retried publication")
