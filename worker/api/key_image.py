@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 #: Outline colours, one per finding in the order given (colour-blind-safe Okabe-Ito).
 COLOURS = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#D55E00", "#CC79A7", "#0072B2")
@@ -54,7 +54,8 @@ def render_key_image(path: Path, sop_instance_uid: str, findings: Sequence[Findi
     image = Image.fromarray(grey).resize((grey.shape[1] * scale, grey.shape[0] * scale), Image.Resampling.NEAREST)
     shown = [(f, COLOURS[i % len(COLOURS)]) for i, f in enumerate(findings)
              if any(uid == sop_instance_uid for uid, _, _ in f.regions)]
-    legend_height = 18 * len(shown) + 8
+    font = ImageFont.load_default(size=16)
+    legend_height = 22 * len(shown) + 8
     canvas = Image.new("RGB", (image.width, image.height + legend_height), "black")
     canvas.paste(image.convert("RGB"), (0, 0))
     draw = ImageDraw.Draw(canvas)
@@ -63,9 +64,9 @@ def render_key_image(path: Path, sop_instance_uid: str, findings: Sequence[Findi
             if uid == sop_instance_uid and len(polygon) >= 2:
                 draw.line([(x * scale, y * scale) for x, y in polygon], fill=colour, width=2)
     for row, (finding, colour) in enumerate(shown):
-        top = image.height + 4 + 18 * row
-        draw.rectangle((6, top + 2, 18, top + 14), outline=colour, width=2)
-        draw.text((26, top + 1), finding.name, fill="white")
+        top = image.height + 4 + 22 * row
+        draw.rectangle((6, top + 3, 20, top + 17), outline=colour, width=2)
+        draw.text((28, top + 1), finding.name, fill="white", font=font)
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     return buffer.getvalue()

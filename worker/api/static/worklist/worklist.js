@@ -65,6 +65,8 @@ async function sendFeedback(item, target, label, verdict, buttons) {
     return;
   }
   comments.delete(item.study_instance_uid);
+  const box = body.querySelector(`tr[data-study-uid="${item.study_instance_uid}"] input.comment`);
+  if (box) box.value = "";
   item.feedback[target === "priority" ? "priority" : `finding:${label}`] = verdict;
   for (const button of buttons) button.setAttribute("aria-pressed", String(button.dataset.verdict === verdict));
   etag = null; // the next poll redraws with the stored verdict
