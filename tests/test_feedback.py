@@ -210,3 +210,23 @@ def test_the_key_image_is_the_source_slice_with_the_findings_region_drawn_for_re
     assert (np.asarray(image) == outline).all(axis=-1).sum() > 100
     assert client.get(f"/worklist/studies/{refused_uid}/key-image.png",
                       headers=HEADERS["radiologist"]).status_code == 404
+
+
+def test_a_final_report_outranks_feedback_as_the_nightly_label(api):
+    from pacs_bridge.report_schema import ground_truth_labels, reports
+
+    client, engine, study_uid, _, _ = api
+    assert client.post(f"/worklist/studies/{study_uid}/feedback", headers=HEADERS["radiologist"],
+                       json={"target": "finding", "label": CALLED, "verdict": "agree"}).status_code == 201
+    with engine.connect() as c:
+        assert collect_truth(c)[study_uid].labels == {CALLED: 1}
+    now = utcnow()
+    with engine.begin() as c:
+        report_id = c.execute(insert(reports).values(
+            study_instance_uid=study_uid, status="F", reported_at=now, received_at=now,
+            text="No acute haemorrhage.", source="hl7")).inserted_primary_key[0]
+        c.execute(insert(ground_truth_labels).values(report_id=report_id, label=CALLED, value=0,
+                                                     source="labeller", created_at=now))
+    with engine.connect() as c:
+        truth = collect_truth(c)[study_uid]
+    assert truth.labels == {CALLED: 0} and not truth.partial
