@@ -21,8 +21,13 @@ from pacs_bridge.feedback_schema import ai_feedback
 from pacs_bridge.schema import make_engine
 from tests.conftest import free_port, wait_for
 from tests.test_feedback import CALLED, analysed_study, not_analysed_study
-from tests.test_worklist_browser import CHROMIUM, ROWS, SCREENSHOTS, Chromium  # noqa: F401
-from tests.test_worklist_browser import chromium  # noqa: F401  (the fixture)
+from tests.test_worklist_browser import (  # noqa: F401
+    CHROMIUM,
+    ROWS,
+    SCREENSHOTS,
+    Chromium,
+    chromium,
+)
 from train.nightly import collect_truth
 from worker.database import upgrade
 
