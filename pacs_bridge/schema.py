@@ -213,3 +213,4 @@ from pacs_bridge import pull_schema as _pull_schema  # noqa: E402,F401
 from pacs_bridge import audit_schema as _audit_schema  # noqa: E402,F401
 from pacs_bridge import registry_schema as _registry_schema  # noqa: E402,F401
 from pacs_bridge import slice_index_schema as _slice_index_schema  # noqa: E402,F401
+from pacs_bridge import feedback_schema as _feedback_schema  # noqa: E402,F401

@@ -3,7 +3,9 @@
 One run (``triage train nightly``, or the Celery beat entry ``triage.train_nightly``):
 
 1. record a ``training_runs`` row; the run's new data are ground-truth labels recorded since the last finished
-   run (final and corrected reports, linked to their study); too few new labelled studies and it stops there;
+   run (final and corrected reports, linked to their study; for a study with no final report, the radiologists'
+   agree / disagree verdicts on the AI's called findings from the worklist, :func:`collect_feedback_truth`); too
+   few new labelled studies and it stops there;
 2. take the serving model from the registry (the configured ``model.bundle`` is registered and serves when the
    registry is empty), and make sure every labelled study has a stored embedding under that model's encoder,
    computing the missing ones from the images in the store;
@@ -48,6 +50,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from models.bundle import LoadedBundle, load_bundle, save_bundle
+from pacs_bridge.feedback_schema import ai_feedback
 from pacs_bridge.registry_schema import training_metrics, training_runs
 from pacs_bridge.report_schema import ATTRIBUTES, UNKNOWN, ground_truth_labels, reports, study_attributes
 from pacs_bridge.schema import as_utc, instances, series, studies, utcnow
@@ -139,6 +142,8 @@ class NightlyOutcome:
 class StudyTruth:
     labels: dict[str, int]  # diagnosis -> 1 present, 0 absent, -1 uncertain (unmentioned: absent)
     labelled_at: datetime
+    #: Only the listed diagnoses are known (radiologists' feedback): unmentioned ones are unknown, not absent.
+    partial: bool = False
 
 
 def collect_ground_truth(connection: Connection) -> dict[str, StudyTruth]:
@@ -168,6 +173,31 @@ def collect_ground_truth(connection: Connection) -> dict[str, StudyTruth]:
         labelled_at[r.study_instance_uid] = max(labelled_at.get(r.study_instance_uid, stamp), stamp)
     return {uid: StudyTruth({k: v for k, (_, v) in labels.items()}, labelled_at[uid])
             for uid, labels in chosen.items()}
+
+
+def collect_feedback_truth(connection: Connection) -> dict[str, StudyTruth]:
+    """Per study, labels from radiologists' verdicts on the AI's called findings (worklist feedback): agree -> 1
+    (present), disagree -> 0 (absent). Where radiologists disagree with each other on a finding, the latest verdict
+    wins. Priority verdicts give no diagnosis label. Only the judged diagnoses are known (``partial``)."""
+    rows = connection.execute(
+        select(ai_feedback.c.study_instance_uid, ai_feedback.c.label, ai_feedback.c.verdict,
+               ai_feedback.c.created_at)
+        .where(ai_feedback.c.target == "finding", ai_feedback.c.ai_value == "present")
+        .order_by(ai_feedback.c.created_at, ai_feedback.c.id)).all()
+    labels: dict[str, dict[str, int]] = defaultdict(dict)
+    labelled_at: dict[str, datetime] = {}
+    for r in rows:
+        labels[r.study_instance_uid][r.label] = 1 if r.verdict == "agree" else 0
+        labelled_at[r.study_instance_uid] = as_utc(r.created_at)
+    return {uid: StudyTruth(found, labelled_at[uid], partial=True) for uid, found in labels.items()}
+
+
+def collect_truth(connection: Connection) -> dict[str, StudyTruth]:
+    """Final reports' labels, and radiologists' feedback for the studies that have no final report."""
+    truth = collect_ground_truth(connection)
+    for uid, feedback in collect_feedback_truth(connection).items():
+        truth.setdefault(uid, feedback)
+    return truth
 
 
 def split_of(study_uid: str, seed: int, held_out_fraction: float, validation_fraction: float) -> str:
@@ -259,7 +289,7 @@ def evaluate_model(prima, embeddings: torch.Tensor, diagnosis: np.ndarray, prior
         "worst_disparity": max(float(disparity["tpr"]), float(disparity["fpr"])),
         "disparity": disparity,
         "flagged_disparities": flagged,
-        "n": int(len(embeddings)),
+        "n": len(embeddings),
     }
 
 
@@ -425,7 +455,7 @@ def _run(engine: Engine, config: NightlyConfig, outcome: NightlyOutcome, since: 
             link_reports_to_studies(connection)
         except ImportError:  # the fairness package is optional here
             pass
-        truth = {uid: t for uid, t in collect_ground_truth(connection).items() if t.labelled_at <= until}
+        truth = {uid: t for uid, t in collect_truth(connection).items() if t.labelled_at <= until}
     new = [uid for uid, t in truth.items() if since is None or t.labelled_at > since]
     if len(new) < config.min_new_studies:
         outcome.status = "skipped"
@@ -457,6 +487,8 @@ def _run(engine: Engine, config: NightlyConfig, outcome: NightlyOutcome, since: 
         diagnosis = np.zeros((len(selected), len(names)), dtype=np.float32)
         index = {n: i for i, n in enumerate(names)}
         for row, uid in enumerate(selected):
+            if truth[uid].partial:  # feedback: only the judged diagnoses are known
+                diagnosis[row] = np.nan
             for label, value in truth[uid].labels.items():
                 if label in index:
                     diagnosis[row, index[label]] = np.nan if value < 0 else float(value)

@@ -13,8 +13,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.responses import HTMLResponse
+from sqlalchemy import func, select
 
+from pacs_bridge.feedback_schema import ai_feedback
 from pacs_bridge.study_attributes import AttributePolicy
+from train.fairness.agreement import agreement_by_group, render_agreement_html
 from train.fairness.analysis import FairnessConfig, headline
 from train.fairness.cohort import load_cohort_db
 from train.fairness.metrics import publish
@@ -44,12 +47,17 @@ def _latest(request: Request):
 def fairness_page(request: Request, principal: PageReader) -> HTMLResponse:
     results = _latest(request)
     state = request.app.state
+    with engine_of(request).connect() as connection:
+        # Feedback arrives between refreshes: its section is redrawn whenever a verdict was added.
+        key = (results.refresh_id, connection.execute(select(func.max(ai_feedback.c.id))).scalar())
     with _render_lock:  # one rendering at a time; later requests for the same refresh get the cached page
         cached = getattr(state, "fairness_page", None)
-        if cached is None or cached[0] != results.refresh_id:
+        if cached is None or cached[0] != key:
             with engine_of(request).connect() as connection:
                 cohort = load_cohort_db(connection)
-            state.fairness_page = (results.refresh_id, render_html(results, cohort))
+                agreement = render_agreement_html(agreement_by_group(connection))
+            page = render_html(results, cohort)
+            state.fairness_page = (key, page.replace("</body></html>", agreement + "\n</body></html>"))
         page = state.fairness_page[1]
     return HTMLResponse(page)
 
@@ -60,6 +68,8 @@ def fairness_results(request: Request, principal: Reader, tables: bool = False) 
     body = {"refresh_id": results.refresh_id, "finished_at": results.finished_at, "source": results.source,
             **headline(results)}
     if tables:
+        with engine_of(request).connect() as connection:
+            body["agreement"] = [{**asdict(row), "share": row.share} for row in agreement_by_group(connection)]
         body["odds"] = [asdict(row) for row in results.odds]
         body["disparities"] = [{k: v for k, v in asdict(row).items() if not k.startswith("bootstrap_")}
                                for row in results.disparities]

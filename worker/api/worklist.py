@@ -7,8 +7,15 @@ ETag of what it shows, so it updates without a reload and an unchanged list cost
 needs a radiologist or admin token; the pages and their assets carry no data and are served to anyone, which
 keeps the login replaceable (``worklist.login``; the page reads ``GET /worklist/config`` to choose its login).
 
-Reading order: ``stat`` before ``urgent`` before ``routine``; studies the AI has not finished (or failed on)
-rank with routine, since they still have to be read; within a level, the longest-waiting first. Studies with a
+Reading order: ``stat`` before ``urgent`` before ``routine``; studies the AI has not finished, failed on or did
+not analyse (the input gate turned them away, ``worker.input_gate``: the row says why) rank with routine, since
+they still have to be read; within a level, the longest-waiting first.
+
+The summary lists only the findings the AI called (present: at or above threshold); the study page lists all.
+Demographics and exam time are shown to the roles in ``DEMOGRAPHICS_ROLES``; the bookkeeping keeps patient sex and
+age only (never names or IDs, DESIGN.md), so that is all a row can show. A radiologist agrees or disagrees with
+each called finding and the priority (``feedback.py``); the key image (``key_image.py``) shows the regions that
+drove each called finding. Studies with a
 final report leave the list (``worklist.hide_reported``), as do studies no pipeline processes (``ignored``).
 """
 from __future__ import annotations
@@ -30,10 +37,13 @@ from pydantic import BaseModel, Field
 from sqlalchemy import and_, func, or_, select
 
 from pacs_bridge.codes import DIAGNOSIS_CODES, REFERRAL_CODES, SIMILAR_PRIOR_STUDY, SIMILAR_STUDY
-from pacs_bridge.report_schema import reports
+from pacs_bridge.report_schema import reports, study_attributes
 from pacs_bridge.results import PRIORITIES
-from pacs_bridge.schema import as_utc, deliveries, events, predictions, processing_runs, studies
+from pacs_bridge.schema import as_utc, deliveries, events, instances, predictions, processing_runs, studies
 from worker.api.app import Principal, current_principal, engine_of, require_role
+from worker.api.feedback import current_verdicts
+from worker.api.feedback import router as feedback_router
+from worker.api.key_image import FindingRegions, key_instance, render_key_image
 
 router = APIRouter(prefix="/worklist", tags=["worklist"])
 Reader = Annotated[Principal, Depends(require_role("radiologist", "admin"))]
@@ -46,6 +56,9 @@ ASSETS = {"worklist.js": "text/javascript", "study.js": "text/javascript", "auth
           "format.js": "text/javascript", "worklist.css": "text/css"}
 PAGES = {"": "index.html", "login": "login.html", "study": "study.html"}
 TOP_FINDINGS = 3
+#: Roles that see patient sex, age and exam time on the worklist (administrators run the service, they do not
+#: read studies).
+DEMOGRAPHICS_ROLES = ("radiologist",)
 _RANK = {p: i for i, p in enumerate(PRIORITIES)}
 
 
@@ -72,6 +85,8 @@ class LinksOut(BaseModel):
     detail: str = Field(..., description="the study's page on this worklist")
     sr: str | None = Field(None, description="the AI result as a DICOM SR (GET with the bearer token)")
     viewer: str | None = Field(None, description="the study in the image viewer (worklist.viewer_url)")
+    key_image: str | None = Field(None, description="PNG of the key slice with the findings' regions (GET with the "
+                                                    "bearer token; 404 when the SR marks no region)")
 
 
 class WorklistItem(BaseModel):
@@ -80,10 +95,24 @@ class WorklistItem(BaseModel):
     study_description: str | None
     modalities: str | None
     study_status: str = Field(..., description="receiving | queued | processing | done | failed")
-    ai_status: str = Field(..., description="done: an AI result exists; pending: not yet; failed: no result")
+    ai_status: str = Field(..., description="done: an AI result exists; pending: not yet; failed: no result; "
+                                            "not_analysed: the input gate turned the study away")
+    not_analysed_reasons: list[str] = Field(default_factory=list,
+                                            description="why the AI did not analyse the study (ai_status "
+                                                        "not_analysed)")
     priority: str | None = Field(None, description="the AI's priority: routine | urgent | stat")
     priority_rank: int = Field(..., description="reading order key: 2 stat, 1 urgent, 0 routine or no result")
-    findings: list[FindingOut] = Field(..., description=f"the top {TOP_FINDINGS} reported diagnoses")
+    findings: list[FindingOut] = Field(..., description=f"the top {TOP_FINDINGS} called findings (present: at or "
+                                                        "above threshold); on the study page every reported one")
+    patient_sex: str | None = Field(None, description="as the study's images give it (M, F, O); only for "
+                                                      "DEMOGRAPHICS_ROLES")
+    patient_age: str | None = Field(None, description="DICOM PatientAge (e.g. 067Y); only for DEMOGRAPHICS_ROLES")
+    exam_at: datetime | None = Field(None, description="when the examination took place (UTC); only for "
+                                                       "DEMOGRAPHICS_ROLES")
+    demographics: bool = Field(False, description="whether this principal may see demographics and exam time")
+    feedback: dict[str, str] = Field(default_factory=dict,
+                                     description="this principal's current verdicts: 'priority' or "
+                                                 "'finding:<label>' -> agree | disagree")
     referrals: list[str]
     waiting_since: datetime = Field(..., description="when the study's first images arrived (UTC)")
     processed_at: datetime | None = None
@@ -231,19 +260,23 @@ class WorklistReader:
         return LinksOut(
             detail=f"study?uid={study_uid}",
             sr=f"studies/{study_uid}/sr" if sr_path else None,
+            key_image=f"studies/{study_uid}/key-image.png" if sr_path else None,
             viewer=viewer.format(study_uid=study_uid, accession=accession or "") if viewer else None,
         )
 
-    def rows(self, study_uid: str | None = None) -> list[dict[str, Any]]:
+    def rows(self, study_uid: str | None = None, principal: Principal | None = None) -> list[dict[str, Any]]:
         latest = (select(processing_runs.c.study_id, func.max(processing_runs.c.id).label("run_id"),
                          func.min(processing_runs.c.last_image_at).label("first_run_image_at"))
                   .group_by(processing_runs.c.study_id).subquery())
         query = (select(studies, latest.c.run_id, latest.c.first_run_image_at,
                         processing_runs.c.status.label("run_status"), processing_runs.c.priority,
                         processing_runs.c.finished_at, processing_runs.c.model_name,
-                        processing_runs.c.model_version, processing_runs.c.sr_path)
+                        processing_runs.c.model_version, processing_runs.c.sr_path,
+                        processing_runs.c.error.label("run_error"), study_attributes.c.exam_at)
                  .select_from(studies.outerjoin(latest, latest.c.study_id == studies.c.id)
-                              .outerjoin(processing_runs, processing_runs.c.id == latest.c.run_id))
+                              .outerjoin(processing_runs, processing_runs.c.id == latest.c.run_id)
+                              .outerjoin(study_attributes,
+                                         study_attributes.c.study_instance_uid == studies.c.study_instance_uid))
                  .where(studies.c.status != "ignored"))
         if study_uid is not None:  # one study, as linked: shown whatever its age or report
             query = query.where(studies.c.study_instance_uid == study_uid)
@@ -262,6 +295,7 @@ class WorklistReader:
             run_ids = [r["run_id"] for r in rows if r["run_id"] is not None]
             found = defaultdict(list)
             changes = defaultdict(list)
+            verdicts = current_verdicts(connection, run_ids, principal.name) if principal is not None else {}
             if run_ids:
                 for p in connection.execute(
                         select(predictions).where(and_(predictions.c.run_id.in_(run_ids),
@@ -282,16 +316,20 @@ class WorklistReader:
                                      key=lambda p: p.probability, reverse=True)
             row["referrals"] = sorted(p.label for p in predicted if p.kind == "referral")
             row["changes"] = changes.get(row["study_instance_uid"], [])
+            row["verdicts"] = verdicts.get(row["run_id"], {})
         return rows
 
-    def item(self, row: dict[str, Any], top: int | None = TOP_FINDINGS, count_similar: bool = True
-             ) -> WorklistItem:
+    def item(self, row: dict[str, Any], top: int | None = TOP_FINDINGS, count_similar: bool = True,
+             principal: Principal | None = None) -> WorklistItem:
         run_status = row.get("run_status")
         ai_status = "done" if run_status == "done" and row.get("priority") else \
+            "not_analysed" if run_status == "not_analysed" else \
             "failed" if run_status == "failed" or row["status"] == "failed" else "pending"
         priority = row.get("priority") if ai_status == "done" else None
         since = [t for t in (as_utc(row["first_received_at"]), as_utc(row.get("first_run_image_at"))) if t]
-        findings = row["findings"][:top] if top else row["findings"]
+        # The summary shows what the AI called; a probability below threshold is not a finding.
+        findings = [p for p in row["findings"] if _called(p)][:top] if top else row["findings"]
+        shown = principal is not None and principal.role in DEMOGRAPHICS_ROLES
         return WorklistItem(
             study_instance_uid=row["study_instance_uid"], accession_number=row["accession_number"],
             study_description=row["study_description"], modalities=row["modalities"],
@@ -299,8 +337,13 @@ class WorklistReader:
             priority_rank=_RANK.get(priority, 0),
             findings=[FindingOut(label=p.label, name=finding_name(p.label), probability=p.probability,
                                  threshold=p.threshold,
-                                 positive=p.threshold is None or p.probability >= p.threshold)
+                                 positive=_called(p))
                       for p in findings],
+            not_analysed_reasons=not_analysed_reasons(row.get("run_error")) if ai_status == "not_analysed" else [],
+            patient_sex=row.get("patient_sex") if shown else None,
+            patient_age=row.get("patient_age") if shown else None,
+            exam_at=exam_time(row) if shown else None, demographics=shown,
+            feedback=row.get("verdicts", {}) if ai_status == "done" else {},
             referrals=[referral_name(r) for r in row["referrals"]],
             waiting_since=min(since), processed_at=as_utc(row.get("finished_at")),
             model=" ".join(filter(None, (row.get("model_name"), row.get("model_version")))) or None,
@@ -310,6 +353,32 @@ class WorklistReader:
             links=self._links(row["study_instance_uid"], row["accession_number"],
                               row.get("sr_path") if ai_status == "done" else None),
         )
+
+
+def _called(p) -> bool:
+    return p.threshold is None or p.probability >= p.threshold
+
+
+NOT_ANALYSED_PREFIX = "not analysed: "
+
+
+def not_analysed_reasons(error: str | None) -> list[str]:
+    """The input gate's reasons as the pipeline records them in the run's error ("not analysed: a; b")."""
+    text = (error or "").strip()
+    text = text.removeprefix(NOT_ANALYSED_PREFIX)
+    return [r.strip() for r in text.split("; ") if r.strip()] or ["the input gate turned the study away"]
+
+
+def exam_time(row: dict[str, Any]) -> datetime | None:
+    """The examination time: from the study's attributes (StudyDate/StudyTime or HL7 OBR-7, in UTC), else the
+    StudyDate alone (midnight UTC; the page then shows the date only)."""
+    if row.get("exam_at") is not None:
+        return as_utc(row["exam_at"])
+    text = row.get("study_date") or ""
+    try:
+        return datetime.strptime(text, "%Y%m%d").replace(tzinfo=UTC) if len(text) == 8 else None
+    except ValueError:
+        return None
 
 
 def reading_order(items: list[WorklistItem]) -> list[WorklistItem]:
@@ -340,8 +409,8 @@ def worklist_items(request: Request, response: Response, principal: Reader) -> W
     Send the last response's ``ETag`` as ``If-None-Match``: an unchanged worklist answers 304 with no body.
     """
     reader = WorklistReader(request)
-    rows = {row["study_instance_uid"]: row for row in reader.rows()}
-    items = reading_order([reader.item(row, count_similar=False) for row in rows.values()])
+    rows = {row["study_instance_uid"]: row for row in reader.rows(principal=principal)}
+    items = reading_order([reader.item(row, count_similar=False, principal=principal) for row in rows.values()])
     items = items[:int(reader.settings["max_rows"])]
     for item in items:  # only for the rows shown: counting reads the SR file (cached afterwards)
         if item.ai_status == "done":
@@ -356,8 +425,8 @@ def worklist_items(request: Request, response: Response, principal: Reader) -> W
                        poll_interval_s=float(reader.settings["poll_interval_s"]), items=items)
 
 
-def _study_row(reader: WorklistReader, study_uid: str) -> dict[str, Any]:
-    rows = reader.rows(study_uid)
+def _study_row(reader: WorklistReader, study_uid: str, principal: Principal | None = None) -> dict[str, Any]:
+    rows = reader.rows(study_uid, principal)
     if not rows:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no study {study_uid} on this worklist")
     return rows[0]
@@ -367,8 +436,8 @@ def _study_row(reader: WorklistReader, study_uid: str) -> dict[str, Any]:
             summary="One study's AI result and evidence")
 def study_detail(study_uid: StudyUID, request: Request, principal: Reader) -> StudyDetailOut:
     reader = WorklistReader(request)
-    row = _study_row(reader, study_uid)
-    item = reader.item(row, top=None)
+    row = _study_row(reader, study_uid, principal)
+    item = reader.item(row, top=None, principal=principal)
     similar, regions = sr_evidence(row.get("sr_path")) if item.ai_status == "done" else ((), ())
     from worker.slice_evidence import resolve_study_references
 
@@ -418,6 +487,39 @@ def study_sr(study_uid: StudyUID, request: Request, principal: Reader) -> FileRe
     if not path or not Path(path).is_file():
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"study {study_uid} has no SR yet")
     return FileResponse(path, media_type="application/dicom", filename=f"{Path(path).stem}.dcm")
+
+
+@lru_cache(maxsize=512)
+def _sr_regions(path: str, mtime_ns: int) -> tuple[tuple[str, tuple[tuple[str, tuple, float], ...]], ...]:
+    from pacs_bridge.sr import read_sr
+
+    result = read_sr(pydicom.dcmread(path))
+    return tuple((f.label, tuple((r.sop_instance_uid, tuple(r.polygon), r.weight) for r in f.regions))
+                 for f in result.findings if f.positive and f.regions)
+
+
+@router.get("/studies/{study_uid}/key-image.png", summary="The key image: a source slice with the regions that "
+            "drove each called finding (PNG)", response_class=Response,
+            responses={200: {"content": {"image/png": {}}}, 404: {"description": "no result or no region"}})
+def study_key_image(study_uid: StudyUID, request: Request, principal: Reader) -> Response:
+    reader = WorklistReader(request)
+    row = _study_row(reader, study_uid)
+    if row.get("run_status") != "done":
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"study {study_uid} has no AI result")
+    regions = _cached(_sr_regions, row.get("sr_path"), ())
+    findings = [FindingRegions(finding_name(label), found) for label, found in regions]
+    uid = key_instance(findings)
+    if uid is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"the SR of study {study_uid} marks no region")
+    with reader.engine.connect() as connection:
+        path = connection.execute(select(instances.c.path).where(instances.c.sop_instance_uid == uid)).scalar()
+    if not path or not Path(path).is_file():
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"the key image {uid} is not in the store")
+    png = render_key_image(Path(path), uid, findings)
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
+
+
+router.include_router(feedback_router)
 
 
 # --- the page ----------------------------------------------------------------------------------------------

@@ -33,16 +33,19 @@ export const PRIORITY_TEXT = { stat: "STAT", urgent: "Urgent", routine: "Routine
 export function priorityBadge(item) {
   if (item.ai_status === "pending") return el("span", { class: "badge pending" }, "AI pending");
   if (item.ai_status === "failed") return el("span", { class: "badge failed" }, "AI failed");
+  if (item.ai_status === "not_analysed") return el("span", { class: "badge not-analysed" }, "Not analysed");
   return el("span", { class: `badge ${item.priority}` }, PRIORITY_TEXT[item.priority] || item.priority);
 }
 
-export function findingList(findings) {
+// extra(f): more content at the end of a finding's line (the worklist's agree / disagree buttons).
+export function findingList(findings, extra = () => null) {
   if (!findings.length) return el("span", { class: "muted" }, "—");
   return el("ul", { class: "findings" }, findings.map((f) =>
-    el("li", { class: f.positive ? "positive" : "", title: f.label },
+    el("li", { class: f.positive ? "positive" : "", title: f.label, dataset: { label: f.label } },
       el("span", { class: "name" }, f.name),
       el("span", { class: "bar" }, el("span", { style: `width:${Math.round(100 * f.probability)}%` })),
-      el("span", { class: "p" }, percent(f.probability)))));
+      el("span", { class: "p" }, percent(f.probability)),
+      extra(f))));
 }
 
 export function changeList(changes) {
