@@ -551,8 +551,9 @@ class RunProcessor:
         labels = positive[: int(settings["max_findings"])]
         if not labels:
             return {}
+        # The predict pass's tokens and features: the study is not tokenised nor encoded a second time.
         explained = predictor.explain(volumes, labels, samples=int(settings["samples"]),
-                                      top_tokens=int(settings["top_tokens"]))
+                                      top_tokens=int(settings["top_tokens"]), inputs=prediction.explain_inputs)
         regions = {}
         for label, explanation in explained.items():
             regions[label] = tuple(
