@@ -61,7 +61,7 @@ class StudyPrediction:
     model_version: str = ""
     #: The predict pass's tokens and token features of this study, for :meth:`StudyPredictor.explain` (so an
     #: explanation never tokenises the study or runs the VQ-VAE again). Not part of the result.
-    explain_inputs: "ExplainInputs | None" = field(default=None, repr=False, compare=False)
+    explain_inputs: ExplainInputs | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass

@@ -157,7 +157,7 @@ def test_explanations_from_the_predict_pass_are_those_of_a_second_encode(predict
     again = predictor.explain(volumes, labels, samples=32)
 
     for label in labels:
-        volume_id, weights, top = before[label]
+        volume_id, _weights, top = before[label]
         for explained in (reused[label], again[label]):
             assert explained.volume_id == volume_id
             assert [(loc.token, loc.weight) for loc in explained.locations] == top
