@@ -591,7 +591,8 @@ class RunProcessor:
             return {}
         # The predict pass's tokens and features: the study is not tokenised nor encoded a second time.
         explained = predictor.explain(volumes, labels, samples=int(settings["samples"]),
-                                      top_tokens=int(settings["top_tokens"]), inputs=prediction.explain_inputs)
+                                      top_tokens=int(settings["top_tokens"]),
+                                      inputs=getattr(prediction, "explain_inputs", None))
         regions = {}
         for label, explanation in explained.items():
             regions[label] = tuple(
