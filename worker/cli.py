@@ -34,8 +34,8 @@ FEATURE_COMMAND_INDEX: dict[str, tuple[str, str]] = {
     "publications": ("worker.publishing", "list worklist priority publications; revert raises"),
     "rules": ("worker.rules_commands", "routing rules: test which rule files would match"),
     "pull": ("worker.pull_commands", "retrieve one study from a PACS (C-MOVE, C-GET or WADO-RS)"),
-    "backfill": ("worker.pull_commands", "retrieve every study of a date range from a PACS, throttled and "
-                                         "resumable (run the same command again to resume)"),
+    "backfill": ("worker.pull_commands", ("retrieve every study of a date range from a PACS, throttled and "
+                                          "resumable (run the same command again to resume)")),
     "pulls": ("worker.pull_commands", "list pull jobs, or the studies of one"),
     "index": ("worker.slice_evidence",
               "the slice-embedding index of prior studies (similar-study evidence, slice_knn)"),
