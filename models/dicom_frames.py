@@ -176,13 +176,30 @@ def frame_headers(ds: Dataset, path: Path) -> list[FrameHeader]:
     return headers
 
 
-def read_dataset(path: Path) -> Dataset:
-    """The whole dataset of one file; pixel data stay encoded until :func:`decode_frames`.
+#: The elements a volume is built from: identity, the series name, the image's geometry and type, the 4-D
+#: attributes, the functional groups of an enhanced image, and the Image Pixel module (PS3.3 C.7.6.3) that
+#: pixel decoding reads. Nothing else of a file is parsed (private tags, patient and acquisition details).
+VOLUME_KEYWORDS: tuple[str, ...] = (
+    "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Modality", "SeriesDescription", "ProtocolName",
+    "ImageType", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
+    "SpacingBetweenSlices", "RescaleSlope", "RescaleIntercept", "DiffusionBValue", "DiffusionGradientOrientation",
+    "EchoNumbers", "EchoTime", "TemporalPositionIdentifier", "NumberOfFrames",
+    "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
+    "SamplesPerPixel", "PhotometricInterpretation", "PlanarConfiguration", "Rows", "Columns", "BitsAllocated",
+    "BitsStored", "HighBit", "PixelRepresentation", "ExtendedOffsetTable", "ExtendedOffsetTableLengths",
+    "FloatPixelData", "DoubleFloatPixelData", "PixelData",
+)
 
-    Every element is converted here, so a malformed one (an unknown VR, a bad length: pydicom defers these)
+
+def read_dataset(path: Path) -> Dataset:
+    """The elements of one file that a volume needs (:data:`VOLUME_KEYWORDS`); pixel data stay encoded until
+    :func:`decode_frames`.
+
+    Only those elements are read (``specific_tags``: the others are skipped by their length, never converted),
+    and each of them is converted here, so a malformed one (an unknown VR, a bad length: pydicom defers these)
     fails while the file is read, where it is dropped with a reason, not later in the middle of geometry.
     """
-    ds = pydicom.dcmread(path)
+    ds = pydicom.dcmread(path, specific_tags=list(VOLUME_KEYWORDS))
     for _ in ds.iterall():
         pass
     return ds

@@ -130,6 +130,26 @@ def explain_series(
     ``study``: [(tokens (K, 289), series name), ...] on the model's device. ``autocast_dtype``: run the
     networks under autocast (bf16 on a GPU); the ridge is always fitted in float64.
     """
+    return explain_series_targets(model, study, description, series_index, [target], samples, seed, batch_size,
+                                  alpha, autocast_dtype)[0]
+
+
+@torch.inference_mode()
+def explain_series_targets(
+    model: PrimaModel,
+    study: Sequence[tuple[torch.Tensor, str]],
+    description: str,
+    series_index: int,
+    targets: Sequence[Target],
+    samples: int = 1000,
+    seed: int = 0,
+    batch_size: int = 128,
+    alpha: float = 1.0,
+    autocast_dtype: torch.dtype | None = None,
+) -> list[TokenExplanation]:
+    """:func:`explain_series` for several targets over the same series: the masks depend only on the series'
+    token count and the seed, so one pass of the networks over the perturbed studies serves every target, and
+    each target's explanation is the one a run of its own would give."""
     tokens, _name = study[series_index]
     n_tokens = tokens.shape[0]
     masks = lime_masks(n_tokens, samples, seed)
@@ -140,7 +160,7 @@ def explain_series(
         else torch.autocast(device.type, enabled=False)
     )
     base = PrimaBatch.from_studies([list(study)], [description])
-    labels = []
+    labels: list[list[torch.Tensor]] = [[] for _ in targets]
     with autocast:
         series = model.visual.series_embeddings(base)  # (S, d): every series once, unperturbed
         n_series = series.shape[0]
@@ -165,9 +185,14 @@ def explain_series(
                 torch.arange(n_series, device=device).repeat(b),
                 base.description_ids.expand(b, -1),
             )
-            labels.append(target(model.heads(embedding)).float().cpu())
-    y = torch.cat(labels).double().numpy()
-    return TokenExplanation(series_index, masks, y, weighted_ridge(masks, y, np.ones(samples), alpha))
+            output = model.heads(embedding)
+            for values, target in zip(labels, targets):
+                values.append(target(output).float().cpu())
+    explanations = []
+    for values in labels:
+        y = torch.cat(values).double().numpy()
+        explanations.append(TokenExplanation(series_index, masks, y, weighted_ridge(masks, y, np.ones(samples), alpha)))
+    return explanations
 
 
 @dataclass(frozen=True)

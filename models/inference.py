@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from models.bundle import LoadedBundle
-from models.explanations import TokenLocation, diagnosis_logit, explain_series, token_locations
+from models.explanations import TokenLocation, diagnosis_logit, explain_series_targets, token_locations
 from models.prima import PrimaBatch, StudyOutput
 from models.tokenizer import SeriesTokens, TokenizerConfig, token_features, tokenize_volume, vqvae_input
 from models.volume import SeriesSkipped, SeriesVolume, load_study
@@ -59,6 +59,17 @@ class StudyPrediction:
     series_skipped: dict[str, str] = field(default_factory=dict)
     referral_thresholds: dict[str, float] = field(default_factory=dict)
     model_version: str = ""
+    #: The predict pass's tokens and token features of this study, for :meth:`StudyPredictor.explain` (so an
+    #: explanation never tokenises the study or runs the VQ-VAE again). Not part of the result.
+    explain_inputs: ExplainInputs | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass
+class ExplainInputs:
+    """One study as the model saw it: each kept series' tokens and its (K, 289) token features on the device."""
+
+    series: list[SeriesTokens]
+    features: list[torch.Tensor]
 
 
 @dataclass
@@ -192,7 +203,8 @@ class StudyPredictor:
         with clock.stage("vqvae"):
             latents = self._encode_all(flat)
         with clock.stage("vit"):
-            features = iter(token_features(lat, tokens) for lat, tokens in zip(latents, flat))
+            features_of = [token_features(lat, tokens) for lat, tokens in zip(latents, flat)]
+            features = iter(features_of)
             batch = PrimaBatch.from_studies(
                 [[(next(features), tokens.name) for tokens in study] for study in tokenized],
                 [self.study_description] * len(tokenized),
@@ -206,10 +218,18 @@ class StudyPredictor:
             output = StudyOutput(**{k: v.float().cpu() for k, v in vars(output).items()})
         clock.timings["load"] = 0.0
         clock.timings["total"] = time.perf_counter() - start
-        return [
+        predictions = [
             self._study_prediction(output, b, study, skipped[b], dict(clock.timings))
             for b, study in enumerate(tokenized)
         ]
+        for prediction, inputs in zip(predictions, self._explain_inputs(tokenized, features_of)):
+            prediction.explain_inputs = inputs
+        return predictions
+
+    def _explain_inputs(self, tokenized: list[list[SeriesTokens]], features: list[torch.Tensor]
+                        ) -> list[ExplainInputs]:
+        parts = iter(features)
+        return [ExplainInputs(study, [next(parts) for _ in study]) for study in tokenized]
 
     @torch.inference_mode()
     def explain(
@@ -219,45 +239,64 @@ class StudyPredictor:
         samples: int = 256,
         top_tokens: int = 3,
         seed: int = 0,
+        inputs: ExplainInputs | None = None,
     ) -> dict[str, FindingExplanation]:
         """LIME for each diagnosis in ``labels``: the tokens that drive its logit, located on the source images.
 
         Like the reference, one series is explained per finding: here the one whose removal lowers the
-        finding's logit most (one forward pass per series), so the regions come from the series that carries
-        the finding rather than from a fixed choice.
+        finding's logit most (one forward pass per series, for all labels at once), so the regions come from
+        the series that carries the finding rather than from a fixed choice. ``inputs``: the predict pass's
+        tokens and features of this study (``StudyPrediction.explain_inputs``); without them the study is
+        tokenised and encoded again. Labels explained in the same series share their perturbed samples (the
+        same masks, one pass of the networks, each label's logit read from it): the same result as one LIME
+        run per label.
         """
-        tokenized, _ = self._tokenize([volumes])
-        series = tokenized[0]
-        latents = self._encode_all(series)
-        study = [(token_features(lat, tok).to(self.device), tok.name) for lat, tok in zip(latents, series)]
+        if inputs is None:
+            tokenized, _ = self._tokenize([volumes])
+            series = tokenized[0]
+            latents = self._encode_all(series)
+            features = [token_features(lat, tok) for lat, tok in zip(latents, series)]
+        else:
+            series, features = inputs.series, inputs.features
+        study = [(feature.to(self.device), tok.name) for feature, tok in zip(features, series)]
         by_volume = {volume.volume_id: volume for volume in volumes}
         autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        targets = {label: diagnosis_logit(self.prima, label) for label in labels}
+        chosen = self._most_influential_series(study, list(targets.values()))
+        by_series: dict[int, list[str]] = {}
+        for label, index in zip(targets, chosen):
+            by_series.setdefault(index, []).append(label)
         explained = {}
-        for label in labels:
-            target = diagnosis_logit(self.prima, label)
-            index = self._most_influential_series(study, target)
-            explanation = explain_series(self.prima, study, self.study_description, index, target,
-                                         samples=samples, seed=seed, autocast_dtype=autocast_dtype)
+        for index, series_labels in by_series.items():
+            explanations = explain_series_targets(
+                self.prima, study, self.study_description, index, [targets[label] for label in series_labels],
+                samples=samples, seed=seed, autocast_dtype=autocast_dtype)
             tokens = series[index]
             volume = by_volume[tokens.volume_id]
-            explained[label] = FindingExplanation(
-                label=label,
-                series_instance_uid=tokens.series_instance_uid,
-                volume_id=tokens.volume_id,
-                r2=explanation.fit.score,
-                locations=token_locations(volume, tokens, explanation.top(top_tokens)),
-            )
-        return explained
+            for label, explanation in zip(series_labels, explanations):
+                explained[label] = FindingExplanation(
+                    label=label,
+                    series_instance_uid=tokens.series_instance_uid,
+                    volume_id=tokens.volume_id,
+                    r2=explanation.fit.score,
+                    locations=token_locations(volume, tokens, explanation.top(top_tokens)),
+                )
+        return {label: explained[label] for label in labels}
 
-    def _most_influential_series(self, study: list[tuple[torch.Tensor, str]], target) -> int:
+    def _most_influential_series(self, study: list[tuple[torch.Tensor, str]], targets: Sequence) -> list[int]:
+        """For each target, the series whose removal lowers it most (one forward pass for all targets)."""
         if len(study) == 1:
-            return 0
+            return [0] * len(targets)
         variants = [study] + [study[:i] + study[i + 1 :] for i in range(len(study))]
         batch = PrimaBatch.from_studies(variants, [self.study_description] * len(variants))
         with self._autocast():
-            values = target(self.prima.heads(self.prima.visual(batch))).float().cpu()
-        drop = values[0] - values[1:]
-        return int(torch.argmax(drop))
+            output = self.prima.heads(self.prima.visual(batch))
+        chosen = []
+        for target in targets:
+            values = target(output).float().cpu()
+            drop = values[0] - values[1:]
+            chosen.append(int(torch.argmax(drop)))
+        return chosen
 
     def _study_prediction(
         self,

@@ -39,11 +39,12 @@ def _receive(engine, store, folder, calling_aet="MODALITY"):
 
 @pytest.fixture
 def queued(tmp_path, phantom_folders, tiny_bundle):
-    """Four complete studies with queued runs (ids in arrival order), and a processor with batches of 3."""
+    """Four complete studies with queued runs (ids in arrival order), and a processor with batches of 3 that
+    takes one batch per task (no prefetch)."""
     settings = load_settings(environ={
         "TRIAGE_VAR_DIR": str(tmp_path / "var"), "TRIAGE_MODEL__BUNDLE": str(tiny_bundle),
         "TRIAGE_MODEL__DEVICE": "cpu", "TRIAGE_EXPLAIN__ENABLED": "false", "TRIAGE_WORKER__BATCH_SIZE": "3",
-        "TRIAGE_WORKER__BATCH_WAIT_S": "0",
+        "TRIAGE_WORKER__BATCH_WAIT_S": "0", "TRIAGE_WORKER__PREFETCH_BATCHES": "1",
     })
     upgrade(settings.database_url)
     engine = make_engine(settings.database_url)
@@ -105,3 +106,21 @@ def test_a_study_that_cannot_be_processed_fails_alone(queued):
     runs = _runs(engine)
     assert runs[run_ids[1]].status == "failed" and runs[run_ids[1]].error
     assert runs[run_ids[0]].status == "done" and runs[run_ids[2]].status == "done"
+
+
+def test_while_a_batch_is_in_the_model_the_next_ready_studies_are_loaded_and_run_in_the_same_task(queued):
+    processor, engine, run_ids, settings = queued
+    settings["worker"]["prefetch_batches"] = 2
+    settings["worker"]["load_processes"] = 2
+    from worker.study_loader import StudyLoader
+
+    processor.loader = StudyLoader(2)  # loads in two processes of a pool
+    try:
+        assert processor.process(run_ids[0], worker_name="gpu0").status == "done"
+    finally:
+        processor.loader.close()
+    runs = _runs(engine)
+    assert all(r.status == "done" for r in runs.values())  # a batch of three, then the fourth study
+    assert sorted(r.timings["batch_studies"] for r in runs.values()) == [1, 3, 3, 3]
+    assert all(r.attempts == 1 for r in runs.values())
+    assert processor.process(run_ids[3]).status == "duplicate"  # its own message finds it done

@@ -105,3 +105,30 @@ def test_the_console_script_runs_from_another_folder(tmp_path):
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert result.returncode == 0, result.stderr
     assert len(_rows(tmp_path / "c.csv")) == 12
+
+
+def test_the_feature_command_index_lists_what_each_feature_module_registers():
+    import importlib
+
+    from worker.cli import FEATURE_COMMAND_INDEX, FEATURE_COMMANDS
+
+    registered = {}
+    for module in FEATURE_COMMANDS:
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(module).register(sub)
+        helps = {action.dest: action.help for action in sub._choices_actions}
+        registered.update({name: (module, helps[name]) for name in sub.choices if module in
+                           {owner for owner, _ in FEATURE_COMMAND_INDEX.values()}})
+    assert registered == FEATURE_COMMAND_INDEX
+
+
+def test_top_level_help_does_not_import_dicom_database_or_model_libraries():
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom worker.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('pydicom', 'sqlalchemy', 'torch', 'numpy', 'monai') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert "usage: triage" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -125,3 +125,56 @@ def test_each_b_value_of_a_dwi_series_is_encoded_as_its_own_series(predictor, tm
     assert prediction.series_used == [uid]
     assert set(prediction.tokens_per_series) == {f"{uid}#b0", f"{uid}#b1000"}
     assert not prediction.series_skipped
+
+
+def _explained_as_before(predictor: StudyPredictor, volumes, labels, samples: int) -> dict:
+    """The explanation as it was made before the predict pass's features were reused: the study tokenised and
+    encoded again, and one LIME run per label (explain_series) in the series chosen for it."""
+    from models.explanations import diagnosis_logit, explain_series
+    from models.tokenizer import token_features
+
+    series = predictor._tokenize([volumes])[0][0]
+    latents = predictor._encode_all(series)
+    study = [(token_features(lat, tok), tok.name) for lat, tok in zip(latents, series)]
+    result = {}
+    for label in labels:
+        target = diagnosis_logit(predictor.prima, label)
+        index = predictor._most_influential_series(study, [target])[0]
+        explanation = explain_series(predictor.prima, study, predictor.study_description, index, target,
+                                     samples=samples, seed=0)
+        result[label] = (series[index].volume_id, explanation.weights, explanation.top(3))
+    return result
+
+
+def test_explanations_from_the_predict_pass_are_those_of_a_second_encode(predictor, study_files) -> None:
+    volumes, _ = load_study(study_files)
+    labels = list(DIAGNOSIS_NAMES[:3])
+    before = _explained_as_before(predictor, volumes, labels, samples=32)
+
+    with torch.inference_mode():
+        prediction = predictor.predict(volumes)
+    reused = predictor.explain(volumes, labels, samples=32, inputs=prediction.explain_inputs)
+    again = predictor.explain(volumes, labels, samples=32)
+
+    for label in labels:
+        volume_id, _weights, top = before[label]
+        for explained in (reused[label], again[label]):
+            assert explained.volume_id == volume_id
+            assert [(loc.token, loc.weight) for loc in explained.locations] == top
+    assert [(loc.token, loc.weight) for loc in reused[labels[0]].locations] == \
+        [(loc.token, loc.weight) for loc in again[labels[0]].locations]
+
+
+def test_explanations_of_a_batched_study_match_those_of_the_study_alone(predictor, study_files) -> None:
+    volumes, _ = load_study(study_files)
+    labels = list(DIAGNOSIS_NAMES[:2])
+    predictions = predictor.predict_batch([volumes[1:], volumes])
+
+    batched = predictor.explain(volumes, labels, samples=32, inputs=predictions[1].explain_inputs)
+    alone = predictor.explain(volumes, labels, samples=32)
+
+    for label in labels:
+        assert batched[label].volume_id == alone[label].volume_id
+        assert [loc.token for loc in batched[label].locations] == [loc.token for loc in alone[label].locations]
+        assert np.allclose([loc.weight for loc in batched[label].locations],
+                           [loc.weight for loc in alone[label].locations], atol=1e-4)

@@ -94,7 +94,9 @@ def run_load(workdir: Path, study_folders: list[Path], *, database_url: str, bro
         "scp": {"port": scp_port, "max_associations": max(associations * 2, 10)},
         "metrics": {"serve_port": 0},
         "assembly": {"quiet_period_s": quiet_period_s, "poll_interval_s": 0.25},
-        "model": {"bundle": str(bundle), "device": "auto"},
+        # The workers share the cores: each one's model pass gets its share (more threads than cores in all
+        # is many times slower on a CPU).
+        "model": {"bundle": str(bundle), "device": "auto", "cpu_threads": max(1, (os.cpu_count() or 1) // workers)},
         "explain": {"enabled": explain},
     }
     config_path = workdir / "triage.yaml"
@@ -171,6 +173,12 @@ def run_load(workdir: Path, study_folders: list[Path], *, database_url: str, bro
         host = (r.worker_host or "?").rsplit(":", 1)[0]
         hosts[host] = hosts.get(host, 0) + 1
     sr_files = len(list((workdir / "var" / "outbox").rglob("*.dcm")))
+    # Where a run's time went (the worker's own stage timings), to see what a change moved.
+    stage_values: dict[str, list[float]] = {}
+    for r in done:
+        for stage, seconds in (r.timings or {}).items():
+            if stage.endswith("_s"):
+                stage_values.setdefault(stage, []).append(float(seconds))
 
     def percentile(values: list[float], q: float) -> float:
         if not values:
@@ -194,6 +202,7 @@ def run_load(workdir: Path, study_folders: list[Path], *, database_url: str, bro
         "quiet_period_s": quiet_period_s,
         "processing_p50_s": round(percentile(processing, 50), 3),
         "processing_p95_s": round(percentile(processing, 95), 3),
+        "stages_p50_s": {stage: round(statistics.median(v), 3) for stage, v in sorted(stage_values.items())},
     }
 
 

@@ -23,6 +23,26 @@ FEATURE_COMMANDS += ("worker.slice_evidence",)
 #: Training: `triage models list|promote|rollback|register|install`, `triage train nightly|worker|beat`.
 FEATURE_COMMANDS += ("train.registry", "train.nightly_commands")
 
+#: The top-level commands of feature modules, with their help lines: ``triage --help`` and the other commands list
+#: them without importing the modules (pydicom, SQLAlchemy and the publishers at their tops: about a second); a
+#: module is imported when one of its commands runs. A module of FEATURE_COMMANDS missing here is imported at
+#: every start, as before. tests/test_cli.py checks this against what the modules register.
+FEATURE_COMMAND_INDEX: dict[str, tuple[str, str]] = {
+    "deliveries": ("worker.delivery", "list undelivered results; retry dead-lettered ones"),
+    "fairness": ("worker.fairness_commands", "turnaround and fairness: report, scheduled refresh, cohort"),
+    "reports": ("worker.report_commands", "final radiology reports: HL7 listener, relabelling"),
+    "publications": ("worker.publishing", "list worklist priority publications; revert raises"),
+    "rules": ("worker.rules_commands", "routing rules: test which rule files would match"),
+    "pull": ("worker.pull_commands", "retrieve one study from a PACS (C-MOVE, C-GET or WADO-RS)"),
+    "backfill": ("worker.pull_commands", ("retrieve every study of a date range from a PACS, throttled and "
+                                          "resumable (run the same command again to resume)")),
+    "pulls": ("worker.pull_commands", "list pull jobs, or the studies of one"),
+    "index": ("worker.slice_evidence",
+              "the slice-embedding index of prior studies (similar-study evidence, slice_knn)"),
+    "models": ("train.registry", "model registry: list, promote, roll back, register, install"),
+    "train": ("train.nightly_commands", "retraining: the nightly job, its worker and its schedule"),
+}
+
 #: ``triage bench NAME``: each benchmark is "module:function"; the function takes the remaining arguments and
 #: prints a JSON line last.
 BENCHMARKS: dict[str, str] = {
@@ -155,7 +175,9 @@ def api_tls_options(tls: dict) -> dict:
     return options
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
+    """The CLI's parser. ``command``: the command that will run; the feature modules of other commands are
+    listed from FEATURE_COMMAND_INDEX, not imported ("*", the default: every module imported)."""
     parser = argparse.ArgumentParser(prog="triage", description="PACS-integrated AI triage worker")
     _global_options(parser)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -198,8 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     import importlib
 
+    indexed = {module for module, _ in FEATURE_COMMAND_INDEX.values()}
+    wanted = FEATURE_COMMAND_INDEX.get(command or "", ("", ""))[0]
     for module in FEATURE_COMMANDS:
-        importlib.import_module(module).register(sub)
+        if command == "*" or module == wanted or module not in indexed:
+            importlib.import_module(module).register(sub)
+        else:
+            for name, (owner, help_line) in FEATURE_COMMAND_INDEX.items():
+                if owner == module:
+                    sub.add_parser(name, help=help_line, add_help=False)
     _accept_global_options_everywhere(parser)
     return parser
 
@@ -263,8 +292,19 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
     return args
 
 
+def command_of(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first word that is neither an option nor an option's value)."""
+    words = iter(argv)
+    for word in words:
+        if word in ("--config", "--log-format"):
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_arguments(build_parser(), argv)
+    args = parse_arguments(build_parser(command_of(sys.argv[1:] if argv is None else argv)), argv)
     configure_logging(args.verbose, args.log_format)
     return int(args.func(args) or 0)
 

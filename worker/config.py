@@ -146,6 +146,10 @@ DEFAULTS: dict[str, Any] = {
         "bundle": "",
         # "auto" uses CUDA when available, else the CPU.
         "device": "auto",
+        # Threads of one worker process's model pass on the CPU (0: torch's default, one per core). With several
+        # worker processes on one host, give each cores / processes: more threads than cores in all make the
+        # model pass many times slower (they wait on each other), not faster.
+        "cpu_threads": 0,
         # The study description the Prima study encoder is conditioned on.
         "study_description": "MRI BRAIN WO AND W CONTRAST",
         # How many diagnoses the SR reports: those above threshold, topped up to this many by probability.
@@ -328,6 +332,12 @@ DEFAULTS: dict[str, Any] = {
         # most batch_wait_s for companions of the study it was handed (1 = no batching).
         "batch_size": 4,
         "batch_wait_s": 0.1,
+        # Studies are loaded (DICOM read, decode, resample) in a pool of this many processes per worker process
+        # (0: as many as the machine has cores; 1 and more: that many; -1: in the worker process itself). While
+        # a batch is in the model, the next ready studies are claimed and loaded (prefetch_batches: how many
+        # batches one task may take in a row before it hands back to the queue; 1 = no prefetch).
+        "load_processes": 0,
+        "prefetch_batches": 8,
         # Urgent-lane runs are taken first; a routine run that has waited this long is taken as if urgent.
         "starvation_after_s": 600,
     },

@@ -130,6 +130,10 @@ class RunProcessor:
         self.enqueue_publication = enqueue_publication
         self._predictor = None
         self._bundle = None
+        from worker.study_loader import StudyLoader, pool_size
+
+        #: Loads studies in processes of its own (worker.load_processes), so that loads run side by side.
+        self.loader = StudyLoader(pool_size(int(settings["worker"]["load_processes"])))
         # The run records <worker>:<pid>, so an operator (or a fault test) can tell which process holds it.
         self.host = socket.gethostname()
 
@@ -194,6 +198,11 @@ class RunProcessor:
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        threads = int(self.settings["model"]["cpu_threads"])
+        if device == "cpu" and threads > 0:
+            import torch
+
+            torch.set_num_threads(threads)
         try:
             bundle = load_bundle(Path(bundle_dir), device=device)
         except BundleError as exc:
@@ -215,10 +224,13 @@ class RunProcessor:
         """Process run ``run_id`` and, as a micro-batch with it, other ready runs of the same pipeline.
 
         The batch is gathered from the database (urgent lane first, routine runs that waited too long as if
-        urgent), up to ``worker.batch_size`` runs or ``worker.batch_wait_s`` seconds; their volumes are loaded in
-        parallel threads, the model runs once over all of them, and each run is then finished on its own (a run
-        that fails is recorded and the others go on). The other runs' own messages, when they arrive, find them
-        done. ``worker_name`` (the Celery node name) is recorded with the pid as who ran each run.
+        urgent), up to ``worker.batch_size`` runs or ``worker.batch_wait_s`` seconds; their volumes are loaded side
+        by side in the loader's processes, the model runs once over all of them, and each run is then finished on
+        its own (a run that fails is recorded and the others go on). While a batch is in the model, the next
+        ready runs are claimed and loading (up to ``worker.prefetch_batches`` batches in one call, and for no
+        more than half the task's time limit), so the model does not wait for the CPU when studies are queued.
+        The other runs' own messages, when they arrive, find them done. ``worker_name`` (the Celery node name)
+        is recorded with the pid as who ran each run.
         """
         worker_host = f"{worker_name or self.host}:{os.getpid()}"
         from worker.slice_evidence import slice_knn_processor_for  # CR/DX/CT: kNN findings and evidence only
@@ -229,32 +241,58 @@ class RunProcessor:
         if claimed is None:
             return RunOutcome(run_id, "duplicate")
         batch = [Claimed(run_id, *claimed)] + self._claim_companions(run_id, worker_host)
-        outcomes = self._process_batch(batch)
+        outcomes = self._process_batch(batch, worker_host)
         return outcomes[run_id]
 
-    def _process_batch(self, batch: list["Claimed"]) -> dict[int, RunOutcome]:
+    def _process_batch(self, batch: list["Claimed"], worker_host: str | None = None) -> dict[int, RunOutcome]:
+        """The batch, then (with ``worker_host``) batches of further ready runs claimed while the one before is
+        in the model; returns every run's outcome."""
         outcomes: dict[int, RunOutcome] = {}
         try:
             self.predictor()  # the bundle, loaded once per process, before the threads that read it
         except Exception as exc:
             return {claim.run_id: self._fail(claim, exc) for claim in batch}
+        worker = self.settings["worker"]
+        batch_size = max(1, int(worker["batch_size"]))
+        more = max(0, int(worker["prefetch_batches"]) - 1) if worker_host is not None else 0
+        deadline = time.monotonic() + 0.5 * float(worker["task_time_limit_s"])
+        first_run_id = batch[0].run_id
+        # Threads only wait: on the database, on the input gate's header reads and on the loader's processes.
+        with concurrent.futures.ThreadPoolExecutor(2 * min(batch_size, 4)) as pool:
+            pending = [(c, pool.submit(self._prepare, c)) for c in batch]
+            while pending:
+                prepared = self._gather(pending, outcomes)
+                pending = []
+                if more > 0 and time.monotonic() < deadline:
+                    more -= 1
+                    following = self._claim_companions(first_run_id, worker_host, wanted=batch_size, wait=False)
+                    pending = [(c, pool.submit(self._prepare, c)) for c in following]
+                self._predict_and_finish(prepared, outcomes)
+        return outcomes
+
+    def _gather(self, pending: list, outcomes: dict[int, RunOutcome]) -> list["Prepared"]:
+        """The loaded runs of a batch; a run that failed to load or that the input gate refused is finished."""
         prepared: list[Prepared] = []
-        with concurrent.futures.ThreadPoolExecutor(max(1, min(len(batch), 4))) as pool:
-            for claim, future in [(c, pool.submit(self._prepare, c)) for c in batch]:
+        for claim, future in pending:
+            try:
+                item = future.result()
+            except Exception as exc:
+                outcomes[claim.run_id] = self._fail(claim, exc)
+                continue
+            if item.verdict is not None and not item.verdict.adequate:
                 try:
-                    item = future.result()
+                    outcomes[claim.run_id] = self.not_analysed(
+                        claim, "neuro_mri", item.verdict, item.image_paths, self._bundle.manifest["family"],
+                        self._bundle.version)
                 except Exception as exc:
                     outcomes[claim.run_id] = self._fail(claim, exc)
-                    continue
-                if item.verdict is not None and not item.verdict.adequate:
-                    try:
-                        outcomes[claim.run_id] = self.not_analysed(
-                            claim, "neuro_mri", item.verdict, item.image_paths, self._bundle.manifest["family"],
-                            self._bundle.version)
-                    except Exception as exc:
-                        outcomes[claim.run_id] = self._fail(claim, exc)
-                    continue
-                prepared.append(item)
+                continue
+            prepared.append(item)
+        return prepared
+
+    def _predict_and_finish(self, prepared: list["Prepared"], outcomes: dict[int, RunOutcome]) -> None:
+        if not prepared:
+            return
         predictions = self._predict(prepared, outcomes)
         for item, prediction in zip(prepared, predictions):
             if prediction is None:
@@ -263,7 +301,6 @@ class RunProcessor:
                 outcomes[item.claim.run_id] = self._finish(item, prediction)
             except Exception as exc:
                 outcomes[item.claim.run_id] = self._fail(item.claim, exc)
-        return outcomes
 
     def _predict(self, prepared: list["Prepared"], outcomes: dict[int, RunOutcome]) -> list:
         """One model pass over the batch; a study the tokenizer cannot use fails alone and the rest run again."""
@@ -306,12 +343,15 @@ class RunProcessor:
         RUNS.labels(pipeline="neuro_mri", outcome="failed").inc()
         return RunOutcome(claim.run_id, "failed")
 
-    def _claim_companions(self, first_run_id: int, worker_host: str) -> list["Claimed"]:
-        """Other ready runs of the first run's pipeline for the same model pass, urgent first, none starving."""
-        wanted = int(self.settings["worker"]["batch_size"]) - 1
+    def _claim_companions(self, first_run_id: int, worker_host: str, wanted: int | None = None,
+                          wait: bool = True) -> list["Claimed"]:
+        """Other ready runs of the first run's pipeline for the same model pass, urgent first, none starving:
+        up to ``wanted`` (the batch size less one), waiting up to ``worker.batch_wait_s`` for them if ``wait``."""
+        if wanted is None:
+            wanted = int(self.settings["worker"]["batch_size"]) - 1
         if wanted <= 0:
             return []
-        deadline = time.monotonic() + float(self.settings["worker"]["batch_wait_s"])
+        deadline = time.monotonic() + (float(self.settings["worker"]["batch_wait_s"]) if wait else 0.0)
         starving_before = utcnow() - timedelta(seconds=float(self.settings["worker"]["starvation_after_s"]))
         with self.engine.connect() as connection:
             pipeline = connection.execute(select(processing_runs.c.pipeline)
@@ -384,8 +424,6 @@ class RunProcessor:
 
     def _prepare(self, claim: "Claimed") -> "Prepared":
         """CPU work before the model: the study's image files, loaded as volumes with their geometry."""
-        from models.volume import load_study
-
         run_id, study_id, study_uid = claim.run_id, claim.study_id, claim.study_uid
         timings: dict[str, float] = {}
         with self.engine.connect() as connection:
@@ -411,7 +449,7 @@ class RunProcessor:
             return Prepared(claim, dict(image_paths), [], timings, verdict)
         model_name, model_version = self._bundle.manifest["family"], self._bundle.version
         t0 = time.perf_counter()
-        volumes, skipped = load_study(dict(image_paths))
+        volumes, skipped = self.loader.load(dict(image_paths))
         timings["load_s"] = time.perf_counter() - t0
         self._stamp(run_id, "loaded_at", model_name=model_name, model_version=model_version)
         if skipped:
@@ -554,8 +592,10 @@ class RunProcessor:
         labels = positive[: int(settings["max_findings"])]
         if not labels:
             return {}
+        # The predict pass's tokens and features: the study is not tokenised nor encoded a second time.
         explained = predictor.explain(volumes, labels, samples=int(settings["samples"]),
-                                      top_tokens=int(settings["top_tokens"]))
+                                      top_tokens=int(settings["top_tokens"]),
+                                      inputs=getattr(prediction, "explain_inputs", None))
         regions = {}
         for label, explanation in explained.items():
             regions[label] = tuple(
