@@ -43,6 +43,8 @@ def site(postgres_url, tmp_path, baseline_bundle):
         "TRIAGE_VAR_DIR": str(tmp_path / "var"), "TRIAGE_DATABASE__URL": postgres_url,
         "TRIAGE_MODEL__BUNDLE": str(baseline_bundle), "TRIAGE_MODEL__DEVICE": "cpu",
         "TRIAGE_EXPLAIN__ENABLED": "false", "TRIAGE_WORKER__BATCH_SIZE": "1", "TRIAGE_WORKER__BATCH_WAIT_S": "0",
+        # One run per call: the test serves each study with the model version of its moment.
+        "TRIAGE_WORKER__PREFETCH_BATCHES": "1",
         "TRIAGE_TRAINING__HEADS_STEPS": "120", "TRIAGE_TRAINING__GATES__MIN_HELD_OUT": "8",
     })
     upgrade(postgres_url)
