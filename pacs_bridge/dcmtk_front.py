@@ -460,13 +460,10 @@ class DcmtkFront:
                 raise RejectedInstance(f"object of {size} bytes exceeds scp.max_object_bytes ({limit})",
                                        STATUS_OUT_OF_RESOURCES)
             data = path.read_bytes()
-            # storescp wrote the file meta from the C-STORE request: its UIDs are what the sender said it sends.
-            command = _request_uids(path)
-            if command is None:
-                raise RejectedInstance("no C-STORE request UIDs in the file storescp wrote (file meta unreadable)",
-                                       STATUS_CANNOT_UNDERSTAND)
-            context["affected_sop_class_uid"], context["affected_sop_instance_uid"] = command[0], command[1][:128]
-            header = check_received(data, sop_class_uid=command[0], sop_instance_uid=command[1])
+            # storescp wrote the file meta from the C-STORE request: its UIDs are what the sender said it sends, and
+            # the check compares them with the dataset's in the same parse (a second read of the meta cost a
+            # fifth of the intake's time).
+            header = check_received(data, request_in_meta=True)
             if header.sop_class_uid not in _ACCEPTED_SOP_CLASSES:
                 raise RejectedInstance(f"SOP class {header.sop_class_uid} is not one this receiver takes",
                                        STATUS_CANNOT_UNDERSTAND)
@@ -480,6 +477,9 @@ class DcmtkFront:
         except FileNotFoundError:
             return  # taken in already (an inotify event for a file the finishing pass got to first)
         except RejectedInstance as exc:
+            command = _request_uids(path)  # only for a refused object: name what the request said
+            if command is not None:
+                context["affected_sop_class_uid"], context["affected_sop_instance_uid"] = command[0], command[1][:128]
             self._quarantine(path, data, exc.reason, exc.status, context)
             return
         except OSError as exc:  # the store's disk: leave the file in the spool, it is taken in at the next start

@@ -85,11 +85,14 @@ class InstanceHeader:
     normalised: Changes | None = None
 
 
-def check_received(data: bytes, sop_class_uid: str | None = None, sop_instance_uid: str | None = None) -> InstanceHeader:
+def check_received(data: bytes, sop_class_uid: str | None = None, sop_instance_uid: str | None = None,
+                   request_in_meta: bool = False) -> InstanceHeader:
     """Parse and check ``data`` (a DICOM file with meta); raise :class:`RejectedInstance` with the reason.
 
     ``sop_class_uid``/``sop_instance_uid`` are the values of the C-STORE request, which must agree with the
     dataset (a mismatch means the sender and the object disagree about what is being stored).
+    ``request_in_meta``: take them from the file meta's Media Storage SOP Class/Instance UID instead (dcmtk's
+    storescp writes the request's UIDs there), read in the same parse.
     """
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
@@ -115,6 +118,11 @@ def check_received(data: bytes, sop_class_uid: str | None = None, sop_instance_u
         class_uid = validate_uid(ds.get("SOPClassUID"), "SOPClassUID")
     except InvalidUID as exc:
         raise RejectedInstance(str(exc), STATUS_DATASET_MISMATCH) from exc
+    if request_in_meta:
+        meta = getattr(ds, "file_meta", None) or {}
+        sop_class_uid, sop_instance_uid = meta.get("MediaStorageSOPClassUID"), meta.get("MediaStorageSOPInstanceUID")
+        if sop_class_uid is None or sop_instance_uid is None:
+            raise RejectedInstance("no C-STORE request UIDs in the file meta (Media Storage SOP Class/Instance UID)")
     if sop_instance_uid is not None and str(sop_instance_uid).rstrip("\x00") != sop_uid:
         raise RejectedInstance(
             f"SOPInstanceUID {sop_uid} differs from the request's Affected SOP Instance UID {sop_instance_uid}",
