@@ -46,6 +46,7 @@ import itertools
 import json
 import logging
 import os
+import queue
 import shutil
 import socket
 import subprocess
@@ -145,6 +146,10 @@ class DcmtkFront:
         self._finished: collections.deque[Association] = collections.deque()
         #: Rows of files taken in and not yet synced to disk (see :meth:`_record_taken_in`).
         self._taken_in: list[ReceivedInstance] = []
+        #: Batches of rows for the sync thread: the intake goes on checking files while a batch's sync waits on
+        #: the disk.
+        self._to_sync: queue.Queue[list[ReceivedInstance] | None] = queue.Queue()
+        self._sync_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
@@ -152,6 +157,8 @@ class DcmtkFront:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
+        self._sync_thread = threading.Thread(target=self._sync_loop, name="dcmtk-front sync", daemon=True)
+        self._sync_thread.start()
         self._kill_leftovers()
         self._take_in_left_folders()
         self._spawner.start()
@@ -175,7 +182,8 @@ class DcmtkFront:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
-                busy = bool(self._associations) or bool(self._finished) or self._rescan_due
+                busy = (bool(self._associations) or bool(self._finished) or self._rescan_due
+                        or self._to_sync.unfinished_tasks > 0)
             if not busy:
                 return self.bookkeeper.wait_idle(max(0.1, deadline - time.monotonic()))
             time.sleep(0.02)
@@ -204,6 +212,9 @@ class DcmtkFront:
             thread.join(10)
         for association in list(self._associations.values()):  # what the intake thread did not get to
             self._finish(association)
+        if self._sync_thread is not None:
+            self._to_sync.put(None)
+            self._sync_thread.join(60)
         self._spawner.stop()  # last: its end kills (parent-death signal) any child still running
         self._inotify.close()
 
@@ -438,7 +449,7 @@ class DcmtkFront:
         except FileNotFoundError:
             left = []
         finally:
-            self._record_taken_in()  # before the association closes: it is active until these rows are written
+            self._record_taken_in(wait=True)  # before the association closes: active until its rows are written
         if left:  # not storable now (the store's disk): kept, tried again at the next rescan, never deleted
             log.error("%d file(s) left in %s, tried again within %.0f s", len(left), folder, RETRY_STORE_AFTER_S)
             return False
@@ -491,17 +502,34 @@ class DcmtkFront:
                                                peer_address=association.peer_address))
         self.received += 1
 
-    def _record_taken_in(self) -> None:
-        """Make the files taken in since the last call durable (one sync for all), then queue their rows."""
-        if not self._taken_in:
-            return
+    def _record_taken_in(self, wait: bool = False) -> None:
+        """Hand the rows of the files taken in since the last call to the sync thread, which makes the files
+        durable (one sync for the batch) and then queues the rows; ``wait``: until it has done so for every batch
+        handed over (an association closing must not be idle before its rows are queued)."""
+        if self._taken_in:
+            batch, self._taken_in = self._taken_in, []
+            if self._sync_thread is not None and self._sync_thread.is_alive():
+                self._to_sync.put(batch)
+            else:  # not started (or stopped): do it here
+                self._sync_and_queue(batch)
+        if wait and self._sync_thread is not None and self._sync_thread.is_alive():
+            self._to_sync.join()
+
+    def _sync_loop(self) -> None:
+        while (batch := self._to_sync.get()) is not None:
+            try:
+                self._sync_and_queue(batch)
+            finally:
+                self._to_sync.task_done()
+        self._to_sync.task_done()
+
+    def _sync_and_queue(self, batch: list[ReceivedInstance]) -> None:
         try:
             self.store.sync()
         except OSError as exc:  # the rows are still worth having: the files are in the store
             log.error("could not sync the store: %s", exc)
-        for row in self._taken_in:
+        for row in batch:
             self.bookkeeper.add(row)
-        self._taken_in.clear()
 
     def _quarantine(self, path: Path, data: bytes, reason: str, status: int, context: dict[str, str]) -> None:
         self.rejected_by_status[status] += 1
