@@ -60,6 +60,26 @@ def byte_symbols() -> dict[int, str]:
     return symbols
 
 
+def merge_symbols(word: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: merge the adjacent pair of lowest rank until no ranked pair is left (the
+    loop of OpenAI's CLIP and GPT-2 tokenizers alike)."""
+    while len(word) > 1:
+        best = min(zip(word, word[1:]), key=lambda pair: ranks.get(pair, float("inf")))
+        if best not in ranks:
+            break
+        merged: list[str] = []
+        i = 0
+        while i < len(word):
+            if i < len(word) - 1 and (word[i], word[i + 1]) == best:
+                merged.append(word[i] + word[i + 1])
+                i += 2
+            else:
+                merged.append(word[i])
+                i += 1
+        word = merged
+    return word
+
+
 def _clean(text: str) -> str:
     import ftfy
 
@@ -99,22 +119,7 @@ class ClipTokenizer:
         cached = self._cache.get(piece)
         if cached is not None:
             return cached
-        word = list(piece[:-1]) + [piece[-1] + "</w>"]
-        while len(word) > 1:
-            pairs = {(word[i], word[i + 1]) for i in range(len(word) - 1)}
-            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
-            if best not in self.ranks:
-                break
-            merged: list[str] = []
-            i = 0
-            while i < len(word):
-                if i < len(word) - 1 and (word[i], word[i + 1]) == best:
-                    merged.append(word[i] + word[i + 1])
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            word = merged
+        word = merge_symbols(list(piece[:-1]) + [piece[-1] + "</w>"], self.ranks)
         self._cache[piece] = word
         return word
 

@@ -17,14 +17,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
-import itertools
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import regex
 
-from models.clip_tokenizer import byte_symbols
+from models.clip_tokenizer import byte_symbols, merge_symbols
 
 END_OF_TEXT = "<|endoftext|>"
 #: The reference's ``text_max_tokens``: a longer text is cut and its last token replaced by end-of-text.
@@ -92,22 +91,7 @@ class GPT2Tokenizer:
         return len(self.encoder)
 
     def _bpe_uncached(self, piece: str) -> tuple[str, ...]:
-        word = list(piece)
-        while len(word) > 1:
-            best = min(itertools.pairwise(word), key=lambda pair: self.ranks.get(pair, float("inf")))
-            if best not in self.ranks:
-                break
-            merged: list[str] = []
-            i = 0
-            while i < len(word):
-                if i < len(word) - 1 and (word[i], word[i + 1]) == best:
-                    merged.append(word[i] + word[i + 1])
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            word = merged
-        return tuple(word)
+        return tuple(merge_symbols(list(piece), self.ranks))
 
     def _encode_plain(self, text: str) -> list[int]:
         ids: list[int] = []
