@@ -166,8 +166,11 @@ def bench_orthanc(folders: list[Path], work: Path) -> float:
 
 
 def bench_ours(folders: list[Path], work: Path, count: int, database_url: str | None,
-               engine: str = "dcmtk") -> tuple[float, float]:
-    """Seconds until all images are acknowledged and in the database, and the receiver's CPU seconds."""
+               engine: str = "dcmtk", fsync: bool = True) -> tuple[float, float]:
+    """Seconds until all images are acknowledged and in the database, and the receiver's CPU seconds.
+
+    ``fsync=False`` measures the receiver without its durability (``store.fsync: false``): the difference is what
+    "Success means durable" costs on this disk, which neither peer pays (storescp and Orthanc do not fsync)."""
     from sqlalchemy import create_engine, func, select
 
     from pacs_bridge.schema import instances
@@ -178,7 +181,7 @@ def bench_ours(folders: list[Path], work: Path, count: int, database_url: str | 
     upgrade(url)
     port = _free_port()
     config = {"var_dir": str(var), "database": {"url": url}, "scp": {"port": port, "engine": engine},
-              "metrics": {"serve_port": 0}, "assembly": {"quiet_period_s": 3600, "max_wait_s": 36000}}
+              "metrics": {"serve_port": 0}, "store": {"fsync": fsync}, "assembly": {"quiet_period_s": 3600, "max_wait_s": 36000}}
     config_path = work / "triage.yaml"
     config_path.write_text(yaml.safe_dump(config))
     process = subprocess.Popen([sys.executable, "-m", "worker.cli", "serve"], cwd=REPO,
@@ -212,13 +215,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--associations", type=int, default=1,
                         help="send over this many associations at once (the files split between them)")
     parser.add_argument("--database-url", help="record into this database (default: a fresh SQLite file)")
+    parser.add_argument("--without-fsync", action="store_true",
+                        help="also measure each engine with store.fsync off, to show what durability costs")
     args = parser.parse_args(argv)
     for tool in ("storescu", "storescp"):
         if shutil.which(tool) is None:
             print(f"{tool} is not installed (run ops/setup.sh)", file=sys.stderr)
             return 2
     peers = {"dcmtk": [], "orthanc": []}
-    ours = {engine: ([], []) for engine in ENGINES}  # engine -> (seconds, CPU seconds) per repeat
+    variants = [(engine, True) for engine in ENGINES]
+    if args.without_fsync:
+        variants += [(engine, False) for engine in ENGINES]
+    ours = {variant: ([], []) for variant in variants}  # (engine, fsync) -> (seconds, CPU seconds) per repeat
     with tempfile.TemporaryDirectory(prefix="triage-bench-ingest-") as tmp:
         work = Path(tmp)
         files = write_files(work / "files", args.images)
@@ -231,10 +239,10 @@ def main(argv: list[str]) -> int:
         for repeat in range(args.repeats):
             peers["dcmtk"].append(bench_dcmtk(folders, work))
             peers["orthanc"].append(bench_orthanc(folders, work))
-            for engine in ENGINES:
-                elapsed, cpu_seconds = bench_ours(folders, work, args.images, args.database_url, engine)
-                ours[engine][0].append(elapsed)
-                ours[engine][1].append(cpu_seconds)
+            for engine, fsync in variants:
+                elapsed, cpu_seconds = bench_ours(folders, work, args.images, args.database_url, engine, fsync)
+                ours[engine, fsync][0].append(elapsed)
+                ours[engine, fsync][1].append(cpu_seconds)
             print(f"repeat {repeat + 1}/{args.repeats} done", file=sys.stderr)
     n = args.images
 
@@ -249,13 +257,16 @@ def main(argv: list[str]) -> int:
         # "ours" is the receiver engine for high image rates (scp.engine: dcmtk); the in-process pynetdicom SCP
         # (the default engine) is reported beside it.
         "engine": "dcmtk",
-        "ours_images_per_s": rate(ours["dcmtk"][0]),
+        "ours_images_per_s": rate(ours["dcmtk", True][0]),
         "dcmtk_images_per_s": rate(peers["dcmtk"]),
         "orthanc_images_per_s": rate(peers["orthanc"]),
-        "ours_cpu_ms_per_image": cpu_ms(ours["dcmtk"][1]),
-        "ours_pynetdicom_images_per_s": rate(ours["pynetdicom"][0]),
-        "ours_pynetdicom_cpu_ms_per_image": cpu_ms(ours["pynetdicom"][1]),
+        "ours_cpu_ms_per_image": cpu_ms(ours["dcmtk", True][1]),
+        "ours_pynetdicom_images_per_s": rate(ours["pynetdicom", True][0]),
+        "ours_pynetdicom_cpu_ms_per_image": cpu_ms(ours["pynetdicom", True][1]),
     }
+    if args.without_fsync:
+        result["ours_without_fsync_images_per_s"] = rate(ours["dcmtk", False][0])
+        result["ours_pynetdicom_without_fsync_images_per_s"] = rate(ours["pynetdicom", False][0])
     result["ratio_vs_orthanc"] = round(result["ours_images_per_s"] / result["orthanc_images_per_s"], 3)
     result["ratio_vs_dcmtk"] = round(result["ours_images_per_s"] / result["dcmtk_images_per_s"], 3)
     result["pynetdicom_ratio_vs_orthanc"] = round(
