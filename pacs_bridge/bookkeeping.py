@@ -29,7 +29,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from pacs_bridge.intake import InstanceHeader
 from pacs_bridge.routing import is_derived_object
-from pacs_bridge.schema import events, instances, series, studies, utcnow
+from sql.schema import events, instances, series, studies, utcnow
 from pacs_bridge.schema_fit import clean_json, clean_text, fit_text
 from pacs_bridge.storage import StoredInstance
 

@@ -15,7 +15,7 @@ from pydicom.encaps import generate_fragments
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
-from pacs_bridge.schema import instances, series, studies
+from sql.schema import instances, series, studies
 from pacs_bridge.schema_fit import Changes, Fitter, clean_text
 from pacs_bridge.storage import InvalidUID, validate_uid
 

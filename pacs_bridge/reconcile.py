@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 
 from pacs_bridge.bookkeeping import Bookkeeper, ReceivedInstance
 from pacs_bridge.intake import RejectedInstance, check_received
-from pacs_bridge.schema import instances, series, studies
+from sql.schema import instances, series, studies
 from pacs_bridge.scp import ActiveStudies
 from pacs_bridge.storage import TEMPORARY_PREFIX, InstanceStore, StoredInstance
 

@@ -12,7 +12,7 @@ import httpx
 import yaml
 
 from tests.conftest import free_port, wait_for
-from worker.database import upgrade
+from sql.database import upgrade
 
 REPO = Path(__file__).resolve().parents[1]
 

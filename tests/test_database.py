@@ -10,8 +10,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
-from pacs_bridge.schema import make_engine, metadata
-from worker.database import alembic_config, upgrade
+from sql.database import make_engine
+from sql.schema import metadata
+from sql.database import alembic_config, upgrade
 
 EXPECTED_TABLES = {"studies", "series", "instances", "processing_runs", "predictions", "deliveries", "events"}
 

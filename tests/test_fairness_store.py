@@ -14,8 +14,10 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import create_engine, insert, select, text
 
-from pacs_bridge.report_schema import fairness_refreshes, study_attributes
-from pacs_bridge.schema import instances, make_engine, series, studies
+from sql.fairness_schema import fairness_refreshes
+from sql.report_schema import study_attributes
+from sql.database import make_engine
+from sql.schema import instances, series, studies
 from pacs_bridge.study_attributes import DEFAULT_POSTCODE_TABLE, AttributePolicy, PostcodeTable
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.dicom_factory import write_mr_series
@@ -25,7 +27,7 @@ from train.fairness.cohort import load_cohort_csv, write_cohort_db
 from train.fairness.make_cohort import DEFAULT_OUT
 from train.fairness.metrics import publish
 from train.fairness.store import load_latest, refresh
-from worker.database import upgrade
+from sql.database import upgrade
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from pacs_bridge import codes
 from pacs_bridge.results import NotAnalysed
-from pacs_bridge.schema import deliveries, events, processing_runs, studies
+from sql.schema import deliveries, events, processing_runs, studies
 from pacs_bridge.sr import read_outcome
 from tests.intake_fixtures import phantom, receiver_for
 from worker.config import DEFAULTS

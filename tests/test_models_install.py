@@ -19,7 +19,7 @@ import yaml
 from models.bundle import map_bundle, random_bundle, save_bundle, sha256_of
 from tests.conftest import free_port, wait_for
 from worker.cli import main
-from worker.database import upgrade
+from sql.database import upgrade
 from worker.processes import stop_process_groups
 
 REPO = Path(__file__).resolve().parents[1]

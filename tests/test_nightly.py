@@ -13,18 +13,19 @@ from models.bundle import load_bundle, random_bundle, save_bundle
 from pacs_bridge.assembly import CompletionPolicy, StudyAssembler
 from pacs_bridge.bookkeeping import ReceivedInstance, write_batch
 from pacs_bridge.intake import check_received
-from pacs_bridge.registry_schema import model_versions, study_embeddings, training_metrics, training_runs
-from pacs_bridge.report_schema import ground_truth_labels, reports, study_attributes
-from pacs_bridge.schema import make_engine, processing_runs, utcnow
+from sql.registry_schema import model_versions, study_embeddings, training_metrics, training_runs
+from sql.report_schema import ground_truth_labels, reports, study_attributes
+from sql.database import make_engine
+from sql.schema import processing_runs, utcnow
 from pacs_bridge.storage import InstanceStore
 from train import registry
-from train.backbone import bundle_backbone_id
-from train.embedding_store import store_embedding
+from models.backbone import bundle_backbone_id
+from sql.embedding_store import store_embedding
 from train.nightly import GateConfig, NightlyConfig, gate_candidate, run_nightly
 from train.nightly_commands import NIGHTLY_TASK, TRAINING_QUEUE, rebuild_vector_index, training_app
 from worker.celery_app import beat_schedule
 from worker.config import load_settings
-from worker.database import upgrade
+from sql.database import upgrade
 from worker.pipeline import RunProcessor
 
 LABELS = ("trauma_subdural_hematoma", "vascular_ischemic_large_vessel_stroke", "ventricular_ventriculomegaly")

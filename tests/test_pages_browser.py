@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 import yaml
 
-from pacs_bridge.schema import make_engine
+from sql.database import make_engine
 from pacs_bridge.study_attributes import AttributePolicy
 from tests.conftest import free_port, wait_for
 from tests.test_worklist_browser import REPO, Chromium, chromium  # noqa: F401  (the fixture)
@@ -24,7 +24,7 @@ from train.fairness.cohort import write_cohort_db
 from train.fairness.make_cohort import make_cohort, write_cohort
 from train.fairness.store import refresh
 from worker.config import load_settings
-from worker.database import upgrade
+from sql.database import upgrade
 
 pytestmark = pytest.mark.slow
 

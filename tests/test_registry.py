@@ -6,10 +6,10 @@ import json
 import pytest
 
 from models.bundle import random_bundle, save_bundle
-from pacs_bridge.schema import make_engine
+from sql.database import make_engine
 from train import registry
 from worker.cli import main as triage
-from worker.database import upgrade
+from sql.database import upgrade
 
 
 @pytest.fixture

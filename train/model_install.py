@@ -178,7 +178,7 @@ def _register(engine: Engine, folder: Path, kind: str, promote: bool | None) -> 
 
 
 def _install_command(args: argparse.Namespace) -> int:
-    from pacs_bridge.schema import make_engine
+    from sql.database import make_engine
     from train.nightly import NightlyConfig
     from worker.config import load_settings
 

@@ -50,14 +50,14 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from models.bundle import LoadedBundle, load_bundle, save_bundle
-from pacs_bridge.feedback_schema import ai_feedback
-from pacs_bridge.registry_schema import training_metrics, training_runs
-from pacs_bridge.report_schema import ATTRIBUTES, UNKNOWN, ground_truth_labels, reports, study_attributes
-from pacs_bridge.schema import as_utc, instances, series, studies, utcnow
+from sql.feedback_schema import ai_feedback
+from sql.registry_schema import training_metrics, training_runs
+from sql.report_schema import ATTRIBUTES, UNKNOWN, ground_truth_labels, reports, study_attributes
+from sql.schema import as_utc, instances, series, studies, utcnow
 from train import registry
-from train.backbone import bundle_backbone_id
+from models.backbone import bundle_backbone_id
 from train.checkpoint import TrainingInterrupted
-from train.embedding_store import load_embeddings, store_embedding
+from sql.embedding_store import load_embeddings, store_embedding
 from train.evaluation import auroc, aurocs_by_label, expected_calibration_error, worst_group_disparity
 from train.heads_training import HeadData, HeadsTrainingConfig, train_heads
 from train.progress import MetricsSink, monitor

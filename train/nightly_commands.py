@@ -26,7 +26,7 @@ def rebuild_vector_index(settings, outcome=None) -> None:
 
     if not settings["slice_evidence"]["enabled"]:
         return
-    from pacs_bridge.schema import make_engine
+    from sql.database import make_engine
     from worker.slice_evidence import rebuild_all
 
     engine = make_engine(settings.database_url)
@@ -46,7 +46,7 @@ def training_app(settings):
 
     @app.task(name=NIGHTLY_TASK, time_limit=6 * 3600, soft_time_limit=5.5 * 3600)
     def train_nightly() -> str:
-        from pacs_bridge.schema import make_engine
+        from sql.database import make_engine
         from train.nightly import NightlyConfig, run_nightly
 
         outcome = run_nightly(make_engine(settings.database_url), NightlyConfig.from_settings(settings),
@@ -68,7 +68,7 @@ def refresh_fairness(settings) -> str:
     import time
     from pathlib import Path
 
-    from pacs_bridge.schema import make_engine
+    from sql.database import make_engine
     from pacs_bridge.study_attributes import AttributePolicy
     from train.fairness.analysis import FairnessConfig
     from train.fairness.cohort import load_cohort_db
@@ -95,7 +95,7 @@ def refresh_fairness(settings) -> str:
 def _nightly_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from pacs_bridge.schema import make_engine
+    from sql.database import make_engine
     from train.nightly import NightlyConfig, run_nightly
     from worker.config import load_settings
 

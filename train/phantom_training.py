@@ -35,7 +35,7 @@ from models.labels import DIAGNOSIS_NAMES
 from models.prima import PRIMA_CONFIGS, PrimaModel
 from models.tokenizer import SeriesTokens, token_features
 from models.vqvae import build_vqvae
-from train.backbone import backbone_id
+from models.backbone import backbone_id
 from train.clip_training import ClipTrainingConfig, TrainingStudy, study_embeddings, train_clip
 from train.evaluation import auroc, expected_calibration_error
 from train.heads_training import HeadData, HeadsTrainingConfig, train_heads

@@ -14,86 +14,31 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import insert, select, update
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
-from pacs_bridge.registry_schema import model_promotions, model_versions
-from pacs_bridge.schema import utcnow
+from sql.base import utcnow
+from sql.model_registry import (
+    CANDIDATE,
+    PROMOTED,
+    REJECTED,
+    RETIRED,
+    ModelVersion,
+    get_version,
+    list_versions,
+    serving_stack,
+    serving_version,
+    version_row,
+)
+from sql.registry_schema import model_promotions, model_versions
 
 log = logging.getLogger(__name__)
 
-CANDIDATE, PROMOTED, REJECTED, RETIRED = "candidate", "promoted", "rejected", "retired"
-
-
 class RegistryError(Exception):
     """A registry operation that cannot be done; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class ModelVersion:
-    id: int
-    version: str
-    bundle_path: str
-    status: str
-    family: str | None
-    config: str | None
-    backbone_id: str | None
-    parent_version: str | None
-    metrics: dict[str, Any] | None
-    gates: dict[str, Any] | None
-    created_at: datetime
-    notes: str | None
-
-    @classmethod
-    def from_row(cls, row: Any) -> ModelVersion:
-        return cls(row.id, row.version, row.bundle_path, row.status, row.family, row.config, row.backbone_id,
-                   row.parent_version, row.metrics, row.gates, row.created_at, row.notes)
-
-
-def _version_row(connection: Connection, version: str) -> ModelVersion | None:
-    row = connection.execute(select(model_versions).where(model_versions.c.version == version)).first()
-    return None if row is None else ModelVersion.from_row(row)
-
-
-def get_version(engine: Engine, version: str) -> ModelVersion | None:
-    with engine.connect() as connection:
-        return _version_row(connection, version)
-
-
-def list_versions(engine: Engine) -> list[ModelVersion]:
-    with engine.connect() as connection:
-        rows = connection.execute(select(model_versions).order_by(model_versions.c.id)).all()
-    return [ModelVersion.from_row(r) for r in rows]
-
-
-def _serving_stack(connection: Connection) -> list[int]:
-    """Model version ids of the serving history, oldest first; the last one serves."""
-    stack: list[int] = []
-    rows = connection.execute(
-        select(model_promotions.c.action, model_promotions.c.model_version_id).order_by(model_promotions.c.id)
-    ).all()
-    for action, version_id in rows:
-        if action == "promote":
-            stack.append(version_id)
-        elif action == "rollback" and stack:
-            stack.pop()
-    return stack
-
-
-def serving_version(engine: Engine) -> ModelVersion | None:
-    """The version that serves now, or None when nothing was ever promoted (workers then use the configured
-    bundle)."""
-    with engine.connect() as connection:
-        stack = _serving_stack(connection)
-        if not stack:
-            return None
-        row = connection.execute(select(model_versions).where(model_versions.c.id == stack[-1])).first()
-    return None if row is None else ModelVersion.from_row(row)
 
 
 def register_bundle(
@@ -110,14 +55,15 @@ def register_bundle(
     """Register the bundle in ``bundle_path`` under its manifest's version (verified: checksums and architecture,
     without reading a full-size bundle into memory). A version registered before with the same folder is
     returned as it is; with another folder it is an error."""
+    # torch and monai (the encoder's identity is a digest of its weights): kept out of `triage models list`.
+    from models.backbone import bundle_backbone_id
     from models.bundle import map_bundle
-    from train.backbone import bundle_backbone_id
 
     folder = Path(bundle_path).resolve()
     bundle = map_bundle(folder)
     version = bundle.version
     with engine.begin() as connection:
-        existing = _version_row(connection, version)
+        existing = version_row(connection, version)
         if existing is not None:
             if Path(existing.bundle_path) != folder:
                 raise RegistryError(
@@ -132,7 +78,7 @@ def register_bundle(
             metrics=metrics, gates=gates, training_run_id=training_run_id, created_at=utcnow(),
             notes=notes if notes is not None else bundle.manifest.get("notes"),
         ))
-        return _version_row(connection, version)  # type: ignore[return-value]
+        return version_row(connection, version)  # type: ignore[return-value]
 
 
 def set_status(engine: Engine, version: str, status: str, gates: dict | None = None,
@@ -150,12 +96,12 @@ def promote(engine: Engine, version: str, actor: str, reason: str, force: bool =
     """Make ``version`` the serving model. A rejected version needs ``force`` (an operator overriding the
     gates, with a reason)."""
     with engine.begin() as connection:
-        target = _version_row(connection, version)
+        target = version_row(connection, version)
         if target is None:
             raise RegistryError(f"no model version {version!r}; see `triage models list`")
         if target.status == REJECTED and not force:
             raise RegistryError(f"{version} failed its gates ({_failed_gates(target)}); use --force to override")
-        stack = _serving_stack(connection)
+        stack = serving_stack(connection)
         if stack and stack[-1] == target.id:
             raise RegistryError(f"{version} is already serving")
         if not Path(target.bundle_path).exists():
@@ -170,7 +116,7 @@ def promote(engine: Engine, version: str, actor: str, reason: str, force: bool =
 def rollback(engine: Engine, actor: str, reason: str) -> ModelVersion:
     """Stop serving the current version and serve again the one that served before it."""
     with engine.begin() as connection:
-        stack = _serving_stack(connection)
+        stack = serving_stack(connection)
         if len(stack) < 2:
             raise RegistryError("nothing to roll back to: fewer than two versions have served")
         current_id, previous_id = stack[-1], stack[-2]
@@ -198,7 +144,7 @@ def _failed_gates(version: ModelVersion) -> str:
 
 
 def _engine(args: argparse.Namespace) -> Engine:
-    from pacs_bridge.schema import make_engine
+    from sql.database import make_engine
     from worker.config import load_settings
 
     settings = load_settings(args.config)

@@ -30,7 +30,7 @@ from pydicom.uid import generate_uid
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy import create_engine, func, select
 
-from pacs_bridge.schema import as_utc, processing_runs, studies
+from sql.schema import as_utc, processing_runs, studies
 from worker.processes import stop_process_groups
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def run_load(workdir: Path, study_folders: list[Path], *, database_url: str, bro
              workers: int = 2, associations: int = 4, quiet_period_s: float = 1.0, timeout_s: float = 1800,
              show_progress: bool = True, explain: bool = True) -> dict:
     """Run the service, send every study, wait for all results; returns the figures and the exactly-once check."""
-    from worker.database import upgrade
+    from sql.database import upgrade
 
     upgrade(database_url)
     scp_port = _free_port()

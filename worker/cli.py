@@ -74,7 +74,7 @@ def _upgrade_when_reachable(url: str) -> None:
 
     from sqlalchemy.exc import OperationalError
 
-    from worker.database import upgrade
+    from sql.database import upgrade
 
     backoff = 1.0
     while True:
@@ -124,7 +124,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
-    from worker.database import current_revision, upgrade
+    from sql.database import current_revision, upgrade
 
     settings = load_settings(args.config)
     url = args.url or settings.database_url

@@ -26,7 +26,7 @@ from pacs_bridge.dicom_send import DeliveryError, DicomDestination, c_store
 from pacs_bridge.dicom_tls import TlsFiles
 from pacs_bridge.dicomweb_send import DicomwebDestination, stow_rs
 from pacs_bridge.forwarding import send_files
-from pacs_bridge.schema import deliveries, events, processing_runs, studies, utcnow
+from sql.schema import deliveries, events, processing_runs, studies, utcnow
 from worker.config import Settings
 from worker.metrics import DEAD_LETTERS, DELIVERIES
 
@@ -301,7 +301,7 @@ def register(subparsers) -> None:
 
 
 def _book(args) -> DeliveryBook:
-    from pacs_bridge.schema import make_engine
+    from sql.database import make_engine
     from worker.config import load_settings
 
     settings = load_settings(args.config)

@@ -22,9 +22,10 @@ from rich.table import Table
 from sqlalchemy import select
 
 from pacs_bridge.dicom_send import DicomDestination, c_store
-from pacs_bridge.schema import make_engine, processing_runs, studies
+from sql.database import make_engine
+from sql.schema import processing_runs, studies
 from worker.config import load_settings
-from worker.database import upgrade
+from sql.database import upgrade
 from worker.processes import stop_process_groups
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,13 +20,13 @@ def report_path(settings: Settings) -> Path:
 
 def write_report(settings: Settings, url: str, refresh_first: bool, out: Path) -> dict:
     """Render the latest stored results (refreshing first if asked or if there are none) to ``out``."""
-    from pacs_bridge.schema import make_engine
+    from sql.database import make_engine
     from pacs_bridge.study_attributes import AttributePolicy
     from train.fairness.analysis import FairnessConfig, headline
     from train.fairness.cohort import load_cohort_db
     from train.fairness.report import render_html
     from train.fairness.store import load_latest, refresh
-    from worker.database import upgrade
+    from sql.database import upgrade
 
     upgrade(url)
     engine = make_engine(url)
@@ -68,13 +68,13 @@ def _report(args: argparse.Namespace) -> int:
 def _refresh(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
-    from pacs_bridge.schema import make_engine
+    from sql.database import make_engine
     from pacs_bridge.study_attributes import AttributePolicy
     from train.fairness.analysis import FairnessConfig, headline
     from train.fairness.metrics import publish
     from train.fairness.store import refresh as refresh_once
     from train.fairness.store import run_schedule
-    from worker.database import upgrade
+    from sql.database import upgrade
 
     settings = load_settings(args.config)
     fairness = settings["fairness"]
@@ -104,10 +104,10 @@ def _refresh(args: argparse.Namespace) -> int:
 
 
 def _load_cohort(args: argparse.Namespace) -> int:
-    from pacs_bridge.schema import make_engine
+    from sql.database import make_engine
     from train.fairness.cohort import write_cohort_db
     from train.fairness.make_cohort import DEFAULT_OUT
-    from worker.database import upgrade
+    from sql.database import upgrade
 
     settings = load_settings(args.config)
     url = args.url or settings.database_url

@@ -39,7 +39,7 @@ class ModelReadiness:
 
     def serving_folder(self) -> Path:
         """The bundle the worker would load now (the same choice as ``RunProcessor.predictor``)."""
-        from train.registry import serving_version
+        from sql.model_registry import serving_version
 
         serving = serving_version(self.engine)
         if serving is not None:

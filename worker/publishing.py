@@ -38,7 +38,7 @@ from pacs_bridge.publishers import (
     build_publishers,
 )
 from pacs_bridge.results import Finding, TriageResult
-from pacs_bridge.schema import events, instances, predictions, processing_runs, series, studies, utcnow
+from sql.schema import events, instances, predictions, processing_runs, series, studies, utcnow
 from worker.config import Settings
 
 log = logging.getLogger(__name__)
@@ -343,7 +343,7 @@ def register(subparsers) -> None:
 
 
 def _open(args):
-    from pacs_bridge.schema import make_engine
+    from sql.database import make_engine
     from worker.config import load_settings
 
     settings = load_settings(args.config)

@@ -58,7 +58,7 @@ class _Session:
         from pacs_bridge.bookkeeping import Bookkeeper
         from pacs_bridge.ingest import ingest
         from pacs_bridge.pull import DimseSource
-        from pacs_bridge.schema import make_engine
+        from sql.database import make_engine
         from pacs_bridge.storage import InstanceStore
         from worker.config import load_settings
 
@@ -141,8 +141,8 @@ def _backfill(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     from sqlalchemy import func, select
 
-    from pacs_bridge.pull_schema import pull_items, pull_jobs
-    from pacs_bridge.schema import make_engine
+    from sql.pull_schema import pull_items, pull_jobs
+    from sql.database import make_engine
     from worker.config import load_settings
 
     engine = make_engine(load_settings(args.config).database_url)

@@ -2,7 +2,7 @@
 each sensitive attribute, for the fairness report.
 
 A verdict is a radiologist's latest on one target (a called finding, or the priority) of one AI result
-(``pacs_bridge.feedback_schema``); groups are the study's attributes (``study_attributes``; a study without a row
+(``sql.feedback_schema``); groups are the study's attributes (``study_attributes``; a study without a row
 is "unknown"). A group where the AI is rejected far more often than elsewhere is a sign it serves that group worse,
 visible long before final reports make TPR/FPR disparities measurable.
 """
@@ -17,8 +17,8 @@ from matplotlib.figure import Figure
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
-from pacs_bridge.feedback_schema import ai_feedback
-from pacs_bridge.report_schema import ATTRIBUTES, UNKNOWN, study_attributes
+from sql.feedback_schema import ai_feedback
+from sql.report_schema import ATTRIBUTES, UNKNOWN, study_attributes
 
 ALL = "all"
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pacs_bridge.report_schema import ATTRIBUTES, UNKNOWN
+from sql.report_schema import ATTRIBUTES, UNKNOWN
 from train.fairness.cohort import MEASURES, Cohort
 from train.fairness.statistics import adjust, bootstrap_disparity, exact_rate_test, odds_ratio
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pacs_bridge.report_schema import UNKNOWN
+from sql.report_schema import UNKNOWN
 from pacs_bridge.study_attributes import DEFAULT_POSTCODE_TABLE, AttributePolicy, PostcodeTable
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "data" / "synthetic_cohort.csv"

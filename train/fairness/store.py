@@ -18,15 +18,14 @@ import pydicom
 from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.engine import Connection, Engine
 
-from pacs_bridge.report_schema import (
+from sql.fairness_schema import (
     fairness_rate_disparities,
     fairness_refreshes,
     fairness_turnaround_odds,
     fairness_turnaround_summary,
-    reports,
-    study_attributes,
 )
-from pacs_bridge.schema import instances, series, studies, utcnow
+from sql.report_schema import reports, study_attributes
+from sql.schema import instances, series, studies, utcnow
 from pacs_bridge.study_attributes import (
     AttributePolicy,
     StudyAttributes,

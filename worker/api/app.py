@@ -15,7 +15,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.engine import Engine
 
-from pacs_bridge.schema import make_engine
+from sql.database import make_engine
 from worker.api.auth import SCOPE_KEY, Authentication, authenticate
 from worker.api.oidc import verifier_from_settings
 from worker.api.tokens import ROLES, Principal, TokenStore, read_configured_tokens

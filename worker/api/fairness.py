@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.responses import HTMLResponse
 from sqlalchemy import func, select
 
-from pacs_bridge.feedback_schema import ai_feedback
+from sql.feedback_schema import ai_feedback
 from pacs_bridge.study_attributes import AttributePolicy
 from train.fairness.agreement import agreement_by_group, render_agreement_html
 from train.fairness.analysis import FairnessConfig, headline

@@ -15,7 +15,7 @@ from pydantic import AfterValidator, BaseModel, Field
 from sqlalchemy import select
 
 from pacs_bridge.report_intake import FinalReport, ReportValidationError, store_report
-from pacs_bridge.report_schema import ground_truth_labels, reports
+from sql.report_schema import ground_truth_labels, reports
 from pacs_bridge.study_attributes import AttributePolicy, StudyAttributes, normalise_sex
 from worker.api.app import Principal, engine_of, require_role
 
@@ -81,7 +81,7 @@ def _attribute_policy(request: Request) -> AttributePolicy:
 def _labeller(request: Request):
     state = request.app.state
     if getattr(state, "report_labeller", None) is None:
-        from train.labeller import default_labeller
+        from models.labeller import default_labeller
 
         state.report_labeller = default_labeller()
     return state.report_labeller
