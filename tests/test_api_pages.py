@@ -11,8 +11,8 @@ from sqlalchemy import select
 from sql.audit_schema import audit_log
 from train.fairness.cohort import write_cohort_db
 from train.fairness.make_cohort import make_cohort, write_cohort
-from worker.api.app import create_app
-from worker.api.session import COOKIE, session_principal, session_value
+from worker.commands.api import create_app
+from worker.api.session_cookie import COOKIE, session_principal, session_value
 from worker.api.tokens import Principal
 from worker.config import load_settings
 from sql.database import upgrade

@@ -28,7 +28,7 @@ def _assert_schema_matches(url: str) -> None:
         with engine.connect() as connection:
             assert EXPECTED_TABLES <= set(inspect(connection).get_table_names())
             differences = compare_metadata(MigrationContext.configure(connection), metadata)
-            assert differences == [], f"migrations and pacs_bridge/schema.py disagree: {differences}"
+            assert differences == [], f"migrations and sql/schema.py disagree: {differences}"
     finally:
         engine.dispose()
 

@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 
 from train.fairness.cohort import write_cohort_db
 from train.fairness.make_cohort import make_cohort, write_cohort
-from worker.api.app import create_app
+from worker.commands.api import create_app
 from worker.config import load_settings
 from sql.database import upgrade
 

@@ -21,9 +21,10 @@ from pacs_bridge.storage import InstanceStore
 from train import registry
 from models.backbone import bundle_backbone_id
 from sql.embedding_store import store_embedding
-from train.nightly import GateConfig, NightlyConfig, gate_candidate, run_nightly
-from train.nightly_commands import NIGHTLY_TASK, TRAINING_QUEUE, rebuild_vector_index, training_app
+from train.nightly import gate_candidate, run_nightly
+from worker.commands.jobs import NIGHTLY_TASK, TRAINING_QUEUE, rebuild_vector_index, training_app
 from worker.celery_app import beat_schedule
+from worker.commands.train_settings import gate_config, nightly_config
 from worker.config import load_settings
 from sql.database import upgrade
 from worker.pipeline import RunProcessor
@@ -120,7 +121,7 @@ def test_nightly_promotes_a_better_candidate_and_the_running_worker_serves_it_ne
 
     backbone = bundle_backbone_id(load_bundle(settings["model"]["bundle"]))
     _label_studies(engine, backbone, 0, 96, seed=1)
-    outcome = run_nightly(engine, NightlyConfig.from_settings(settings),
+    outcome = run_nightly(engine, nightly_config(settings),
                           after_run=lambda result: rebuild_vector_index(settings, result))
 
     assert outcome.status == "done" and outcome.decision == "promoted", outcome.reason
@@ -153,7 +154,7 @@ def test_nightly_promotes_a_better_candidate_and_the_running_worker_serves_it_ne
 
 def test_nightly_refuses_a_worse_candidate_and_the_serving_model_stays(site):
     settings, engine = site
-    config = NightlyConfig.from_settings(settings)
+    config = nightly_config(settings)
     backbone = bundle_backbone_id(load_bundle(settings["model"]["bundle"]))
     _label_studies(engine, backbone, 0, 96, seed=1)
     first = run_nightly(engine, config)
@@ -179,7 +180,7 @@ def test_nightly_refuses_a_worse_candidate_and_the_serving_model_stays(site):
 
 def test_an_interrupted_nightly_run_resumes_from_its_checkpoint(site):
     settings, engine = site
-    config = NightlyConfig.from_settings(settings)
+    config = nightly_config(settings)
     backbone = bundle_backbone_id(load_bundle(settings["model"]["bundle"]))
     _label_studies(engine, backbone, 0, 96, seed=1)
 
@@ -204,7 +205,7 @@ def test_nightly_computes_missing_embeddings_from_the_stored_images(site, phanto
                 source="synthetic", source_message_id=folder.name)).inserted_primary_key[0]
             c.execute(insert(ground_truth_labels).values(report_id=report_id, label=LABELS[0], value=1,
                                                          source="synthetic", created_at=now))
-    run_nightly(engine, NightlyConfig.from_settings(settings))
+    run_nightly(engine, nightly_config(settings))
     with engine.connect() as c:
         computed = c.execute(select(study_embeddings.c.study_instance_uid)
                              .where(study_embeddings.c.source == "nightly")).scalars().all()
@@ -226,6 +227,6 @@ def test_a_candidate_less_fair_than_the_serving_model_fails_the_fairness_gates()
                "calibration_error": 0.05, "worst_disparity": 0.05, "flagged_disparities": 0}
     candidate = {**serving, "mean_auroc": 0.93, "auroc_by_label": {"x": 0.93}, "worst_disparity": 0.25,
                  "flagged_disparities": 1}
-    gates = gate_candidate(candidate, serving, GateConfig())
+    gates = gate_candidate(candidate, serving, gate_config(load_settings(environ={})["training"]["gates"]))
     assert gates["mean_auroc"]["passed"]  # better on average ...
     assert not gates["fairness"]["passed"] and not gates["flagged_disparities"]["passed"]  # ... but less fair

@@ -21,7 +21,7 @@ from sql.schema import instances
 from tests.conftest import wait_for
 from tests.dicom_factory import mr_slice
 from tests.service_harness import Service
-from train.nightly_commands import FAIRNESS_REFRESH_TASK, NIGHTLY_TASK, TRAINING_QUEUE
+from worker.commands.jobs import FAIRNESS_REFRESH_TASK, NIGHTLY_TASK, TRAINING_QUEUE
 from worker.celery_app import FAIRNESS_REFRESH, TRAIN_NIGHTLY, beat_schedule, make_celery
 from worker.config import load_settings
 from sql.database import upgrade

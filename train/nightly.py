@@ -18,7 +18,7 @@ One run (``triage train nightly``, or the Celery beat entry ``triage.train_night
    (``study_attributes``) and the population;
 6. write the candidate bundle, register it with its metrics and gates, and promote it only if every gate
    passes; workers pick it up at their next study.
-7. ``after_run`` (given by the scheduler: ``train.nightly_commands``) rebuilds the vector index of prior studies
+7. ``after_run`` (given by the scheduler: ``worker.commands.jobs``) rebuilds the vector index of prior studies
    (the slice-evidence index, :mod:`worker.slice_evidence`) from its table, compacting what a day of additions and
    deletions left behind.
 
@@ -58,6 +58,8 @@ from train import registry
 from models.backbone import bundle_backbone_id
 from train.checkpoint import TrainingInterrupted
 from sql.embedding_store import load_embeddings, store_embedding
+from train.fairness.analysis import FairnessConfig, rate_disparities
+from train.fairness.cohort import MEASURES, Cohort
 from train.evaluation import auroc, aurocs_by_label, expected_calibration_error, worst_group_disparity
 from train.heads_training import HeadData, HeadsTrainingConfig, train_heads
 from train.progress import MetricsSink, monitor
@@ -70,57 +72,36 @@ FINAL_REPORT_STATUSES = ("F", "C")
 
 @dataclass(frozen=True)
 class GateConfig:
-    max_mean_auroc_drop: float = 0.0
-    max_label_auroc_drop: float = 0.05
-    max_calibration_increase: float = 0.02
-    max_disparity_increase: float = 0.05
-    min_group_units: int = 5
-    min_held_out: int = 10
+    """The promotion gates (``training.gates``; the composition root builds this from the configuration)."""
+
+    max_mean_auroc_drop: float
+    max_label_auroc_drop: float
+    max_calibration_increase: float
+    max_disparity_increase: float
+    min_group_units: int
+    min_held_out: int
 
 
 @dataclass(frozen=True)
 class NightlyConfig:
-    models_dir: Path = Path("var/models")
-    work_dir: Path = Path("var/training")
-    seed: int = 0
-    held_out_fraction: float = 0.25
-    validation_fraction: float = 0.2
-    min_new_studies: int = 1
-    min_training_studies: int = 10
-    triage_table: str = ""
-    heads: HeadsTrainingConfig = HeadsTrainingConfig(steps=300, checkpoint_every=50)
-    gates: GateConfig = GateConfig()
-    configured_bundle: str = ""
-    device: str = "cpu"
-    study_description: str = "MRI BRAIN WO AND W CONTRAST"
+    """What one nightly run needs (``training`` and ``model`` in the configuration, read by the composition root:
+    ``worker.commands.train_settings.nightly_config``)."""
 
-    @classmethod
-    def from_settings(cls, settings) -> NightlyConfig:
-        """From the ``training`` section (and ``model.bundle``, the fallback model) of the configuration."""
-        section: Mapping[str, Any] = settings["training"]
-        var = settings.var_dir
-        gates = GateConfig(**{k: type(getattr(GateConfig(), k))(v) for k, v in section.get("gates", {}).items()})
-        heads = HeadsTrainingConfig(
-            steps=int(section.get("heads_steps", 300)),
-            learning_rate=float(section.get("heads_learning_rate", 3e-3)),
-            seed=int(section.get("seed", 0)),
-            checkpoint_every=50,
-        )
-        return cls(
-            models_dir=Path(section.get("models_dir") or var / "models"),
-            work_dir=Path(section.get("work_dir") or var / "training"),
-            seed=int(section.get("seed", 0)),
-            held_out_fraction=float(section.get("held_out_fraction", 0.25)),
-            validation_fraction=float(section.get("validation_fraction", 0.2)),
-            min_new_studies=int(section.get("min_new_studies", 1)),
-            min_training_studies=int(section.get("min_training_studies", 10)),
-            triage_table=str(section.get("triage_table") or ""),
-            heads=heads,
-            gates=gates,
-            configured_bundle=str(settings["model"]["bundle"] or ""),
-            device=str(settings["model"]["device"]),
-            study_description=str(settings["model"]["study_description"]),
-        )
+    models_dir: Path
+    work_dir: Path
+    seed: int
+    held_out_fraction: float
+    validation_fraction: float
+    min_new_studies: int
+    min_training_studies: int
+    triage_table: str
+    heads: HeadsTrainingConfig
+    gates: GateConfig
+    configured_bundle: str
+    device: str
+    study_description: str
+    #: The fairness analysis's parameters (``fairness``), for the flagged-disparities gate.
+    fairness: FairnessConfig
 
 
 @dataclass
@@ -268,7 +249,7 @@ def _groups(connection: Connection, study_uids: list[str]) -> dict[str, np.ndarr
 
 
 def evaluate_model(prima, embeddings: torch.Tensor, diagnosis: np.ndarray, priority: np.ndarray,
-                   groups: Mapping[str, np.ndarray], gates: GateConfig) -> dict[str, Any]:
+                   groups: Mapping[str, np.ndarray], gates: GateConfig, fairness: FairnessConfig) -> dict[str, Any]:
     """Held-out measures of one model: AUROC per diagnosis and mean, priority AUROC, calibration, disparity."""
     with torch.inference_mode():
         output = prima.heads(embeddings)
@@ -280,7 +261,9 @@ def evaluate_model(prima, embeddings: torch.Tensor, diagnosis: np.ndarray, prior
     high = prima.priority_classes.index("high")
     p_high = torch.softmax(output.priority_logits, dim=1)[:, high].numpy()
     disparity = worst_group_disparity(margins > 0, diagnosis, groups, gates.min_group_units)
-    flagged = flagged_disparities(margins > 0, diagnosis, groups, prima.diagnosis_names, gates.min_group_units)
+    # Single attributes only, with the gate's group size: held-out sets are small.
+    analysis = replace(fairness, min_group_units=gates.min_group_units, attributes=ATTRIBUTES, intersections=())
+    flagged = flagged_disparities(margins > 0, diagnosis, groups, prima.diagnosis_names, analysis)
     return {
         "auroc_by_label": by_label,
         "mean_auroc": float(np.mean(list(by_label.values()))) if by_label else None,
@@ -294,12 +277,9 @@ def evaluate_model(prima, embeddings: torch.Tensor, diagnosis: np.ndarray, prior
 
 
 def flagged_disparities(called: np.ndarray, truth: np.ndarray, groups: Mapping[str, np.ndarray],
-                        names: tuple[str, ...], min_units: int) -> int:
+                        names: tuple[str, ...], config: FairnessConfig) -> int:
     """How many TPR/FPR disparities the fairness analysis (:mod:`train.fairness.analysis`: diagnosis-matched
     bootstrap, exact test, corrected p-values) flags for these calls on these studies."""
-    from train.fairness.analysis import FairnessConfig, rate_disparities
-    from train.fairness.cohort import MEASURES, Cohort
-
     n = len(called)
     cohort = Cohort(
         study_uids=np.array([f"held-out-{i}" for i in range(n)], dtype=object),
@@ -310,7 +290,6 @@ def flagged_disparities(called: np.ndarray, truth: np.ndarray, groups: Mapping[s
         truth=np.where(np.isnan(truth), -1, truth).astype(np.int8), predicted=np.asarray(called, dtype=bool),
         as_of=0.0, source="nightly held-out",
     )
-    config = FairnessConfig(min_group_units=min_units, attributes=ATTRIBUTES, intersections=())
     return sum(row.flagged for row in rate_disparities(cohort, config))
 
 
@@ -517,9 +496,9 @@ def _run(engine: Engine, config: NightlyConfig, outcome: NightlyOutcome, since: 
         groups = _groups(connection, held_out_uids)
     if len(held_out):
         current_metrics = evaluate_model(base.prima, held_out.embeddings, held_out.diagnosis, held_out.priority,
-                                         groups, config.gates)
+                                         groups, config.gates, config.fairness)
         candidate_metrics = evaluate_model(candidate_model.prima, held_out.embeddings, held_out.diagnosis,
-                                           held_out.priority, groups, config.gates)
+                                           held_out.priority, groups, config.gates, config.fairness)
     else:
         empty = {"auroc_by_label": {}, "mean_auroc": None, "priority_auroc": None, "calibration_error": None,
                  "worst_disparity": 0.0, "disparity": {}, "flagged_disparities": 0, "n": 0}

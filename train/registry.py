@@ -6,13 +6,11 @@ log like a stack (a promotion pushes a version, a rollback pops the serving one)
 the version that served before the one rolled back, however often that happens. Workers ask
 :func:`serving_version` before each run and load a new bundle when the answer changes (no restart).
 
-Command line: ``triage models list | promote VERSION | rollback | register BUNDLE | install PATH``
-(:mod:`train.model_install`).
+Reads (the serving version, the registered ones) are :mod:`sql.model_registry`; the command line is
+``triage models`` (:mod:`worker.commands.models`).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -138,101 +136,3 @@ def _reread(engine: Engine, version: str) -> ModelVersion:
 def _failed_gates(version: ModelVersion) -> str:
     failed = [name for name, gate in (version.gates or {}).items() if not gate.get("passed", True)]
     return ", ".join(failed) or "no gate recorded"
-
-
-# --- command line ---------------------------------------------------------------------------------------------
-
-
-def _engine(args: argparse.Namespace) -> Engine:
-    from sql.database import make_engine
-    from worker.config import load_settings
-
-    settings = load_settings(args.config)
-    return make_engine(args.url or settings.database_url)
-
-
-def _summary(version: ModelVersion) -> str:
-    metrics = version.metrics or {}
-    candidate = metrics.get("candidate", metrics)
-    auroc = candidate.get("mean_auroc")
-    return "" if auroc is None else f"{auroc:.3f}"
-
-
-def _list(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    engine = _engine(args)
-    serving = serving_version(engine)
-    versions = list_versions(engine)
-    if args.json:
-        print(json.dumps([{**{k: v for k, v in vars(v).items() if k != "created_at"},
-                           "created_at": v.created_at.isoformat(),
-                           "serving": serving is not None and v.id == serving.id} for v in versions]))
-        return 0
-    table = Table("", "status", "created", "mean AUROC", "gates")
-    table.add_column("version", overflow="fold")
-    table.add_column("parent", overflow="fold")
-    for v in versions:
-        failed = [n for n, g in (v.gates or {}).items() if not g.get("passed", True)]
-        gates = "" if not v.gates else ("passed" if not failed else "failed: " + ", ".join(failed))
-        table.add_row("*" if serving is not None and v.id == serving.id else "", v.status,
-                      v.created_at.strftime("%Y-%m-%d %H:%M"), _summary(v), gates, v.version, v.parent_version or "")
-    Console().print(table)
-    if serving is None:
-        print("no version promoted: workers use the configured model.bundle")
-    return 0
-
-
-def _promote(args: argparse.Namespace) -> int:
-    try:
-        version = promote(_engine(args), args.version, actor="cli", reason=args.reason, force=args.force)
-    except RegistryError as error:
-        print(f"triage models promote: {error}")
-        return 1
-    print(f"{version.version} now serves ({version.bundle_path})")
-    return 0
-
-
-def _rollback(args: argparse.Namespace) -> int:
-    try:
-        version = rollback(_engine(args), actor="cli", reason=args.reason)
-    except RegistryError as error:
-        print(f"triage models rollback: {error}")
-        return 1
-    print(f"rolled back: {version.version} serves again ({version.bundle_path})")
-    return 0
-
-
-def _register(args: argparse.Namespace) -> int:
-    version = register_bundle(_engine(args), args.bundle, notes=args.notes)
-    print(f"registered {version.version} ({version.status}) from {version.bundle_path}")
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """``triage models ...``."""
-    models = subparsers.add_parser("models", help="model registry: list, promote, roll back, register, install")
-    sub = models.add_subparsers(dest="models_command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", help="database URL (default: from the configuration)")
-
-    p = sub.add_parser("list", parents=[common], help="every registered version; * marks the serving one")
-    p.add_argument("--json", action="store_true", help="print the versions as JSON")
-    p.set_defaults(func=_list)
-    p = sub.add_parser("promote", parents=[common], help="make a version serve (workers switch at their next run)")
-    p.add_argument("version")
-    p.add_argument("--reason", default="promoted by an operator")
-    p.add_argument("--force", action="store_true", help="promote even though its gates failed")
-    p.set_defaults(func=_promote)
-    p = sub.add_parser("rollback", parents=[common], help="serve again the version that served before")
-    p.add_argument("--reason", default="rolled back by an operator")
-    p.set_defaults(func=_rollback)
-    p = sub.add_parser("register", parents=[common], help="register a bundle folder as a candidate")
-    p.add_argument("bundle")
-    p.add_argument("--notes")
-    p.set_defaults(func=_register)
-
-    from train.model_install import add_install_parser
-
-    add_install_parser(sub, common)

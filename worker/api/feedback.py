@@ -20,7 +20,8 @@ from sqlalchemy.engine import Connection
 
 from sql.feedback_schema import MAX_COMMENT, ai_feedback
 from sql.schema import as_utc, predictions, processing_runs, studies, utcnow
-from worker.api.app import Principal, engine_of, require_role
+from worker.api.dependencies import engine_of, require_role
+from worker.api.tokens import Principal
 
 router = APIRouter(tags=["worklist"])
 #: Who may judge the AI's result: the people who read the studies.

@@ -17,7 +17,8 @@ from sqlalchemy import select
 from pacs_bridge.report_intake import FinalReport, ReportValidationError, store_report
 from sql.report_schema import ground_truth_labels, reports
 from pacs_bridge.study_attributes import AttributePolicy, StudyAttributes, normalise_sex
-from worker.api.app import Principal, engine_of, require_role
+from worker.api.dependencies import engine_of, require_role
+from worker.api.tokens import Principal
 
 router = APIRouter(prefix="/reports", tags=["reports"])
 #: Radiologists sign reports, integrations post them with an admin token; both may read them back.

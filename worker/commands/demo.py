@@ -28,7 +28,7 @@ from worker.config import load_settings
 from sql.database import upgrade
 from worker.processes import stop_process_groups
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STAGES = ("receiving", "queued", "processing", "done")
 
 

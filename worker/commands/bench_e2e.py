@@ -33,7 +33,7 @@ from sqlalchemy import create_engine, func, select
 from sql.schema import as_utc, processing_runs, studies
 from worker.processes import stop_process_groups
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
