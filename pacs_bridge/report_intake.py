@@ -14,9 +14,9 @@ from typing import Protocol
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Connection
 
+from pacs_bridge.study_attributes import StudyAttributes, save_attributes
 from sql.report_schema import ground_truth_labels, reports
 from sql.schema import studies, utcnow
-from pacs_bridge.study_attributes import StudyAttributes, save_attributes
 
 #: HL7 table 0123 result statuses we store; F (final) and C (corrected) are final reports.
 RESULT_STATUSES = frozenset("FCPARSI")

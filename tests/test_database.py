@@ -10,9 +10,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
-from sql.database import make_engine
+from sql.database import alembic_config, make_engine, upgrade
 from sql.schema import metadata
-from sql.database import alembic_config, upgrade
 
 EXPECTED_TABLES = {"studies", "series", "instances", "processing_runs", "predictions", "deliveries", "events"}
 

@@ -15,11 +15,11 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import create_engine, insert, select, text
 
+from pacs_bridge.study_attributes import DEFAULT_POSTCODE_TABLE, AttributePolicy, PostcodeTable
+from sql.database import make_engine, upgrade
 from sql.fairness_schema import fairness_refreshes
 from sql.report_schema import study_attributes
-from sql.database import make_engine
 from sql.schema import instances, series, studies
-from pacs_bridge.study_attributes import DEFAULT_POSTCODE_TABLE, AttributePolicy, PostcodeTable
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.dicom_factory import write_mr_series
 from train.fairness.analysis import analyse
@@ -30,7 +30,6 @@ from train.fairness.metrics import publish
 from train.fairness.store import load_latest, refresh
 from worker.commands.train_settings import fairness_config
 from worker.config import load_settings
-from sql.database import upgrade
 
 #: The analysis's parameters as the default configuration gives them.
 DEFAULT_FAIRNESS = fairness_config(load_settings(environ={})["fairness"])

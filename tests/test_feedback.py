@@ -13,17 +13,17 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import insert, select, update
 
+from pacs_bridge.results import Finding, ImageRegion, TriageResult
 from sql.audit_schema import audit_log, audit_studies
+from sql.database import upgrade
 from sql.feedback_schema import ai_feedback
 from sql.report_schema import study_attributes
-from pacs_bridge.results import Finding, ImageRegion, TriageResult
 from sql.schema import predictions, processing_runs, studies, utcnow
 from tests.test_publishers import ingest
 from train.fairness.agreement import agreement_by_group, render_agreement_html
 from train.nightly import collect_feedback_truth, collect_truth
 from worker.api.app import create_app
 from worker.config import load_settings
-from sql.database import upgrade
 
 TOKENS = {"radiologist": "rad-token", "admin": "admin-token", "sender": "send-token"}
 HEADERS = {role: {"Authorization": f"Bearer {token}"} for role, token in TOKENS.items()}

@@ -3,30 +3,49 @@ candidate that is evaluated, promoted when its gates pass and refused when they 
 the promoted version from its next study on, and a rollback restores the previous one."""
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 import numpy as np
 import pytest
 from sqlalchemy import func, insert, select
 
+from models.backbone import bundle_backbone_id
 from models.bundle import load_bundle, random_bundle, save_bundle
+from models.labels import DIAGNOSIS_NAMES
 from pacs_bridge.assembly import CompletionPolicy, StudyAssembler
 from pacs_bridge.bookkeeping import ReceivedInstance, write_batch
 from pacs_bridge.intake import check_received
-from sql.registry_schema import model_versions, study_embeddings, training_metrics, training_runs
-from sql.report_schema import ground_truth_labels, reports, study_attributes
-from sql.database import make_engine
-from sql.schema import processing_runs, utcnow
 from pacs_bridge.storage import InstanceStore
-from train import registry
-from models.backbone import bundle_backbone_id
+from sql import model_registry
+from sql.database import make_engine, upgrade
 from sql.embedding_store import store_embedding
-from train.nightly import gate_candidate, run_nightly
-from worker.commands.jobs import NIGHTLY_TASK, TRAINING_QUEUE, rebuild_vector_index, training_app
+from sql.registry_schema import (
+    model_versions,
+    study_embeddings,
+    training_metrics,
+    training_runs,
+)
+from sql.report_schema import ground_truth_labels, reports, study_attributes
+from sql.schema import processing_runs, utcnow
+from train import registry
+from train.nightly import (
+    StudyTruth,
+    gate_candidate,
+    head_data,
+    run_nightly,
+    split_studies,
+)
+from train.triage_table import load_triage_table
 from worker.celery_app import beat_schedule
+from worker.commands.jobs import (
+    NIGHTLY_TASK,
+    TRAINING_QUEUE,
+    rebuild_vector_index,
+    training_app,
+)
 from worker.commands.train_settings import gate_config, nightly_config
 from worker.config import load_settings
-from sql.database import upgrade
 from worker.pipeline import RunProcessor
 
 LABELS = ("trauma_subdural_hematoma", "vascular_ischemic_large_vessel_stroke", "ventricular_ventriculomegaly")
@@ -131,7 +150,7 @@ def test_nightly_promotes_a_better_candidate_and_the_running_worker_serves_it_ne
     assert {"mean_auroc", "label_auroc", "calibration", "fairness", "flagged_disparities"} <= set(outcome.gates)
     candidate = outcome.metrics["candidate"]
     assert candidate["mean_auroc"] > 0.9 > outcome.metrics["serving"]["mean_auroc"]
-    assert registry.serving_version(engine).version == outcome.candidate_version
+    assert model_registry.serving_version(engine).version == outcome.candidate_version
     with engine.connect() as c:
         run = c.execute(select(training_runs).where(training_runs.c.id == outcome.run_id)).one()
         logged = c.execute(select(func.count()).select_from(training_metrics)
@@ -171,11 +190,11 @@ def test_nightly_refuses_a_worse_candidate_and_the_serving_model_stays(site):
     worse = run_nightly(engine, config, candidate_hook=ruin)
     assert worse.status == "done" and worse.decision == "rejected"
     assert not worse.gates["mean_auroc"]["passed"] and "mean_auroc" in worse.reason
-    assert registry.serving_version(engine).version == first.candidate_version
+    assert model_registry.serving_version(engine).version == first.candidate_version
     with engine.connect() as c:
         status = c.execute(select(model_versions.c.status)
                            .where(model_versions.c.version == worse.candidate_version)).scalar_one()
-    assert status == registry.REJECTED
+    assert status == model_registry.REJECTED
 
 
 def test_an_interrupted_nightly_run_resumes_from_its_checkpoint(site):
@@ -230,3 +249,24 @@ def test_a_candidate_less_fair_than_the_serving_model_fails_the_fairness_gates()
     gates = gate_candidate(candidate, serving, gate_config(load_settings(environ={})["training"]["gates"]))
     assert gates["mean_auroc"]["passed"]  # better on average ...
     assert not gates["fairness"]["passed"] and not gates["flagged_disparities"]["passed"]  # ... but less fair
+
+
+def test_the_held_out_studies_stay_the_same_whatever_the_training_seed(tmp_path):
+    settings = load_settings(environ={"TRIAGE_VAR_DIR": str(tmp_path)})
+    uids = [f"1.2.826.0.1.{i}" for i in range(400)]
+    first = split_studies(uids, replace(nightly_config(settings), seed=1))
+    second = split_studies(uids, replace(nightly_config(settings), seed=2))
+    assert first.held_out == second.held_out and first.held_out
+    assert sorted(first.train + first.validation + first.held_out) == sorted(uids)
+
+
+def test_head_data_leaves_uncertain_and_unjudged_diagnoses_unknown():
+    now = utcnow()
+    names = DIAGNOSIS_NAMES
+    truth = {"report": StudyTruth({names[0]: 1, names[1]: -1}, now),
+             "feedback": StudyTruth({names[2]: 0}, now, partial=True)}
+    embeddings = {uid: np.ones(8, dtype=np.float32) for uid in truth}
+    data = head_data(["report", "feedback"], truth, embeddings, names, load_triage_table(None, names))
+    assert data.diagnosis[0, 0] == 1 and np.isnan(data.diagnosis[0, 1]) and data.diagnosis[0, 2] == 0
+    assert data.diagnosis[1, 2] == 0 and np.isnan(data.diagnosis[1, 0])  # feedback judged only names[2]
+    assert tuple(data.embeddings.shape) == (2, 8)

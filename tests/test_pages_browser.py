@@ -15,8 +15,8 @@ import urllib.request
 import pytest
 import yaml
 
-from sql.database import make_engine
 from pacs_bridge.study_attributes import AttributePolicy
+from sql.database import make_engine, upgrade
 from tests.conftest import free_port, wait_for
 from tests.test_worklist_browser import REPO, Chromium, chromium  # noqa: F401  (the fixture)
 from train.fairness.cohort import write_cohort_db
@@ -24,7 +24,6 @@ from train.fairness.make_cohort import make_cohort, write_cohort
 from train.fairness.store import refresh
 from worker.commands.train_settings import fairness_config
 from worker.config import load_settings
-from sql.database import upgrade
 
 pytestmark = pytest.mark.slow
 

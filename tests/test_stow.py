@@ -192,8 +192,8 @@ def test_a_study_stored_by_stow_rs_is_processed_into_the_same_result_as_one_sent
     """The worker's real pipeline on both, with a tiny model of random weights: the same predictions, to the last
     digit, and the same SR content show that the model saw the same images."""
     from models.bundle import random_bundle, save_bundle
-    from sql.schema import predictions
     from pacs_bridge.sr import read_sr
+    from sql.schema import predictions
     from worker.pipeline import RunProcessor
 
     bundle_dir = tmp_path_factory.mktemp("bundle")

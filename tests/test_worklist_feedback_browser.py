@@ -17,8 +17,8 @@ import yaml
 from sqlalchemy import select
 
 from sql.audit_schema import audit_log, audit_studies
+from sql.database import make_engine, upgrade
 from sql.feedback_schema import ai_feedback
-from sql.database import make_engine
 from tests.conftest import free_port, wait_for
 from tests.test_feedback import CALLED, analysed_study, not_analysed_study
 from tests.test_worklist_browser import (  # noqa: F401
@@ -29,7 +29,6 @@ from tests.test_worklist_browser import (  # noqa: F401
     chromium,
 )
 from train.nightly import collect_truth
-from sql.database import upgrade
 
 pytestmark = pytest.mark.slow
 

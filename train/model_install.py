@@ -26,6 +26,9 @@ from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
+from sql import model_registry
+from train import registry
+
 #: Digests published with the official files (the Hugging Face LFS pointer of lion-ai/MedImageInsights,
 #: reference/medimageinsight.md §5). Prima's release (Google Drive) publishes none: pass --sha256.
 PUBLISHED_SHA256 = {
@@ -157,10 +160,8 @@ def _install_medimageinsight(source: Path, models_dir: Path, sha256: str | None,
 
 
 def _register(engine: Engine, folder: Path, kind: str, promote: bool | None) -> InstallOutcome:
-    from train import registry
-
     version = registry.register_bundle(engine, folder, notes=f"installed by `triage models install` ({kind})")
-    serving = registry.serving_version(engine)
+    serving = model_registry.serving_version(engine)
     if promote is None:
         promote = serving is None  # the first model: nothing would serve otherwise
     promoted = False

@@ -31,15 +31,15 @@ import torch
 from monai.networks.nets import VQVAE
 from rich.console import Console
 
+from models.backbone import backbone_id
 from models.labels import DIAGNOSIS_NAMES
 from models.prima import PRIMA_CONFIGS, PrimaModel
 from models.tokenizer import SeriesTokens, token_features
 from models.vqvae import build_vqvae
-from models.backbone import backbone_id
+from train.checkpoint import load_checkpoint
 from train.clip_training import ClipTrainingConfig, TrainingStudy, study_embeddings, train_clip
 from train.evaluation import auroc, expected_calibration_error
 from train.heads_training import HeadData, HeadsTrainingConfig, train_heads
-from train.checkpoint import load_checkpoint
 from train.phantom_corpus import CachedStudy, build_phantom_corpus, code_fingerprint, phantom_plan
 from train.progress import MetricsSink, discard_metrics
 from train.triage_table import TriageTable, load_triage_table

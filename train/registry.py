@@ -26,9 +26,7 @@ from sql.model_registry import (
     RETIRED,
     ModelVersion,
     get_version,
-    list_versions,
     serving_stack,
-    serving_version,
     version_row,
 )
 from sql.registry_schema import model_promotions, model_versions

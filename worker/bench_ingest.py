@@ -170,8 +170,8 @@ def bench_ours(folders: list[Path], work: Path, count: int, database_url: str | 
     """Seconds until all images are acknowledged and in the database, and the receiver's CPU seconds."""
     from sqlalchemy import create_engine, func, select
 
-    from sql.schema import instances
     from sql.database import upgrade
+    from sql.schema import instances
 
     var = work / "ours"
     url = database_url or f"sqlite:///{var / 'triage.db'}"

@@ -23,7 +23,13 @@ from sqlalchemy import insert
 from sqlalchemy.engine import Engine
 
 from sql.schema import events, utcnow
-from worker.celery_app import DELIVERY_QUEUE, MAINTENANCE_QUEUE, PIPELINE_QUEUES, TRAINING_QUEUE, beat_schedule
+from worker.celery_app import (
+    DELIVERY_QUEUE,
+    MAINTENANCE_QUEUE,
+    PIPELINE_QUEUES,
+    TRAINING_QUEUE,
+    beat_schedule,
+)
 from worker.config import Settings
 
 log = logging.getLogger(__name__)

@@ -15,9 +15,9 @@ from pacs_bridge.dicom_tls import TlsFiles
 from pacs_bridge.periodic import PeriodicLoop
 from pacs_bridge.reconcile import StoreReconciler
 from pacs_bridge.rules import RuleSet
-from sql.database import make_engine
 from pacs_bridge.scp import ScpSettings, StorageSCP
 from pacs_bridge.storage import InstanceStore
+from sql.database import make_engine
 from worker.celery_app import DELIVER, DELIVERY_QUEUE, dispatcher, make_celery
 from worker.config import Settings
 from worker.metrics import HealthServer

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-from sql.report_schema import ATTRIBUTES, UNKNOWN
+from sql.report_schema import UNKNOWN
 from train.fairness.cohort import MEASURES, Cohort
 from train.fairness.statistics import adjust, bootstrap_disparity, exact_rate_test, odds_ratio
 

@@ -17,6 +17,12 @@ import pydicom
 from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.engine import Connection, Engine
 
+from pacs_bridge.study_attributes import (
+    AttributePolicy,
+    StudyAttributes,
+    attributes_from_dicom,
+    save_attributes,
+)
 from sql.fairness_schema import (
     fairness_rate_disparities,
     fairness_refreshes,
@@ -25,12 +31,6 @@ from sql.fairness_schema import (
 )
 from sql.report_schema import reports, study_attributes
 from sql.schema import instances, series, studies, utcnow
-from pacs_bridge.study_attributes import (
-    AttributePolicy,
-    StudyAttributes,
-    attributes_from_dicom,
-    save_attributes,
-)
 from train.fairness.analysis import (
     FairnessConfig,
     FairnessResults,

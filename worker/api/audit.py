@@ -28,10 +28,9 @@ from sqlalchemy import insert, select
 
 from sql.audit_schema import audit_log, audit_studies
 from sql.schema import utcnow
-from worker.api.dependencies import require_role
-from worker.api.tokens import Principal
 from worker.api.auth import SCOPE_KEY, Authentication, authenticate
-from worker.api.tokens import read_configured_tokens
+from worker.api.dependencies import require_role
+from worker.api.tokens import Principal, read_configured_tokens
 
 log = logging.getLogger(__name__)
 

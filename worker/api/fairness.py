@@ -17,9 +17,9 @@ from sqlalchemy import func, select
 
 from sql.feedback_schema import ai_feedback
 from worker.api.dependencies import engine_of, require_role
-from worker.api.tokens import Principal
 from worker.api.fairness_analysis import FairnessAnalysis
 from worker.api.session import page_role
+from worker.api.tokens import Principal
 
 router = APIRouter(prefix="/fairness", tags=["fairness"])
 Reader = Annotated[Principal, Depends(require_role("radiologist", "admin"))]

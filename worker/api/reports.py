@@ -15,8 +15,8 @@ from pydantic import AfterValidator, BaseModel, Field
 from sqlalchemy import select
 
 from pacs_bridge.report_intake import FinalReport, ReportValidationError, store_report
-from sql.report_schema import ground_truth_labels, reports
 from pacs_bridge.study_attributes import AttributePolicy, StudyAttributes, normalise_sex
+from sql.report_schema import ground_truth_labels, reports
 from worker.api.dependencies import engine_of, require_role
 from worker.api.tokens import Principal
 

@@ -17,15 +17,21 @@ from pathlib import Path
 import pydicom
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 from sqlalchemy import select
 
 from pacs_bridge.dicom_send import DicomDestination, c_store
-from sql.database import make_engine
+from sql.database import make_engine, upgrade
 from sql.schema import processing_runs, studies
 from worker.config import load_settings
-from sql.database import upgrade
 from worker.processes import stop_process_groups
 
 REPO = Path(__file__).resolve().parents[2]

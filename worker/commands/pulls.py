@@ -12,7 +12,7 @@ import sys
 import threading
 from datetime import date, datetime
 
-from pacs_bridge.pull import VIAS, PullError, Puller, configured_sources
+from pacs_bridge.pull import VIAS, Puller, PullError, configured_sources
 
 #: Exit status of a backfill stopped before its end (run it again to resume).
 EXIT_INTERRUPTED = 3
@@ -58,8 +58,8 @@ class _Session:
         from pacs_bridge.bookkeeping import Bookkeeper
         from pacs_bridge.ingest import ingest
         from pacs_bridge.pull import DimseSource
-        from sql.database import make_engine
         from pacs_bridge.storage import InstanceStore
+        from sql.database import make_engine
         from worker.config import load_settings
 
         settings = load_settings(args.config)
@@ -141,8 +141,8 @@ def _backfill(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     from sqlalchemy import func, select
 
-    from sql.pull_schema import pull_items, pull_jobs
     from sql.database import make_engine
+    from sql.pull_schema import pull_items, pull_jobs
     from worker.config import load_settings
 
     engine = make_engine(load_settings(args.config).database_url)

@@ -16,10 +16,10 @@ from sqlalchemy import delete, insert, select
 
 from pacs_bridge.hl7_intake import MllpReportListener, ReportIntake, ack_code, send_messages
 from pacs_bridge.hl7_senders import MllpLimits, SenderAllowList, mllp_tls_context
-from sql.report_schema import ground_truth_labels, reports
-from sql.database import make_engine
-from sql.schema import utcnow
 from pacs_bridge.study_attributes import AttributePolicy
+from sql.database import make_engine
+from sql.report_schema import ground_truth_labels, reports
+from sql.schema import utcnow
 from worker.config import Settings, load_settings
 
 log = logging.getLogger(__name__)
