@@ -51,6 +51,8 @@ class InstallOutcome:
 
 
 def _check_sha256(path: Path, expected: str | None, what: str) -> str:
+    # models.bundle, medimageinsight and reference_checkpoint import torch: each install step imports what it
+    # needs, so that the other `triage models` commands (which import this module) start without it.
     from models.bundle import sha256_of
 
     actual = sha256_of(path)

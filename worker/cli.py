@@ -1,4 +1,9 @@
-"""The ``triage`` command line."""
+"""The ``triage`` command line: with :mod:`worker.commands`, the one composition root that wires ``worker`` and
+``train``.
+
+Each command imports what it runs inside its function: ``triage --help`` and every other command start without
+pydicom, SQLAlchemy or torch (tests/test_cli.py checks it).
+"""
 from __future__ import annotations
 
 import argparse
@@ -12,8 +17,8 @@ from worker.config import load_settings
 from worker.log_format import configure_logging
 
 #: Modules that add their own subcommands: each has ``register(subparsers)``, setting ``func`` on its parsers.
-FEATURE_COMMANDS: tuple[str, ...] = ("worker.delivery", "worker.commands.fairness", "worker.commands.reports",
-                                     "worker.publishing")
+FEATURE_COMMANDS: tuple[str, ...] = ("worker.commands.deliveries", "worker.commands.fairness",
+                                     "worker.commands.reports", "worker.commands.publications")
 
 #: Intake beyond C-STORE: `triage rules test`, `triage pull`, `triage backfill`, `triage pulls`.
 FEATURE_COMMANDS += ("worker.commands.rules", "worker.commands.pulls")
@@ -29,10 +34,10 @@ FEATURE_COMMANDS += ("worker.commands.models", "worker.commands.training")
 #: module is imported when one of its commands runs. A module of FEATURE_COMMANDS missing here is imported at
 #: every start, as before. tests/test_cli.py checks this against what the modules register.
 FEATURE_COMMAND_INDEX: dict[str, tuple[str, str]] = {
-    "deliveries": ("worker.delivery", "list undelivered results; retry dead-lettered ones"),
+    "deliveries": ("worker.commands.deliveries", "list undelivered results; retry dead-lettered ones"),
     "fairness": ("worker.commands.fairness", "turnaround and fairness: report, scheduled refresh, cohort"),
     "reports": ("worker.commands.reports", "final radiology reports: HL7 listener, relabelling"),
-    "publications": ("worker.publishing", "list worklist priority publications; revert raises"),
+    "publications": ("worker.commands.publications", "list worklist priority publications; revert raises"),
     "rules": ("worker.commands.rules", "routing rules: test which rule files would match"),
     "pull": ("worker.commands.pulls", "retrieve one study from a PACS (C-MOVE, C-GET or WADO-RS)"),
     "backfill": ("worker.commands.pulls", ("retrieve every study of a date range from a PACS, throttled and "

@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection
 
 from sql.feedback_schema import ai_feedback
 from sql.report_schema import ATTRIBUTES, UNKNOWN, study_attributes
+from train.fairness.report import _img, plot_text
 
 ALL = "all"
 
@@ -71,8 +72,6 @@ def agreement_by_group(connection: Connection, attributes: Sequence[str] = ATTRI
 
 def agreement_plot(rows: Sequence[AgreementRow]) -> Figure | None:
     """Horizontal bars: share of agreeing verdicts per group (both targets), one block per attribute."""
-    from train.fairness.report import plot_text
-
     shown = [r for r in rows if r.target == ALL]
     if not shown:
         return None
@@ -90,8 +89,6 @@ def agreement_plot(rows: Sequence[AgreementRow]) -> Figure | None:
 
 def render_agreement_html(rows: Sequence[AgreementRow]) -> str:
     """The report's section on radiologists' agreement with the AI (a plot and its table)."""
-    from train.fairness.report import _img
-
     parts = ["<h2 id=agreement>Radiologists' agreement with the AI</h2>",
              ("<p class=note>Each radiologist's latest verdict (agree / disagree, IHE AIR accept / reject) on each "
               "called finding and priority, by the study's group. Counts are small at first: read shares with "

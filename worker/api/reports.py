@@ -14,6 +14,7 @@ from fastapi import Path as PathParam
 from pydantic import AfterValidator, BaseModel, Field
 from sqlalchemy import select
 
+from models.labeller import default_labeller
 from pacs_bridge.report_intake import FinalReport, ReportValidationError, store_report
 from pacs_bridge.study_attributes import AttributePolicy, StudyAttributes, normalise_sex
 from sql.report_schema import ground_truth_labels, reports
@@ -82,8 +83,6 @@ def _attribute_policy(request: Request) -> AttributePolicy:
 def _labeller(request: Request):
     state = request.app.state
     if getattr(state, "report_labeller", None) is None:
-        from models.labeller import default_labeller
-
         state.report_labeller = default_labeller()
     return state.report_labeller
 
