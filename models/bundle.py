@@ -272,7 +272,7 @@ def map_bundle(directory: str | os.PathLike[str]) -> LoadedBundle:
     """Verify a bundle (checksums, manifest, every tensor's name and shape) without reading its weights into
     memory: installing, registering and readiness checks must not allocate the 11 GB of a full-size bundle just
     to check it. The VQ-VAE and the study encoder hold the files' memory-mapped tensors (enough for
-    ``train.backbone.backbone_id``); the stacked heads stay on the meta device. Not for inference."""
+    ``models.backbone.backbone_id``); the stacked heads stay on the meta device. Not for inference."""
     return _load(Path(directory), "meta", mapped=True)
 
 

@@ -32,8 +32,8 @@ from pacs_bridge.forwarding import create_forwards
 from pacs_bridge.periodic import PeriodicLoop
 from pacs_bridge.routing import DEFAULT_RULES, RoutingDecision, expected_series_present, route
 from pacs_bridge.rules import RuleSet
-from pacs_bridge.schema import as_utc, deliveries, events, processing_runs, studies, utcnow
 from pacs_bridge.study_facts import HeaderCache, study_facts_from_database
+from sql.schema import as_utc, deliveries, events, processing_runs, studies, utcnow
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from sqlalchemy.engine import Connection, Engine
 
 from pacs_bridge.intake import InstanceHeader
 from pacs_bridge.routing import is_derived_object
-from pacs_bridge.schema import events, instances, series, studies, utcnow
 from pacs_bridge.schema_fit import clean_json, clean_text, fit_text
 from pacs_bridge.storage import StoredInstance
+from sql.schema import events, instances, series, studies, utcnow
 
 log = logging.getLogger(__name__)
 

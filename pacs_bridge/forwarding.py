@@ -26,7 +26,7 @@ from pacs_bridge.dicom_send import DeliveryError, DicomDestination
 from pacs_bridge.dicomweb_send import DicomwebDestination, stow_rs
 from pacs_bridge.routing import is_derived_object
 from pacs_bridge.rules import Forward
-from pacs_bridge.schema import deliveries, events, instances, series
+from sql.schema import deliveries, events, instances, series
 
 #: Instances per STOW-RS request when forwarding a study (bounded memory, bounded request size).
 STOW_BATCH = 50

@@ -49,11 +49,10 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError
 
 from pacs_bridge.hl7_senders import MllpLimits, SenderAllowList
-
 from pacs_bridge.report_intake import FinalReport, Labeller, ReportValidationError, store_report
-from pacs_bridge.report_schema import hl7_messages
-from pacs_bridge.schema import events, utcnow
 from pacs_bridge.study_attributes import AttributePolicy, attributes_from_hl7
+from sql.report_schema import hl7_messages
+from sql.schema import events, utcnow
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from pydicom.encaps import generate_fragments
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
-from pacs_bridge.schema import instances, series, studies
 from pacs_bridge.schema_fit import Changes, Fitter, clean_text
 from pacs_bridge.storage import InvalidUID, validate_uid
+from sql.schema import instances, series, studies
 
 # DIMSE C-STORE status codes (PS3.4 Annex B.2.3, PS3.7 Annex C).
 STATUS_SUCCESS = 0x0000

@@ -46,9 +46,9 @@ from pacs_bridge import association
 from pacs_bridge.dicom_tls import TlsFiles
 from pacs_bridge.ingest import IngestOutcome
 from pacs_bridge.intake import STATUS_SUCCESS
-from pacs_bridge.pull_schema import pull_items, pull_jobs
-from pacs_bridge.schema import events, instances, series, studies, utcnow
 from pacs_bridge.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+from sql.pull_schema import pull_items, pull_jobs
+from sql.schema import events, instances, series, studies, utcnow
 
 log = logging.getLogger(__name__)
 

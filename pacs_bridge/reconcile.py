@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, UTC
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import select
@@ -25,9 +25,9 @@ from sqlalchemy.engine import Engine
 
 from pacs_bridge.bookkeeping import Bookkeeper, ReceivedInstance
 from pacs_bridge.intake import RejectedInstance, check_received
-from pacs_bridge.schema import instances, series, studies
 from pacs_bridge.scp import ActiveStudies
 from pacs_bridge.storage import TEMPORARY_PREFIX, InstanceStore, StoredInstance
+from sql.schema import instances, series, studies
 
 log = logging.getLogger(__name__)
 

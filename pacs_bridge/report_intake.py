@@ -2,7 +2,7 @@
 
 Both intake paths (HL7 ORU over MLLP in ``pacs_bridge.hl7_intake``, the HTTP endpoint in ``worker.api.reports``)
 build a :class:`FinalReport` and call :func:`store_report`. The labeller is handed in by the caller (the worker
-composes it from ``train.labeller``), so this package needs no model code.
+composes it from ``models.labeller``), so this package needs no model code.
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from typing import Protocol
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Connection
 
-from pacs_bridge.report_schema import ground_truth_labels, reports
-from pacs_bridge.schema import studies, utcnow
 from pacs_bridge.study_attributes import StudyAttributes, save_attributes
+from sql.report_schema import ground_truth_labels, reports
+from sql.schema import studies, utcnow
 
 #: HL7 table 0123 result statuses we store; F (final) and C (corrected) are final reports.
 RESULT_STATUSES = frozenset("FCPARSI")
@@ -35,7 +35,7 @@ class Mention(Protocol):
 
 
 class Labeller(Protocol):
-    """What the intake needs from a report labeller (``train.labeller.ReportLabeller`` satisfies it)."""
+    """What the intake needs from a report labeller (``models.labeller.ReportLabeller`` satisfies it)."""
 
     name: str
 

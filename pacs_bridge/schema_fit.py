@@ -8,7 +8,7 @@ where one is near), dates parsed into DICOM DA or left NULL, integers outside th
 change is reported (``{"StudyDate": {"received": "1995.01.12", "stored": "19950112"}}``) so the bookkeeper can
 write an event naming it; the file in the store keeps every byte as received.
 
-The widths come from the table declarations themselves (:mod:`pacs_bridge.schema`), so they cannot drift.
+The widths come from the table declarations themselves (:mod:`sql.schema`), so they cannot drift.
 """
 from __future__ import annotations
 

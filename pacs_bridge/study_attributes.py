@@ -23,8 +23,8 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import insert, or_, select, update
 from sqlalchemy.engine import Connection
 
-from pacs_bridge.report_schema import ATTRIBUTES, UNKNOWN, study_attributes
-from pacs_bridge.schema import utcnow
+from sql.report_schema import ATTRIBUTES, UNKNOWN, study_attributes
+from sql.schema import utcnow
 
 #: The example postcode table shipped with the package (UK-style outward codes, invented regions).
 DEFAULT_POSTCODE_TABLE = Path(__file__).resolve().parent / "data" / "postcode_regions.csv"

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection
 
 from pacs_bridge.routing import NON_IMAGE_MODALITIES, SR_SOP_CLASS_PREFIX, is_derived_object
 from pacs_bridge.rules import SeriesFacts, StudyFacts, dataset_values, series_facts_from_dataset
-from pacs_bridge.schema import instances, series, studies
+from sql.schema import instances, series, studies
 
 log = logging.getLogger(__name__)
 

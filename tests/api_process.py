@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import yaml
 
+from sql.database import upgrade
 from tests.conftest import free_port, wait_for
-from worker.database import upgrade
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -61,7 +61,7 @@ def postgres_url():
 def bookkeeping_url(request, tmp_path):
     """A migrated database, once on SQLite and once on PostgreSQL: every test that writes bookkeeping runs on both
     (SQLite does not enforce column widths)."""
-    from worker.database import upgrade
+    from sql.database import upgrade
 
     url = (f"sqlite:///{tmp_path / 'triage.db'}" if request.param == "sqlite"
            else request.getfixturevalue("postgres_url"))

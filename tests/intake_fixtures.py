@@ -18,12 +18,12 @@ import yaml
 
 from pacs_bridge.assembly import CompletionPolicy, StudyAssembler
 from pacs_bridge.bookkeeping import Bookkeeper
-from pacs_bridge.schema import make_engine, utcnow
 from pacs_bridge.scp import ScpSettings
 from pacs_bridge.storage import InstanceStore
+from sql.database import make_engine, upgrade
+from sql.schema import utcnow
 from tests.conftest import free_port
 from worker.config import Settings, load_settings
-from worker.database import upgrade
 from worker.service import make_receiver, routing_rules
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}

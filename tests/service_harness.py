@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from sqlalchemy import create_engine, select
 
-from pacs_bridge.schema import processing_runs
+from sql.schema import processing_runs
 from tests.conftest import free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[1]

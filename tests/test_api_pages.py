@@ -8,14 +8,14 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from pacs_bridge.audit_schema import audit_log
+from sql.audit_schema import audit_log
+from sql.database import upgrade
 from train.fairness.cohort import write_cohort_db
 from train.fairness.make_cohort import make_cohort, write_cohort
-from worker.api.app import create_app
-from worker.api.session import COOKIE, session_principal, session_value
+from worker.api.session_cookie import COOKIE, session_principal, session_value
 from worker.api.tokens import Principal
+from worker.commands.api import create_app
 from worker.config import load_settings
-from worker.database import upgrade
 
 RADIOLOGIST, ADMIN, SENDER = ({"Authorization": f"Bearer {t}"} for t in ("rad-token", "admin-token", "send-token"))
 BROWSER = {"Accept": "text/html,application/xhtml+xml"}

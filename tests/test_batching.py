@@ -10,10 +10,10 @@ from sqlalchemy import select, update
 from pacs_bridge.assembly import CompletionPolicy, StudyAssembler
 from pacs_bridge.bookkeeping import ReceivedInstance, write_batch
 from pacs_bridge.intake import check_received
-from pacs_bridge.schema import make_engine, processing_runs, studies, utcnow
 from pacs_bridge.storage import InstanceStore
+from sql.database import make_engine, upgrade
+from sql.schema import processing_runs, studies, utcnow
 from worker.config import load_settings
-from worker.database import upgrade
 from worker.pipeline import RunProcessor
 
 

@@ -9,8 +9,9 @@ from sqlalchemy import func, select, update
 
 from pacs_bridge.bookkeeping import EventRecord, ReceivedInstance, write_batch
 from pacs_bridge.intake import InstanceHeader
-from pacs_bridge.schema import events, instances, make_engine, series, studies
 from pacs_bridge.storage import StoredInstance
+from sql.database import make_engine
+from sql.schema import events, instances, series, studies
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"

@@ -16,11 +16,10 @@ from pynetdicom.sop_class import _STORAGE_CLASSES
 
 from pacs_bridge.bookkeeping import Bookkeeper
 from pacs_bridge.conformance import documented_rows, main, render
-from pacs_bridge.schema import make_engine
 from pacs_bridge.scp import ScpSettings, StorageSCP
 from pacs_bridge.storage import InstanceStore
+from sql.database import make_engine, upgrade
 from tests.conftest import free_port
-from worker.database import upgrade
 
 DOCUMENT = Path(__file__).resolve().parent.parent / "docs" / "conformance.md"
 VERIFICATION = "1.2.840.10008.1.1"

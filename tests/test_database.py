@@ -10,8 +10,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
-from pacs_bridge.schema import make_engine, metadata
-from worker.database import alembic_config, upgrade
+from sql.database import alembic_config, make_engine, upgrade
+from sql.schema import metadata
 
 EXPECTED_TABLES = {"studies", "series", "instances", "processing_runs", "predictions", "deliveries", "events"}
 
@@ -27,7 +27,7 @@ def _assert_schema_matches(url: str) -> None:
         with engine.connect() as connection:
             assert EXPECTED_TABLES <= set(inspect(connection).get_table_names())
             differences = compare_metadata(MigrationContext.configure(connection), metadata)
-            assert differences == [], f"migrations and pacs_bridge/schema.py disagree: {differences}"
+            assert differences == [], f"migrations and sql/schema.py disagree: {differences}"
     finally:
         engine.dispose()
 

@@ -18,12 +18,12 @@ from sqlalchemy import func, select
 from pacs_bridge.bookkeeping import Bookkeeper
 from pacs_bridge.child_processes import Spawner, command_line, start_time
 from pacs_bridge.dcmtk_front import ASSOCIATION_FILE, DcmtkFront
-from pacs_bridge.schema import events, instances, make_engine, series, studies
 from pacs_bridge.scp import ScpSettings
 from pacs_bridge.storage import InstanceStore
+from sql.database import make_engine, upgrade
+from sql.schema import events, instances, series, studies
 from tests.conftest import free_port, wait_for
 from tests.dicom_factory import mr_slice, write_mr_series
-from worker.database import upgrade
 
 pytestmark = pytest.mark.skipif(shutil.which("storescp") is None or shutil.which("storescu") is None,
                                 reason="dcmtk is not installed (run ops/setup.sh)")

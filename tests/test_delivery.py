@@ -14,13 +14,13 @@ import yaml
 from pydicom.uid import generate_uid
 from sqlalchemy import insert, select
 
-from pacs_bridge.schema import deliveries, events, make_engine, processing_runs, studies, utcnow
+from sql.database import make_engine, upgrade
+from sql.schema import deliveries, events, processing_runs, studies, utcnow
 from tests.conftest import Orthanc, free_port, wait_for
 from tests.dicom_factory import mr_slice
 from tests.service_harness import Service
 from worker.celery_app import DELIVER, DELIVERY_QUEUE, PUBLISH, make_celery
 from worker.config import load_settings
-from worker.database import upgrade
 from worker.delivery import DeliveryBook
 from worker.publishing import dead_letter_publications
 

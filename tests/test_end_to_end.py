@@ -20,7 +20,7 @@ import pytest
 import yaml
 from sqlalchemy import create_engine, func, select
 
-from pacs_bridge.schema import deliveries, instances, predictions, processing_runs, studies
+from sql.schema import deliveries, instances, predictions, processing_runs, studies
 from tests.conftest import free_port, wait_for
 from worker.processes import stop_process_groups
 

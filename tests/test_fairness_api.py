@@ -6,11 +6,11 @@ import re
 import pytest
 from fastapi.testclient import TestClient
 
+from sql.database import upgrade
 from train.fairness.cohort import write_cohort_db
 from train.fairness.make_cohort import make_cohort, write_cohort
-from worker.api.app import create_app
+from worker.commands.api import create_app
 from worker.config import load_settings
-from worker.database import upgrade
 
 RADIOLOGIST, ADMIN = {"Authorization": "Bearer rad-token"}, {"Authorization": "Bearer admin-token"}
 

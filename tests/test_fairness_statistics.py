@@ -6,16 +6,22 @@ csv module, numpy and scipy, not with the analysis code.
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from train.fairness.analysis import FairnessConfig, analyse, select, turnaround_odds
+from train.fairness.analysis import analyse, select, turnaround_odds
 from train.fairness.cohort import load_cohort_csv
 from train.fairness.make_cohort import DEFAULT_OUT, make_cohort, write_cohort
 from train.fairness.statistics import benjamini_hochberg, holm, odds_ratio
+from worker.commands.train_settings import fairness_config
+from worker.config import load_settings
+
+#: The analysis's parameters as the default configuration gives them.
+DEFAULT_FAIRNESS = fairness_config(load_settings(environ={})["fairness"])
 
 COHORT = DEFAULT_OUT
 DAY = 86400.0
@@ -29,7 +35,7 @@ def rows() -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def results():
-    return analyse(load_cohort_csv(COHORT), FairnessConfig())
+    return analyse(load_cohort_csv(COHORT), DEFAULT_FAIRNESS)
 
 
 def waited_days(row: dict[str, str]) -> float:
@@ -117,7 +123,8 @@ def test_unreported_studies_count_as_long_once_the_threshold_has_passed(tmp_path
     write_cohort(rows, tmp_path / "cohort.csv")
     cohort = load_cohort_csv(tmp_path / "cohort.csv", as_of=as_of.timestamp())
 
-    odds = turnaround_odds(cohort, FairnessConfig(attributes=("sex",), intersections=(), min_group_size=10))
+    odds = turnaround_odds(cohort, replace(DEFAULT_FAIRNESS, attributes=("sex",), intersections=(),
+                                           min_group_size=10))
 
     women = {o.threshold_days: o for o in odds if o.group_value == "F"}
     assert {t: (o.n_group_long, o.n_group) for t, o in women.items()} == {3.0: (2, 99), 7.0: (1, 98)}
@@ -143,8 +150,8 @@ def test_odds_ratio_matches_scipy_and_survives_a_zero_cell():
 
 def test_bootstrap_is_reproducible_and_does_not_depend_on_which_comparisons_run():
     cohort = load_cohort_csv(COHORT)
-    everything = analyse(cohort, FairnessConfig())
-    only_age = analyse(cohort, FairnessConfig(attributes=("age_band",), intersections=()))
+    everything = analyse(cohort, DEFAULT_FAIRNESS)
+    only_age = analyse(cohort, replace(DEFAULT_FAIRNESS, attributes=("age_band",), intersections=()))
     a, = select(everything.disparities, metric="tpr", diagnosis="all", attribute="age_band", group_value="80+")
     b, = select(only_age.disparities, metric="tpr", diagnosis="all", attribute="age_band", group_value="80+")
     assert a.bootstrap_group == b.bootstrap_group and a.disparity == b.disparity

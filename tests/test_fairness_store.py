@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import secrets
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pydicom
@@ -14,18 +15,24 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import create_engine, insert, select, text
 
-from pacs_bridge.report_schema import fairness_refreshes, study_attributes
-from pacs_bridge.schema import instances, make_engine, series, studies
 from pacs_bridge.study_attributes import DEFAULT_POSTCODE_TABLE, AttributePolicy, PostcodeTable
+from sql.database import make_engine, upgrade
+from sql.fairness_schema import fairness_refreshes
+from sql.report_schema import study_attributes
+from sql.schema import instances, series, studies
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.dicom_factory import write_mr_series
-from train.fairness.analysis import FairnessConfig, analyse
+from train.fairness.analysis import analyse
 from train.fairness.analysis import select as select_rows
 from train.fairness.cohort import load_cohort_csv, write_cohort_db
 from train.fairness.make_cohort import DEFAULT_OUT
 from train.fairness.metrics import publish
 from train.fairness.store import load_latest, refresh
-from worker.database import upgrade
+from worker.commands.train_settings import fairness_config
+from worker.config import load_settings
+
+#: The analysis's parameters as the default configuration gives them.
+DEFAULT_FAIRNESS = fairness_config(load_settings(environ={})["fairness"])
 
 
 @pytest.fixture
@@ -56,7 +63,7 @@ def loaded():
 
 @pytest.mark.slow  # loads the 6000-study cohort into Postgres once per module
 def test_refresh_from_postgres_matches_the_analysis_of_the_csv(loaded):
-    config = FairnessConfig()
+    config = DEFAULT_FAIRNESS
     from_csv = analyse(load_cohort_csv(DEFAULT_OUT), config)
 
     stored = refresh(loaded, config)
@@ -107,7 +114,7 @@ def test_turnaround_view_gives_the_three_turnarounds_in_seconds(loaded):
 
 @pytest.mark.slow  # loads the 6000-study cohort into Postgres once per module
 def test_gauges_show_the_headline_figures(loaded):
-    results = refresh(loaded, FairnessConfig(intersections=()))
+    results = refresh(loaded, replace(DEFAULT_FAIRNESS, intersections=()))
     publish(results, 1234.0)
     north = select_rows(results.odds, attribute="region", group_value="north", threshold_days=7.0)[0]
     value = REGISTRY.get_sample_value("triage_fairness_long_turnaround_odds_ratio", {
@@ -123,9 +130,9 @@ def test_gauges_show_the_headline_figures(loaded):
 
 @pytest.mark.slow  # loads the 6000-study cohort into Postgres once per module
 def test_a_failed_refresh_is_recorded_and_the_last_good_one_stays_current(loaded):
-    good = refresh(loaded, FairnessConfig(intersections=()))
+    good = refresh(loaded, replace(DEFAULT_FAIRNESS, intersections=()))
     with pytest.raises(ValueError, match="unknown multiple-testing correction 'bonferoni'"):
-        refresh(loaded, FairnessConfig(intersections=(), correction="bonferoni"))
+        refresh(loaded, replace(DEFAULT_FAIRNESS, intersections=(), correction="bonferoni"))
     with loaded.connect() as connection:
         statuses = connection.execute(select(fairness_refreshes.c.status, fairness_refreshes.c.error)
                                       .order_by(fairness_refreshes.c.id)).all()
@@ -156,8 +163,8 @@ def test_refresh_reads_attributes_of_received_studies_from_their_dicom_headers(e
             sources={"sex": "hl7", "age_band": "hl7", "region": "hl7", "density_quartile": "hl7"}, updated_at=now))
     policy = AttributePolicy(postcodes=PostcodeTable.load(DEFAULT_POSTCODE_TABLE))
 
-    refresh(engine, FairnessConfig(), policy)
-    refresh(engine, FairnessConfig(), policy)  # the header is read once, not on every refresh
+    refresh(engine, DEFAULT_FAIRNESS, policy)
+    refresh(engine, DEFAULT_FAIRNESS, policy)  # the header is read once, not on every refresh
 
     with engine.connect() as connection:
         row = connection.execute(select(study_attributes)).one()

@@ -13,11 +13,11 @@ import time
 import pytest
 from sqlalchemy import create_engine, func, select
 
-from pacs_bridge.schema import instances
+from sql.database import upgrade
+from sql.schema import instances
 from tests.conftest import wait_for
 from tests.private_services import PrivatePostgres, PrivateRedis
 from tests.service_harness import Service
-from worker.database import upgrade
 
 pytestmark = pytest.mark.slow
 

@@ -13,17 +13,17 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import insert, select, update
 
-from pacs_bridge.audit_schema import audit_log, audit_studies
-from pacs_bridge.feedback_schema import ai_feedback
-from pacs_bridge.report_schema import study_attributes
 from pacs_bridge.results import Finding, ImageRegion, TriageResult
-from pacs_bridge.schema import predictions, processing_runs, studies, utcnow
+from sql.audit_schema import audit_log, audit_studies
+from sql.database import upgrade
+from sql.feedback_schema import ai_feedback
+from sql.report_schema import study_attributes
+from sql.schema import predictions, processing_runs, studies, utcnow
 from tests.test_publishers import ingest
 from train.fairness.agreement import agreement_by_group, render_agreement_html
 from train.nightly import collect_feedback_truth, collect_truth
 from worker.api.app import create_app
 from worker.config import load_settings
-from worker.database import upgrade
 
 TOKENS = {"radiologist": "rad-token", "admin": "admin-token", "sender": "send-token"}
 HEADERS = {role: {"Authorization": f"Bearer {token}"} for role, token in TOKENS.items()}
@@ -213,7 +213,7 @@ def test_the_key_image_is_the_source_slice_with_the_findings_region_drawn_for_re
 
 
 def test_a_final_report_outranks_feedback_as_the_nightly_label(api):
-    from pacs_bridge.report_schema import ground_truth_labels, reports
+    from sql.report_schema import ground_truth_labels, reports
 
     client, engine, study_uid, _, _ = api
     assert client.post(f"/worklist/studies/{study_uid}/feedback", headers=HEADERS["radiologist"],

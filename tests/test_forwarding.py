@@ -16,7 +16,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from sqlalchemy import select
 
-from pacs_bridge.schema import deliveries, events, processing_runs, studies
+from sql.schema import deliveries, events, processing_runs, studies
 from tests.conftest import Orthanc
 from tests.intake_fixtures import our_sr, phantom, receiver_for
 from worker.delivery import DeliveryBook

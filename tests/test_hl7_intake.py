@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import insert, select
 
+from models.labeller import KeywordLabeller
 from pacs_bridge.hl7_intake import (
     MllpReportListener,
     ReportIntake,
@@ -20,12 +21,11 @@ from pacs_bridge.hl7_intake import (
     parse_message,
     report_from_oru,
 )
-from pacs_bridge.report_schema import ground_truth_labels, hl7_messages, reports, study_attributes
-from pacs_bridge.schema import events, make_engine, studies
 from pacs_bridge.study_attributes import DEFAULT_POSTCODE_TABLE, AttributePolicy, PostcodeTable
+from sql.database import make_engine, upgrade
+from sql.report_schema import ground_truth_labels, hl7_messages, reports, study_attributes
+from sql.schema import events, studies
 from train.fairness.store import link_reports_to_studies
-from train.labeller import KeywordLabeller
-from worker.database import upgrade
 
 POLICY = AttributePolicy(timezone="Europe/London", postcodes=PostcodeTable.load(DEFAULT_POSTCODE_TABLE))
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1001"

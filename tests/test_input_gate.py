@@ -17,8 +17,8 @@ from sqlalchemy import select
 
 from pacs_bridge import codes
 from pacs_bridge.results import NotAnalysed
-from pacs_bridge.schema import deliveries, events, processing_runs, studies
 from pacs_bridge.sr import read_outcome
+from sql.schema import deliveries, events, processing_runs, studies
 from tests.intake_fixtures import phantom, receiver_for
 from worker.config import DEFAULTS
 from worker.input_gate import GateConfigError, GatePolicy, SeriesInput, assess

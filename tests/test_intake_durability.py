@@ -23,12 +23,12 @@ from sqlalchemy import func, select
 from pacs_bridge.bookkeeping import Bookkeeper, EventRecord, ReceivedInstance
 from pacs_bridge.intake import STATUS_DATASET_MISMATCH, InstanceHeader, RejectedInstance, check_received
 from pacs_bridge.reconcile import StoreReconciler
-from pacs_bridge.schema import events, instances, make_engine, processing_runs, series, studies
 from pacs_bridge.storage import InstanceStore
+from sql.database import make_engine, upgrade
+from sql.schema import events, instances, processing_runs, series, studies
 from tests.conftest import wait_for
 from tests.dicom_factory import mr_slice
 from tests.service_harness import DCMTK_ENV, Service
-from worker.database import upgrade
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
+from models.labeller import ABSENT, PRESENT, UNCERTAIN, KeywordLabeller, ReportLabeller, load_patterns
 from models.labels import DIAGNOSIS_NAMES
-from train.labeller import ABSENT, PRESENT, UNCERTAIN, KeywordLabeller, ReportLabeller, load_patterns
 from train.labeller_eval import evaluate, load_sentences
 
 

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from worker.bench_e2e import make_studies, run_load
+from worker.commands.bench_e2e import make_studies, run_load
 
 pytestmark = pytest.mark.slow
 

@@ -16,11 +16,10 @@ import pytest
 import yaml
 from pydicom.uid import generate_uid
 
-from pacs_bridge.schema import make_engine
+from sql.database import make_engine, upgrade
 from tests.conftest import free_port, wait_for
 from tests.dicom_factory import mr_slice
 from tests.intake_fixtures import storescu
-from worker.database import upgrade
 
 REPO = Path(__file__).resolve().parents[1]
 PATIENT_NAME, PATIENT_ID = "LOGTEST^SECRET", "PID-LOGTEST-4242"

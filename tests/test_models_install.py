@@ -17,9 +17,9 @@ import torch
 import yaml
 
 from models.bundle import map_bundle, random_bundle, save_bundle, sha256_of
+from sql.database import upgrade
 from tests.conftest import free_port, wait_for
 from worker.cli import main
-from worker.database import upgrade
 from worker.processes import stop_process_groups
 
 REPO = Path(__file__).resolve().parents[1]

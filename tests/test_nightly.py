@@ -3,28 +3,49 @@ candidate that is evaluated, promoted when its gates pass and refused when they 
 the promoted version from its next study on, and a rollback restores the previous one."""
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 import numpy as np
 import pytest
 from sqlalchemy import func, insert, select
 
+from models.backbone import bundle_backbone_id
 from models.bundle import load_bundle, random_bundle, save_bundle
+from models.labels import DIAGNOSIS_NAMES
 from pacs_bridge.assembly import CompletionPolicy, StudyAssembler
 from pacs_bridge.bookkeeping import ReceivedInstance, write_batch
 from pacs_bridge.intake import check_received
-from pacs_bridge.registry_schema import model_versions, study_embeddings, training_metrics, training_runs
-from pacs_bridge.report_schema import ground_truth_labels, reports, study_attributes
-from pacs_bridge.schema import make_engine, processing_runs, utcnow
 from pacs_bridge.storage import InstanceStore
+from sql import model_registry
+from sql.database import make_engine, upgrade
+from sql.embedding_store import store_embedding
+from sql.registry_schema import (
+    model_versions,
+    study_embeddings,
+    training_metrics,
+    training_runs,
+)
+from sql.report_schema import ground_truth_labels, reports, study_attributes
+from sql.schema import processing_runs, utcnow
 from train import registry
-from train.backbone import bundle_backbone_id
-from train.embedding_store import store_embedding
-from train.nightly import GateConfig, NightlyConfig, gate_candidate, run_nightly
-from train.nightly_commands import NIGHTLY_TASK, TRAINING_QUEUE, rebuild_vector_index, training_app
+from train.nightly import (
+    StudyTruth,
+    gate_candidate,
+    head_data,
+    run_nightly,
+    split_studies,
+)
+from train.triage_table import load_triage_table
 from worker.celery_app import beat_schedule
+from worker.commands.jobs import (
+    NIGHTLY_TASK,
+    TRAINING_QUEUE,
+    rebuild_vector_index,
+    training_app,
+)
+from worker.commands.train_settings import gate_config, nightly_config
 from worker.config import load_settings
-from worker.database import upgrade
 from worker.pipeline import RunProcessor
 
 LABELS = ("trauma_subdural_hematoma", "vascular_ischemic_large_vessel_stroke", "ventricular_ventriculomegaly")
@@ -119,7 +140,7 @@ def test_nightly_promotes_a_better_candidate_and_the_running_worker_serves_it_ne
 
     backbone = bundle_backbone_id(load_bundle(settings["model"]["bundle"]))
     _label_studies(engine, backbone, 0, 96, seed=1)
-    outcome = run_nightly(engine, NightlyConfig.from_settings(settings),
+    outcome = run_nightly(engine, nightly_config(settings),
                           after_run=lambda result: rebuild_vector_index(settings, result))
 
     assert outcome.status == "done" and outcome.decision == "promoted", outcome.reason
@@ -129,7 +150,7 @@ def test_nightly_promotes_a_better_candidate_and_the_running_worker_serves_it_ne
     assert {"mean_auroc", "label_auroc", "calibration", "fairness", "flagged_disparities"} <= set(outcome.gates)
     candidate = outcome.metrics["candidate"]
     assert candidate["mean_auroc"] > 0.9 > outcome.metrics["serving"]["mean_auroc"]
-    assert registry.serving_version(engine).version == outcome.candidate_version
+    assert model_registry.serving_version(engine).version == outcome.candidate_version
     with engine.connect() as c:
         run = c.execute(select(training_runs).where(training_runs.c.id == outcome.run_id)).one()
         logged = c.execute(select(func.count()).select_from(training_metrics)
@@ -152,7 +173,7 @@ def test_nightly_promotes_a_better_candidate_and_the_running_worker_serves_it_ne
 
 def test_nightly_refuses_a_worse_candidate_and_the_serving_model_stays(site):
     settings, engine = site
-    config = NightlyConfig.from_settings(settings)
+    config = nightly_config(settings)
     backbone = bundle_backbone_id(load_bundle(settings["model"]["bundle"]))
     _label_studies(engine, backbone, 0, 96, seed=1)
     first = run_nightly(engine, config)
@@ -169,16 +190,16 @@ def test_nightly_refuses_a_worse_candidate_and_the_serving_model_stays(site):
     worse = run_nightly(engine, config, candidate_hook=ruin)
     assert worse.status == "done" and worse.decision == "rejected"
     assert not worse.gates["mean_auroc"]["passed"] and "mean_auroc" in worse.reason
-    assert registry.serving_version(engine).version == first.candidate_version
+    assert model_registry.serving_version(engine).version == first.candidate_version
     with engine.connect() as c:
         status = c.execute(select(model_versions.c.status)
                            .where(model_versions.c.version == worse.candidate_version)).scalar_one()
-    assert status == registry.REJECTED
+    assert status == model_registry.REJECTED
 
 
 def test_an_interrupted_nightly_run_resumes_from_its_checkpoint(site):
     settings, engine = site
-    config = NightlyConfig.from_settings(settings)
+    config = nightly_config(settings)
     backbone = bundle_backbone_id(load_bundle(settings["model"]["bundle"]))
     _label_studies(engine, backbone, 0, 96, seed=1)
 
@@ -203,7 +224,7 @@ def test_nightly_computes_missing_embeddings_from_the_stored_images(site, phanto
                 source="synthetic", source_message_id=folder.name)).inserted_primary_key[0]
             c.execute(insert(ground_truth_labels).values(report_id=report_id, label=LABELS[0], value=1,
                                                          source="synthetic", created_at=now))
-    run_nightly(engine, NightlyConfig.from_settings(settings))
+    run_nightly(engine, nightly_config(settings))
     with engine.connect() as c:
         computed = c.execute(select(study_embeddings.c.study_instance_uid)
                              .where(study_embeddings.c.source == "nightly")).scalars().all()
@@ -225,6 +246,27 @@ def test_a_candidate_less_fair_than_the_serving_model_fails_the_fairness_gates()
                "calibration_error": 0.05, "worst_disparity": 0.05, "flagged_disparities": 0}
     candidate = {**serving, "mean_auroc": 0.93, "auroc_by_label": {"x": 0.93}, "worst_disparity": 0.25,
                  "flagged_disparities": 1}
-    gates = gate_candidate(candidate, serving, GateConfig())
+    gates = gate_candidate(candidate, serving, gate_config(load_settings(environ={})["training"]["gates"]))
     assert gates["mean_auroc"]["passed"]  # better on average ...
     assert not gates["fairness"]["passed"] and not gates["flagged_disparities"]["passed"]  # ... but less fair
+
+
+def test_the_held_out_studies_stay_the_same_whatever_the_training_seed(tmp_path):
+    settings = load_settings(environ={"TRIAGE_VAR_DIR": str(tmp_path)})
+    uids = [f"1.2.826.0.1.{i}" for i in range(400)]
+    first = split_studies(uids, replace(nightly_config(settings), seed=1))
+    second = split_studies(uids, replace(nightly_config(settings), seed=2))
+    assert first.held_out == second.held_out and first.held_out
+    assert sorted(first.train + first.validation + first.held_out) == sorted(uids)
+
+
+def test_head_data_leaves_uncertain_and_unjudged_diagnoses_unknown():
+    now = utcnow()
+    names = DIAGNOSIS_NAMES
+    truth = {"report": StudyTruth({names[0]: 1, names[1]: -1}, now),
+             "feedback": StudyTruth({names[2]: 0}, now, partial=True)}
+    embeddings = {uid: np.ones(8, dtype=np.float32) for uid in truth}
+    data = head_data(["report", "feedback"], truth, embeddings, names, load_triage_table(None, names))
+    assert data.diagnosis[0, 0] == 1 and np.isnan(data.diagnosis[0, 1]) and data.diagnosis[0, 2] == 0
+    assert data.diagnosis[1, 2] == 0 and np.isnan(data.diagnosis[1, 0])  # feedback judged only names[2]
+    assert tuple(data.embeddings.shape) == (2, 8)

@@ -15,16 +15,15 @@ import urllib.request
 import pytest
 import yaml
 
-from pacs_bridge.schema import make_engine
 from pacs_bridge.study_attributes import AttributePolicy
+from sql.database import make_engine, upgrade
 from tests.conftest import free_port, wait_for
 from tests.test_worklist_browser import REPO, Chromium, chromium  # noqa: F401  (the fixture)
-from train.fairness.analysis import FairnessConfig
 from train.fairness.cohort import write_cohort_db
 from train.fairness.make_cohort import make_cohort, write_cohort
 from train.fairness.store import refresh
+from worker.commands.train_settings import fairness_config
 from worker.config import load_settings
-from worker.database import upgrade
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +44,7 @@ def test_one_sign_in_opens_the_worklist_and_the_fairness_report(tmp_path, postgr
     engine = make_engine(postgres_url)
     write_cohort(make_cohort(studies=400, seed=5), tmp_path / "cohort.csv")
     write_cohort_db(engine, tmp_path / "cohort.csv")
-    refresh(engine, FairnessConfig.from_settings(settings["fairness"]), AttributePolicy.from_settings(settings["fairness"]))
+    refresh(engine, fairness_config(settings["fairness"]), AttributePolicy.from_settings(settings["fairness"]))
     engine.dispose()
 
     env = {**os.environ, "TRIAGE_CONFIG": str(tmp_path / "triage.yaml")}

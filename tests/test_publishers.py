@@ -36,10 +36,10 @@ from pacs_bridge.publishers import (
     build_publishers,
 )
 from pacs_bridge.results import Finding, TriageResult
-from pacs_bridge.schema import events, make_engine, predictions, processing_runs, studies, utcnow
+from sql.database import make_engine, upgrade
+from sql.schema import events, predictions, processing_runs, studies, utcnow
 from tests.conftest import free_port, wait_for
 from worker.config import load_settings
-from worker.database import upgrade
 from worker.publishing import last_known_values, publish_result, revert
 
 ACCESSION = "ACC4711"

@@ -18,8 +18,8 @@ import pytest
 from sqlalchemy import func, select
 
 from pacs_bridge.pull import date_windows
-from pacs_bridge.pull_schema import pull_items, pull_jobs
-from pacs_bridge.schema import events, instances, processing_runs, series, studies
+from sql.pull_schema import pull_items, pull_jobs
+from sql.schema import events, instances, processing_runs, series, studies
 from tests.conftest import Orthanc, free_port, wait_for
 from tests.intake_fixtures import phantom, receiver_for, storescu
 

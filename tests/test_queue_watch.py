@@ -10,7 +10,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, select
 
-from pacs_bridge.schema import events
+from sql.schema import events
 from tests.conftest import free_port, wait_for
 from tests.dicom_factory import write_mr_series
 from tests.service_harness import Service

@@ -6,10 +6,10 @@ import json
 import pytest
 
 from models.bundle import random_bundle, save_bundle
-from pacs_bridge.schema import make_engine
+from sql import model_registry
+from sql.database import make_engine, upgrade
 from train import registry
 from worker.cli import main as triage
-from worker.database import upgrade
 
 
 @pytest.fixture
@@ -28,18 +28,18 @@ def _bundle(folder, seed: int, version: str):
 def test_rollback_restores_the_version_that_served_before(engine, tmp_path):
     for seed, version in enumerate(("alpha", "beta", "gamma")):
         registry.register_bundle(engine, _bundle(tmp_path, seed, version))
-    assert registry.serving_version(engine) is None  # nothing promoted: workers use model.bundle
+    assert model_registry.serving_version(engine) is None  # nothing promoted: workers use model.bundle
     for version in ("alpha", "beta", "gamma"):
         registry.promote(engine, version, actor="test", reason="test")
-    assert registry.serving_version(engine).version == "gamma"
+    assert model_registry.serving_version(engine).version == "gamma"
 
     assert registry.rollback(engine, actor="test", reason="bad night").version == "beta"
-    assert registry.get_version(engine, "gamma").status == registry.RETIRED
+    assert model_registry.get_version(engine, "gamma").status == model_registry.RETIRED
     assert registry.rollback(engine, actor="test", reason="again").version == "alpha"
     with pytest.raises(registry.RegistryError, match="nothing to roll back to"):
         registry.rollback(engine, actor="test", reason="once more")
     registry.promote(engine, "gamma", actor="test", reason="fixed after all")
-    assert registry.serving_version(engine).version == "gamma"
+    assert model_registry.serving_version(engine).version == "gamma"
     assert registry.rollback(engine, actor="test", reason="no").version == "alpha"
 
 
@@ -47,13 +47,13 @@ def test_a_version_that_failed_its_gates_is_promoted_only_by_force(engine, tmp_p
     registry.register_bundle(engine, _bundle(tmp_path, 0, "good"))
     registry.register_bundle(engine, _bundle(tmp_path, 1, "worse"),
                              gates={"mean_auroc": {"passed": False, "reason": "0.61 vs 0.90"}})
-    registry.set_status(engine, "worse", registry.REJECTED)
+    registry.set_status(engine, "worse", model_registry.REJECTED)
     registry.promote(engine, "good", actor="test", reason="baseline")
     with pytest.raises(registry.RegistryError, match="mean_auroc"):
         registry.promote(engine, "worse", actor="test", reason="try")
-    assert registry.serving_version(engine).version == "good"
+    assert model_registry.serving_version(engine).version == "good"
     registry.promote(engine, "worse", actor="test", reason="override by the governance board", force=True)
-    assert registry.serving_version(engine).version == "worse"
+    assert model_registry.serving_version(engine).version == "worse"
 
 
 def test_registering_the_same_version_from_another_folder_is_refused(engine, tmp_path):

@@ -15,7 +15,7 @@ from sqlalchemy import func, select, update
 
 from pacs_bridge.routing import route
 from pacs_bridge.rules import RuleError, RuleSet, SeriesFacts, StudyFacts, result_facts
-from pacs_bridge.schema import deliveries, events, instances, processing_runs, studies
+from sql.schema import deliveries, events, instances, processing_runs, studies
 from tests.intake_fixtures import our_sr, phantom, receiver_for, write_config
 from worker.cli import main
 

@@ -14,16 +14,16 @@ import yaml
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from pacs_bridge.registry_schema import training_runs
-from pacs_bridge.report_schema import fairness_refreshes
-from pacs_bridge.schema import instances, make_engine
+from sql.database import make_engine, upgrade
+from sql.fairness_schema import fairness_refreshes
+from sql.registry_schema import training_runs
+from sql.schema import instances
 from tests.conftest import wait_for
 from tests.dicom_factory import mr_slice
 from tests.service_harness import Service
-from train.nightly_commands import FAIRNESS_REFRESH_TASK, NIGHTLY_TASK, TRAINING_QUEUE
 from worker.celery_app import FAIRNESS_REFRESH, TRAIN_NIGHTLY, beat_schedule, make_celery
+from worker.commands.jobs import FAIRNESS_REFRESH_TASK, NIGHTLY_TASK, TRAINING_QUEUE
 from worker.config import load_settings
-from worker.database import upgrade
 
 EVERY_JOB = {
     "nightly-retraining": ("triage.train_nightly", "training"),

@@ -14,12 +14,12 @@ from sqlalchemy import func, select
 
 from pacs_bridge.assembly import CompletionPolicy, StudyAssembler
 from pacs_bridge.bookkeeping import Bookkeeper
-from pacs_bridge.schema import events, instances, make_engine, processing_runs, studies, utcnow
 from pacs_bridge.scp import ScpSettings, StorageSCP
 from pacs_bridge.storage import InstanceStore
+from sql.database import make_engine, upgrade
+from sql.schema import events, instances, processing_runs, studies, utcnow
 from tests.conftest import free_port
 from tests.dicom_factory import mr_slice, write_mr_series
-from worker.database import upgrade
 
 STORESCU = shutil.which("storescu")
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}

@@ -13,14 +13,14 @@ import yaml
 from fastapi.testclient import TestClient
 from sqlalchemy import insert, select, text
 
-from pacs_bridge.audit_schema import audit_log, audit_studies
-from pacs_bridge.schema import studies, utcnow
+from sql.audit_schema import audit_log, audit_studies
+from sql.database import upgrade
+from sql.schema import studies, utcnow
 from tests.conftest import free_port, wait_for
 from tests.security_support import TestPKI
 from worker.api.app import create_app
 from worker.api.audit import redact
 from worker.config import load_settings
-from worker.database import upgrade
 
 STUDY = "1.2.826.0.1.3680043.8.498.77"
 

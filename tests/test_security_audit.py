@@ -10,7 +10,7 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, select, text
 
-from pacs_bridge.audit_schema import audit_log
+from sql.audit_schema import audit_log
 from tests.api_process import ApiProcess
 from train.fairness.cohort import write_cohort_db
 from train.fairness.make_cohort import make_cohort, write_cohort

@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import create_engine, select
 
-from pacs_bridge.audit_schema import audit_log
+from sql.audit_schema import audit_log
 from tests.api_process import ApiProcess
 from worker.api.oidc import OidcError, OidcVerifier
 from worker.api.tokens import Principal

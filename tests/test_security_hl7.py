@@ -14,12 +14,12 @@ import time
 import pytest
 from sqlalchemy import select
 
+from models.labeller import KeywordLabeller
 from pacs_bridge.hl7_intake import MllpReportListener, ReportIntake, send_messages
 from pacs_bridge.hl7_senders import MllpLimits, SenderAllowList, mllp_tls_context
-from pacs_bridge.report_schema import hl7_messages, reports
+from sql.report_schema import hl7_messages, reports
 from tests.security_support import TestPKI
 from tests.test_hl7_intake import POLICY, MllpClient, add_study, engine, msa, oru  # noqa: F401 (fixture)
-from train.labeller import KeywordLabeller
 
 RIS_ONLY = [{"application": "RIS", "facility": "GENERAL", "hosts": ["127.0.0.0/8"]}]
 

@@ -18,9 +18,9 @@ import warnings
 from pathlib import Path
 
 import pydicom
-from pydicom.dataset import FileMetaDataset
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage, generate_uid
 from pynetdicom import AE
 from pynetdicom.dimse_primitives import C_STORE
@@ -29,12 +29,12 @@ from sqlalchemy import func, select
 
 from pacs_bridge.bookkeeping import Bookkeeper
 from pacs_bridge.intake import STATUS_DATASET_MISMATCH, STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS
-from pacs_bridge.schema import events, instances, make_engine
 from pacs_bridge.scp import ScpSettings, StorageSCP
 from pacs_bridge.storage import InstanceStore
+from sql.database import make_engine, upgrade
+from sql.schema import events, instances
 from tests.conftest import free_port
 from tests.dicom_factory import mr_slice, write_mr_series
-from worker.database import upgrade
 
 STORESCU = shutil.which("storescu")
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}

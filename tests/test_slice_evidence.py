@@ -4,9 +4,8 @@ prior studies with their confirmed findings, an SR that carries them), the neuro
 from __future__ import annotations
 
 from datetime import timedelta
-from types import SimpleNamespace
-
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pydicom
@@ -18,15 +17,15 @@ from sqlalchemy import insert, select, update
 from pacs_bridge.assembly import CompletionPolicy, StudyAssembler
 from pacs_bridge.bookkeeping import ReceivedInstance, write_batch
 from pacs_bridge.intake import check_received
-from pacs_bridge.report_schema import ground_truth_labels, reports
 from pacs_bridge.results import TriageResult
 from pacs_bridge.rules import RuleSet
-from pacs_bridge.schema import make_engine, predictions, processing_runs, studies, utcnow
-from pacs_bridge.slice_index_schema import slice_embeddings
 from pacs_bridge.sr import read_sr
 from pacs_bridge.storage import InstanceStore
+from sql.database import make_engine, upgrade
+from sql.report_schema import ground_truth_labels, reports
+from sql.schema import predictions, processing_runs, studies, utcnow
+from sql.slice_index_schema import slice_embeddings
 from worker.config import load_settings
-from worker.database import upgrade
 from worker.pipeline import RunProcessor
 
 # Two kinds of CT study whose pictures differ clearly: a bright disc ("nodule") or horizontal bands ("normal").

@@ -12,7 +12,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from pacs_bridge.schema import events, instances, processing_runs, series, studies
+from sql.schema import events, instances, processing_runs, series, studies
 from tests.conftest import free_port, wait_for
 from tests.dicom_factory import mr_slice
 from tests.intake_fixtures import phantom, receiver_for
@@ -192,8 +192,8 @@ def test_a_study_stored_by_stow_rs_is_processed_into_the_same_result_as_one_sent
     """The worker's real pipeline on both, with a tiny model of random weights: the same predictions, to the last
     digit, and the same SR content show that the model saw the same images."""
     from models.bundle import random_bundle, save_bundle
-    from pacs_bridge.schema import predictions
     from pacs_bridge.sr import read_sr
+    from sql.schema import predictions
     from worker.pipeline import RunProcessor
 
     bundle_dir = tmp_path_factory.mktemp("bundle")

@@ -13,13 +13,13 @@ from sqlalchemy import func, select
 from pacs_bridge.bookkeeping import Bookkeeper
 from pacs_bridge.dicom_send import DeliveryError, DicomDestination, c_store
 from pacs_bridge.dicom_tls import TlsFiles
-from pacs_bridge.schema import instances, make_engine
 from pacs_bridge.scp import ScpSettings, StorageSCP
 from pacs_bridge.storage import InstanceStore
+from sql.database import make_engine, upgrade
+from sql.schema import instances
 from tests.conftest import free_port
 from tests.dicom_factory import write_mr_series
 from tests.security_support import TestPKI
-from worker.database import upgrade
 
 STORESCU = shutil.which("storescu")
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}

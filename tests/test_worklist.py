@@ -15,14 +15,14 @@ from fastapi.testclient import TestClient
 from pydicom.uid import generate_uid
 from sqlalchemy import insert
 
-from pacs_bridge.report_schema import reports
 from pacs_bridge.results import Finding, SimilarStudy, TriageResult
-from worker.slice_evidence import study_reference
-from pacs_bridge.schema import events, make_engine, predictions, processing_runs, studies, utcnow
 from pacs_bridge.sr import build_sr
+from sql.database import make_engine, upgrade
+from sql.report_schema import reports
+from sql.schema import events, predictions, processing_runs, studies, utcnow
 from worker.api.app import create_app
 from worker.config import load_settings
-from worker.database import upgrade
+from worker.slice_evidence import study_reference
 
 RADIOLOGIST, ADMIN = "token-of-a-radiologist", "token-of-an-admin"
 

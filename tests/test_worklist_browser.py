@@ -23,11 +23,11 @@ import yaml
 from pydicom.uid import generate_uid
 from sqlalchemy import insert
 
-from pacs_bridge.schema import make_engine, predictions, processing_runs, studies, utcnow
+from sql.database import make_engine, upgrade
+from sql.schema import predictions, processing_runs, studies, utcnow
 from tests.conftest import free_port, wait_for
 from tests.test_publishers import ingest
 from worker.config import load_settings
-from worker.database import upgrade
 
 pytestmark = pytest.mark.slow
 

@@ -16,9 +16,9 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from pacs_bridge.audit_schema import audit_log, audit_studies
-from pacs_bridge.feedback_schema import ai_feedback
-from pacs_bridge.schema import make_engine
+from sql.audit_schema import audit_log, audit_studies
+from sql.database import make_engine, upgrade
+from sql.feedback_schema import ai_feedback
 from tests.conftest import free_port, wait_for
 from tests.test_feedback import CALLED, analysed_study, not_analysed_study
 from tests.test_worklist_browser import (  # noqa: F401
@@ -29,7 +29,6 @@ from tests.test_worklist_browser import (  # noqa: F401
     chromium,
 )
 from train.nightly import collect_truth
-from worker.database import upgrade
 
 pytestmark = pytest.mark.slow
 

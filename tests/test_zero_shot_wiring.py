@@ -18,15 +18,15 @@ from sqlalchemy import select
 from models.bundle import TEXT_FILE, BundleError, load_bundle, random_bundle, save_bundle
 from pacs_bridge import codes
 from pacs_bridge.assembly import CompletionPolicy, StudyAssembler
-from pacs_bridge.schema import make_engine, processing_runs, utcnow
-from pacs_bridge.slice_index_schema import slice_embeddings
 from pacs_bridge.sr import read_sr
 from pacs_bridge.storage import InstanceStore
+from sql.database import make_engine, upgrade
+from sql.schema import processing_runs, utcnow
+from sql.slice_index_schema import slice_embeddings
 from tests.test_batching import _receive
 from tests.test_slice_evidence import world  # noqa: F401 (the slice_knn CT fixture)
 from tests.test_sr import dciodvfy_errors
 from worker.config import load_settings
-from worker.database import upgrade
 from worker.pipeline import RunProcessor
 from worker.zero_shot import PRIMA_METHOD, SLICE_METHOD, SliceZeroShot, prima_zero_shot_for
 

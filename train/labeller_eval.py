@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.labeller import ABSENT, PRESENT, UNCERTAIN, KeywordLabeller, ReportLabeller
+from models.labeller import ABSENT, PRESENT, UNCERTAIN, KeywordLabeller, ReportLabeller
 
 DEFAULT_SENTENCES = Path(__file__).resolve().parent / "data" / "labelled_sentences.csv"
 

@@ -19,13 +19,15 @@ promoted (nothing served before); later ones are candidates unless ``--promote``
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
+
+from sql import model_registry
+from train import registry
 
 #: Digests published with the official files (the Hugging Face LFS pointer of lion-ai/MedImageInsights,
 #: reference/medimageinsight.md §5). Prima's release (Google Drive) publishes none: pass --sha256.
@@ -49,6 +51,8 @@ class InstallOutcome:
 
 
 def _check_sha256(path: Path, expected: str | None, what: str) -> str:
+    # models.bundle, medimageinsight and reference_checkpoint import torch: each install step imports what it
+    # needs, so that the other `triage models` commands (which import this module) start without it.
     from models.bundle import sha256_of
 
     actual = sha256_of(path)
@@ -158,10 +162,8 @@ def _install_medimageinsight(source: Path, models_dir: Path, sha256: str | None,
 
 
 def _register(engine: Engine, folder: Path, kind: str, promote: bool | None) -> InstallOutcome:
-    from train import registry
-
     version = registry.register_bundle(engine, folder, notes=f"installed by `triage models install` ({kind})")
-    serving = registry.serving_version(engine)
+    serving = model_registry.serving_version(engine)
     if promote is None:
         promote = serving is None  # the first model: nothing would serve otherwise
     promoted = False
@@ -172,48 +174,3 @@ def _register(engine: Engine, folder: Path, kind: str, promote: bool | None) -> 
             raise InstallError(f"installed and registered {version.version}, but not promoted: {error}") from None
         promoted = True
     return InstallOutcome(kind, folder, version.version, promoted)
-
-
-# --- command line ---------------------------------------------------------------------------------------------
-
-
-def _install_command(args: argparse.Namespace) -> int:
-    from pacs_bridge.schema import make_engine
-    from train.nightly import NightlyConfig
-    from worker.config import load_settings
-
-    settings = load_settings(args.config)
-    models_dir = Path(args.models_dir) if args.models_dir else NightlyConfig.from_settings(settings).models_dir
-    engine = make_engine(args.url or settings.database_url)
-    try:
-        outcome = install(engine, args.path, models_dir, vqvae=args.vqvae, version=args.version,
-                          sha256=args.sha256, vqvae_sha256=args.vqvae_sha256, promote=args.promote,
-                          slice_config=args.slice_config)
-    except InstallError as error:
-        print(f"triage models install: {error}")
-        return 1
-    finally:
-        engine.dispose()
-    if outcome.version is not None:
-        state = "promoted: it serves now" if outcome.promoted else "registered as a candidate (`triage models promote`)"
-        print(f"installed {outcome.version} at {outcome.path}; {state}")
-    else:
-        print(f"installed MedImageInsight weights at {outcome.path}; set in the configuration:\n{outcome.setting}")
-    return 0
-
-
-def add_install_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """``triage models install PATH`` (called by :func:`train.registry.register`)."""
-    p = sub.add_parser("install", parents=[common],
-                       help="install official weights (Prima, MedImageInsight) or a bundle folder, verified")
-    p.add_argument("path", help="a bundle folder, primafullmodel107.pt (with --vqvae) or medimageinsigt-v1.0.0.pt")
-    p.add_argument("--vqvae", help="Prima's VQ-VAE checkpoint (vqvae_model_step16799.pth)")
-    p.add_argument("--version", help="registry version of an installed Prima checkpoint (default: prima-107)")
-    p.add_argument("--sha256", help="expected sha256 of PATH (a file)")
-    p.add_argument("--vqvae-sha256", help="expected sha256 of the --vqvae file")
-    p.add_argument("--models-dir", help="where models are installed (default: training.models_dir)")
-    p.add_argument("--promote", action=argparse.BooleanOptionalAction, default=None,
-                   help="serve it now (default: only when no model serves yet)")
-    p.add_argument("--slice-config", default="full", choices=("full", "tiny"),
-                   help="MedImageInsight network the weights must fit (tiny: tests and demos)")
-    p.set_defaults(func=_install_command)

@@ -18,7 +18,7 @@ One run (``triage train nightly``, or the Celery beat entry ``triage.train_night
    (``study_attributes``) and the population;
 6. write the candidate bundle, register it with its metrics and gates, and promote it only if every gate
    passes; workers pick it up at their next study.
-7. ``after_run`` (given by the scheduler: ``train.nightly_commands``) rebuilds the vector index of prior studies
+7. ``after_run`` (given by the scheduler: ``worker.commands.jobs``) rebuilds the vector index of prior studies
    (the slice-evidence index, :mod:`worker.slice_evidence`) from its table, compacting what a day of additions and
    deletions left behind.
 
@@ -49,19 +49,25 @@ from rich.console import Console
 from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
+from models.backbone import bundle_backbone_id
 from models.bundle import LoadedBundle, load_bundle, save_bundle
-from pacs_bridge.feedback_schema import ai_feedback
-from pacs_bridge.registry_schema import training_metrics, training_runs
-from pacs_bridge.report_schema import ATTRIBUTES, UNKNOWN, ground_truth_labels, reports, study_attributes
-from pacs_bridge.schema import as_utc, instances, series, studies, utcnow
+from models.inference import NoUsableSeries, StudyPredictor
+from pacs_bridge.routing import is_derived_object
+from sql.embedding_store import load_embeddings, store_embedding
+from sql.feedback_schema import ai_feedback
+from sql.model_registry import REJECTED, ModelVersion, serving_version
+from sql.registry_schema import training_metrics, training_runs
+from sql.report_schema import ATTRIBUTES, UNKNOWN, ground_truth_labels, reports, study_attributes
+from sql.schema import as_utc, instances, series, studies, utcnow
 from train import registry
-from train.backbone import bundle_backbone_id
 from train.checkpoint import TrainingInterrupted
-from train.embedding_store import load_embeddings, store_embedding
 from train.evaluation import auroc, aurocs_by_label, expected_calibration_error, worst_group_disparity
+from train.fairness.analysis import FairnessConfig, rate_disparities
+from train.fairness.cohort import MEASURES, Cohort
+from train.fairness.store import link_reports_to_studies
 from train.heads_training import HeadData, HeadsTrainingConfig, train_heads
 from train.progress import MetricsSink, monitor
-from train.triage_table import load_triage_table
+from train.triage_table import TriageTable, load_triage_table
 
 log = logging.getLogger(__name__)
 
@@ -70,57 +76,36 @@ FINAL_REPORT_STATUSES = ("F", "C")
 
 @dataclass(frozen=True)
 class GateConfig:
-    max_mean_auroc_drop: float = 0.0
-    max_label_auroc_drop: float = 0.05
-    max_calibration_increase: float = 0.02
-    max_disparity_increase: float = 0.05
-    min_group_units: int = 5
-    min_held_out: int = 10
+    """The promotion gates (``training.gates``; the composition root builds this from the configuration)."""
+
+    max_mean_auroc_drop: float
+    max_label_auroc_drop: float
+    max_calibration_increase: float
+    max_disparity_increase: float
+    min_group_units: int
+    min_held_out: int
 
 
 @dataclass(frozen=True)
 class NightlyConfig:
-    models_dir: Path = Path("var/models")
-    work_dir: Path = Path("var/training")
-    seed: int = 0
-    held_out_fraction: float = 0.25
-    validation_fraction: float = 0.2
-    min_new_studies: int = 1
-    min_training_studies: int = 10
-    triage_table: str = ""
-    heads: HeadsTrainingConfig = HeadsTrainingConfig(steps=300, checkpoint_every=50)
-    gates: GateConfig = GateConfig()
-    configured_bundle: str = ""
-    device: str = "cpu"
-    study_description: str = "MRI BRAIN WO AND W CONTRAST"
+    """What one nightly run needs (``training`` and ``model`` in the configuration, read by the composition root:
+    ``worker.commands.train_settings.nightly_config``)."""
 
-    @classmethod
-    def from_settings(cls, settings) -> NightlyConfig:
-        """From the ``training`` section (and ``model.bundle``, the fallback model) of the configuration."""
-        section: Mapping[str, Any] = settings["training"]
-        var = settings.var_dir
-        gates = GateConfig(**{k: type(getattr(GateConfig(), k))(v) for k, v in section.get("gates", {}).items()})
-        heads = HeadsTrainingConfig(
-            steps=int(section.get("heads_steps", 300)),
-            learning_rate=float(section.get("heads_learning_rate", 3e-3)),
-            seed=int(section.get("seed", 0)),
-            checkpoint_every=50,
-        )
-        return cls(
-            models_dir=Path(section.get("models_dir") or var / "models"),
-            work_dir=Path(section.get("work_dir") or var / "training"),
-            seed=int(section.get("seed", 0)),
-            held_out_fraction=float(section.get("held_out_fraction", 0.25)),
-            validation_fraction=float(section.get("validation_fraction", 0.2)),
-            min_new_studies=int(section.get("min_new_studies", 1)),
-            min_training_studies=int(section.get("min_training_studies", 10)),
-            triage_table=str(section.get("triage_table") or ""),
-            heads=heads,
-            gates=gates,
-            configured_bundle=str(settings["model"]["bundle"] or ""),
-            device=str(settings["model"]["device"]),
-            study_description=str(settings["model"]["study_description"]),
-        )
+    models_dir: Path
+    work_dir: Path
+    seed: int
+    held_out_fraction: float
+    validation_fraction: float
+    min_new_studies: int
+    min_training_studies: int
+    triage_table: str
+    heads: HeadsTrainingConfig
+    gates: GateConfig
+    configured_bundle: str
+    device: str
+    study_description: str
+    #: The fairness analysis's parameters (``fairness``), for the flagged-disparities gate.
+    fairness: FairnessConfig
 
 
 @dataclass
@@ -212,8 +197,6 @@ def split_of(study_uid: str, seed: int, held_out_fraction: float, validation_fra
 
 
 def _study_files(connection: Connection, study_uid: str) -> dict[str, list[str]]:
-    from pacs_bridge.routing import is_derived_object
-
     rows = connection.execute(
         select(series.c.series_instance_uid, series.c.modality, instances.c.sop_class_uid, instances.c.path)
         .select_from(studies.join(series, series.c.study_id == studies.c.id)
@@ -231,8 +214,6 @@ def ensure_embeddings(engine: Engine, bundle: LoadedBundle, study_uids: list[str
                       console: Console | None = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Stored embeddings of ``study_uids`` under the bundle's encoder, computing missing ones from the images
     in the store. Returns (embeddings, {study uid: why it has none})."""
-    from models.inference import NoUsableSeries, StudyPredictor
-
     backbone = bundle_backbone_id(bundle)
     with engine.connect() as connection:
         stored = load_embeddings(connection, backbone, study_uids)
@@ -268,7 +249,7 @@ def _groups(connection: Connection, study_uids: list[str]) -> dict[str, np.ndarr
 
 
 def evaluate_model(prima, embeddings: torch.Tensor, diagnosis: np.ndarray, priority: np.ndarray,
-                   groups: Mapping[str, np.ndarray], gates: GateConfig) -> dict[str, Any]:
+                   groups: Mapping[str, np.ndarray], gates: GateConfig, fairness: FairnessConfig) -> dict[str, Any]:
     """Held-out measures of one model: AUROC per diagnosis and mean, priority AUROC, calibration, disparity."""
     with torch.inference_mode():
         output = prima.heads(embeddings)
@@ -280,7 +261,9 @@ def evaluate_model(prima, embeddings: torch.Tensor, diagnosis: np.ndarray, prior
     high = prima.priority_classes.index("high")
     p_high = torch.softmax(output.priority_logits, dim=1)[:, high].numpy()
     disparity = worst_group_disparity(margins > 0, diagnosis, groups, gates.min_group_units)
-    flagged = flagged_disparities(margins > 0, diagnosis, groups, prima.diagnosis_names, gates.min_group_units)
+    # Single attributes only, with the gate's group size: held-out sets are small.
+    analysis = replace(fairness, min_group_units=gates.min_group_units, attributes=ATTRIBUTES, intersections=())
+    flagged = flagged_disparities(margins > 0, diagnosis, groups, prima.diagnosis_names, analysis)
     return {
         "auroc_by_label": by_label,
         "mean_auroc": float(np.mean(list(by_label.values()))) if by_label else None,
@@ -294,12 +277,9 @@ def evaluate_model(prima, embeddings: torch.Tensor, diagnosis: np.ndarray, prior
 
 
 def flagged_disparities(called: np.ndarray, truth: np.ndarray, groups: Mapping[str, np.ndarray],
-                        names: tuple[str, ...], min_units: int) -> int:
+                        names: tuple[str, ...], config: FairnessConfig) -> int:
     """How many TPR/FPR disparities the fairness analysis (:mod:`train.fairness.analysis`: diagnosis-matched
     bootstrap, exact test, corrected p-values) flags for these calls on these studies."""
-    from train.fairness.analysis import FairnessConfig, rate_disparities
-    from train.fairness.cohort import MEASURES, Cohort
-
     n = len(called)
     cohort = Cohort(
         study_uids=np.array([f"held-out-{i}" for i in range(n)], dtype=object),
@@ -310,7 +290,6 @@ def flagged_disparities(called: np.ndarray, truth: np.ndarray, groups: Mapping[s
         truth=np.where(np.isnan(truth), -1, truth).astype(np.int8), predicted=np.asarray(called, dtype=bool),
         as_of=0.0, source="nightly held-out",
     )
-    config = FairnessConfig(min_group_units=min_units, attributes=ATTRIBUTES, intersections=())
     return sum(row.flagged for row in rate_disparities(cohort, config))
 
 
@@ -387,9 +366,9 @@ def _finish(engine: Engine, outcome: NightlyOutcome, **values: Any) -> NightlyOu
     return outcome
 
 
-def serving_bundle(engine: Engine, config: NightlyConfig) -> registry.ModelVersion:
+def serving_bundle(engine: Engine, config: NightlyConfig) -> ModelVersion:
     """The serving version; the configured bundle is registered and promoted when the registry is empty."""
-    serving = registry.serving_version(engine)
+    serving = serving_version(engine)
     if serving is not None:
         return serving
     if not config.configured_bundle:
@@ -445,67 +424,139 @@ def _run_recorded(engine: Engine, config: NightlyConfig, console: Console | None
         return _finish(engine, outcome, error=outcome.reason)
 
 
+@dataclass
+class StudySplits:
+    """The labelled studies with embeddings, by a hash of their UID (:func:`split_of`)."""
+
+    train: list[str]
+    validation: list[str]
+    held_out: list[str]
+
+
+def new_ground_truth(engine: Engine, since: datetime | None, until: datetime
+                     ) -> tuple[dict[str, StudyTruth], list[str]]:
+    """Stage 1: every study's ground truth labelled by ``until`` (reports linked to their studies first), and
+    the studies whose truth is new since ``since``."""
+    with engine.begin() as connection:
+        link_reports_to_studies(connection)
+        truth = {uid: t for uid, t in collect_truth(connection).items() if t.labelled_at <= until}
+    new = [uid for uid, t in truth.items() if since is None or t.labelled_at > since]
+    return truth, new
+
+
+def split_studies(study_uids: list[str], config: NightlyConfig) -> StudySplits:
+    """Stage 3: training, validation and held-out studies (held-out ones the same every night)."""
+    splits = {u: split_of(u, config.seed, config.held_out_fraction, config.validation_fraction) for u in study_uids}
+    return StudySplits(train=[u for u in study_uids if splits[u] == "train"],
+                       validation=[u for u in study_uids if splits[u] == "validation"],
+                       held_out=[u for u in study_uids if splits[u] == "held_out"])
+
+
+def head_data(study_uids: list[str], truth: Mapping[str, StudyTruth], embeddings: Mapping[str, np.ndarray],
+              names: tuple[str, ...], table: TriageTable) -> HeadData:
+    """The heads' inputs and targets for ``study_uids``: diagnoses from the truth (NaN where unknown: uncertain
+    labels, and every diagnosis a feedback-only study was not judged on), priority and referral from the triage
+    table."""
+    diagnosis = np.zeros((len(study_uids), len(names)), dtype=np.float32)
+    index = {n: i for i, n in enumerate(names)}
+    for row, uid in enumerate(study_uids):
+        if truth[uid].partial:  # feedback: only the judged diagnoses are known
+            diagnosis[row] = np.nan
+        for label, value in truth[uid].labels.items():
+            if label in index:
+                diagnosis[row, index[label]] = np.nan if value < 0 else float(value)
+    priority, referral = table.targets(np.nan_to_num(diagnosis, nan=0.0), names)
+    vectors = torch.from_numpy(np.stack([embeddings[u] for u in study_uids])) if study_uids else torch.zeros(0)
+    return HeadData(vectors, diagnosis, priority, referral)
+
+
+def evaluate_on_held_out(engine: Engine, serving_prima, candidate_prima, held_out: HeadData,
+                         held_out_uids: list[str], config: NightlyConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Stage 5: the serving model's and the candidate's held-out measures (serving, candidate)."""
+    if not len(held_out):
+        empty = {"auroc_by_label": {}, "mean_auroc": None, "priority_auroc": None, "calibration_error": None,
+                 "worst_disparity": 0.0, "disparity": {}, "flagged_disparities": 0, "n": 0}
+        return empty, dict(empty)
+    with engine.connect() as connection:
+        groups = _groups(connection, held_out_uids)
+    return tuple(evaluate_model(prima, held_out.embeddings, held_out.diagnosis, held_out.priority, groups,
+                                config.gates, config.fairness)
+                 for prima in (serving_prima, candidate_prima))  # type: ignore[return-value]
+
+
+def write_candidate(engine: Engine, config: NightlyConfig, outcome: NightlyOutcome, base: LoadedBundle,
+                    candidate: LoadedBundle, table: TriageTable, splits: StudySplits, until: datetime,
+                    metrics: dict[str, Any], gates: dict[str, Any]) -> str:
+    """Stage 6: the candidate bundle written to the models folder and registered with its metrics and gates;
+    returns its version."""
+    stamp = until.astimezone(UTC).strftime("%Y%m%d-%H%M")
+    version = f"{base.config_name}-nightly-{stamp}-run{outcome.run_id}"
+    folder = config.models_dir / version
+    meta = {k: v for k, v in base.manifest.items()
+            if k in ("provenance", "clinical_use", "backbone_id", "training", "calibration")}
+    meta.update(
+        version=version, parent_version=outcome.base_version, backbone_id=bundle_backbone_id(base),
+        triage_table=table.to_manifest(),
+        notes=(f"heads retrained nightly (run {outcome.run_id}) from {outcome.base_version} on "
+               f"{len(splits.train)} labelled studies; thresholds on {len(splits.validation)} validation studies"),
+        nightly={"run_id": outcome.run_id, "held_out_metrics": metrics["candidate"], "gates": gates},
+    )
+    if folder.exists():
+        shutil.rmtree(folder)
+    save_bundle(folder, candidate.vqvae, candidate.prima, meta, text=candidate.text)
+    registry.register_bundle(engine, folder, metrics=metrics, gates=gates, training_run_id=outcome.run_id,
+                             parent_version=outcome.base_version)
+    return version
+
+
+def decide(engine: Engine, outcome: NightlyOutcome, version: str, gates: dict[str, Any]) -> None:
+    """Stage 7: promote the candidate when every gate passed, otherwise mark it rejected, with the reasons."""
+    if all(g["passed"] for g in gates.values()):
+        registry.promote(engine, version, actor="nightly", reason=f"nightly run {outcome.run_id}: every gate passed")
+        outcome.decision = "promoted"
+        outcome.reason = "all gates passed: " + gates["mean_auroc"]["reason"]
+    else:
+        registry.set_status(engine, version, REJECTED)
+        outcome.decision = "rejected"
+        outcome.reason = "; ".join(f"{name}: {g['reason']}" for name, g in gates.items() if not g["passed"])
+
+
 def _run(engine: Engine, config: NightlyConfig, outcome: NightlyOutcome, since: datetime | None,
          until: datetime, console: Console | None, should_stop, candidate_hook) -> NightlyOutcome:
     started = time.perf_counter()
-    with engine.begin() as connection:
-        try:
-            from train.fairness.store import link_reports_to_studies
-
-            link_reports_to_studies(connection)
-        except ImportError:  # the fairness package is optional here
-            pass
-        truth = {uid: t for uid, t in collect_truth(connection).items() if t.labelled_at <= until}
-    new = [uid for uid, t in truth.items() if since is None or t.labelled_at > since]
+    truth, new = new_ground_truth(engine, since, until)
     if len(new) < config.min_new_studies:
         outcome.status = "skipped"
         outcome.reason = (f"{len(new)} studies with new ground truth since "
                           f"{since.isoformat() if since else 'the beginning'}; {config.min_new_studies} needed")
         return _finish(engine, outcome, n_new_studies=len(new))
 
+    # Stage 2: the serving model, and an embedding under its encoder for every labelled study.
     serving = serving_bundle(engine, config)
     outcome.base_version = serving.version
     base = load_bundle(serving.bundle_path)
-    uids = sorted(truth)
-    embeddings, without = ensure_embeddings(engine, base, uids, config, console)
-    uids = [u for u in uids if u in embeddings]
-    splits = {u: split_of(u, config.seed, config.held_out_fraction, config.validation_fraction) for u in uids}
-    train_uids = [u for u in uids if splits[u] == "train"]
-    validation_uids = [u for u in uids if splits[u] == "validation"]
-    held_out_uids = [u for u in uids if splits[u] == "held_out"]
-    counts = {"n_new_studies": len(new), "n_train": len(train_uids), "n_held_out": len(held_out_uids)}
-    if len(train_uids) < config.min_training_studies:
+    embeddings, without = ensure_embeddings(engine, base, sorted(truth), config, console)
+    splits = split_studies([u for u in sorted(truth) if u in embeddings], config)
+    counts = {"n_new_studies": len(new), "n_train": len(splits.train), "n_held_out": len(splits.held_out)}
+    if len(splits.train) < config.min_training_studies:
         outcome.status = "skipped"
-        outcome.reason = (f"{len(train_uids)} training studies with embeddings ({len(without)} without images); "
+        outcome.reason = (f"{len(splits.train)} training studies with embeddings ({len(without)} without images); "
                           f"{config.min_training_studies} needed")
         return _finish(engine, outcome, **counts)
 
+    # Stage 4: retrain the heads from the serving model's, checkpointed under the fingerprint of their data.
     names = base.prima.diagnosis_names
     table = load_triage_table(config.triage_table or None, names, base.priority_classes, base.referral_names)
-
-    def data(selected: list[str]) -> HeadData:
-        diagnosis = np.zeros((len(selected), len(names)), dtype=np.float32)
-        index = {n: i for i, n in enumerate(names)}
-        for row, uid in enumerate(selected):
-            if truth[uid].partial:  # feedback: only the judged diagnoses are known
-                diagnosis[row] = np.nan
-            for label, value in truth[uid].labels.items():
-                if label in index:
-                    diagnosis[row, index[label]] = np.nan if value < 0 else float(value)
-        priority, referral = table.targets(np.nan_to_num(diagnosis, nan=0.0), names)
-        vectors = torch.from_numpy(np.stack([embeddings[u] for u in selected])) if selected else torch.zeros(0)
-        return HeadData(vectors, diagnosis, priority, referral)
-
-    training, validation, held_out = data(train_uids), data(validation_uids), data(held_out_uids)
+    training, validation, held_out = (head_data(uids, truth, embeddings, names, table)
+                                      for uids in (splits.train, splits.validation, splits.held_out))
     if len(validation) == 0:
         validation = training
-    fingerprint = _fingerprint(serving.version, train_uids, validation_uids, training.diagnosis.tolist(),
+    fingerprint = _fingerprint(serving.version, splits.train, splits.validation, training.diagnosis.tolist(),
                                asdict(config.heads))
     checkpoint = config.work_dir / "nightly" / fingerprint / "heads.pt"
     with engine.begin() as connection:
         connection.execute(update(training_runs).where(training_runs.c.id == outcome.run_id).values(
             checkpoint=str(checkpoint), base_version=serving.version, **counts))
-
     candidate_model = load_bundle(serving.bundle_path)  # the heads start from the serving model's
     sink = _db_sink(engine, outcome.run_id)
     report = train_heads(candidate_model.prima, training, validation, replace(config.heads, seed=config.seed),
@@ -513,53 +564,19 @@ def _run(engine: Engine, config: NightlyConfig, outcome: NightlyOutcome, since: 
     if candidate_hook is not None:
         candidate_hook(candidate_model.prima)
 
-    with engine.connect() as connection:
-        groups = _groups(connection, held_out_uids)
-    if len(held_out):
-        current_metrics = evaluate_model(base.prima, held_out.embeddings, held_out.diagnosis, held_out.priority,
-                                         groups, config.gates)
-        candidate_metrics = evaluate_model(candidate_model.prima, held_out.embeddings, held_out.diagnosis,
-                                           held_out.priority, groups, config.gates)
-    else:
-        empty = {"auroc_by_label": {}, "mean_auroc": None, "priority_auroc": None, "calibration_error": None,
-                 "worst_disparity": 0.0, "disparity": {}, "flagged_disparities": 0, "n": 0}
-        current_metrics, candidate_metrics = empty, dict(empty)
+    current_metrics, candidate_metrics = evaluate_on_held_out(engine, base.prima, candidate_model.prima, held_out,
+                                                              splits.held_out, config)
     gates = gate_candidate(candidate_metrics, current_metrics, config.gates)
-    passed = all(g["passed"] for g in gates.values())
     sink("evaluation", 0, {f"candidate_{k}": v for k, v in candidate_metrics.items() if isinstance(v, float)})
     sink("evaluation", 0, {f"serving_{k}": v for k, v in current_metrics.items() if isinstance(v, float)})
 
-    stamp = until.astimezone(UTC).strftime("%Y%m%d-%H%M")
-    version = f"{base.config_name}-nightly-{stamp}-run{outcome.run_id}"
-    folder = config.models_dir / version
     metrics = {"candidate": candidate_metrics, "serving": current_metrics, "serving_version": serving.version,
                "validation_auroc": report.validation_auroc, "positives": report.positives, **counts,
                "seconds": round(time.perf_counter() - started, 1)}
     metrics = json.loads(json.dumps(metrics, default=float))
-    meta = {k: v for k, v in base.manifest.items()
-            if k in ("provenance", "clinical_use", "backbone_id", "training", "calibration")}
-    meta.update(
-        version=version, parent_version=serving.version, backbone_id=bundle_backbone_id(base),
-        triage_table=table.to_manifest(),
-        notes=(f"heads retrained nightly (run {outcome.run_id}) from {serving.version} on {len(train_uids)} "
-               f"labelled studies; thresholds on {len(validation_uids)} validation studies"),
-        nightly={"run_id": outcome.run_id, "held_out_metrics": candidate_metrics, "gates": gates},
-    )
-    if folder.exists():
-        shutil.rmtree(folder)
-    save_bundle(folder, candidate_model.vqvae, candidate_model.prima, meta, text=candidate_model.text)
-    registry.register_bundle(engine, folder, metrics=metrics, gates=gates, training_run_id=outcome.run_id,
-                             parent_version=serving.version)
+    version = write_candidate(engine, config, outcome, base, candidate_model, table, splits, until, metrics, gates)
     outcome.candidate_version, outcome.metrics, outcome.gates = version, metrics, gates
-    if passed:
-        registry.promote(engine, version, actor="nightly",
-                         reason=f"nightly run {outcome.run_id}: every gate passed")
-        outcome.decision = "promoted"
-        outcome.reason = "all gates passed: " + gates["mean_auroc"]["reason"]
-    else:
-        registry.set_status(engine, version, registry.REJECTED)
-        outcome.decision = "rejected"
-        outcome.reason = "; ".join(f"{name}: {g['reason']}" for name, g in gates.items() if not g["passed"])
+    decide(engine, outcome, version, gates)
     outcome.status = "done"
     shutil.rmtree(checkpoint.parent, ignore_errors=True)
     return _finish(engine, outcome, **counts)

@@ -31,16 +31,27 @@ import torch
 from monai.networks.nets import VQVAE
 from rich.console import Console
 
+from models.backbone import backbone_id
 from models.labels import DIAGNOSIS_NAMES
 from models.prima import PRIMA_CONFIGS, PrimaModel
 from models.tokenizer import SeriesTokens, token_features
 from models.vqvae import build_vqvae
-from train.backbone import backbone_id
-from train.clip_training import ClipTrainingConfig, TrainingStudy, study_embeddings, train_clip
+from train.checkpoint import load_checkpoint
+from train.clip_training import (
+    ClipTrainingConfig,
+    TrainingStudy,
+    study_embeddings,
+    train_clip,
+)
 from train.evaluation import auroc, expected_calibration_error
 from train.heads_training import HeadData, HeadsTrainingConfig, train_heads
-from train.checkpoint import load_checkpoint
-from train.phantom_corpus import CachedStudy, build_phantom_corpus, code_fingerprint, phantom_plan
+from train.phantom_corpus import (
+    CachedStudy,
+    build_phantom_corpus,
+    code_fingerprint,
+    phantom_plan,
+)
+from train.phantoms import LESION_LABELS, LESIONS
 from train.progress import MetricsSink, discard_metrics
 from train.triage_table import TriageTable, load_triage_table
 from train.vqvae_training import (
@@ -90,15 +101,11 @@ class PhantomTrainingResult:
 
 
 def lesions_in_corpus() -> tuple[str, ...]:
-    from train.phantoms import LESIONS
-
     return tuple(LESIONS)
 
 
 def planted_labels() -> list[str]:
     """Every Prima label a planted lesion implies, in the label table's order."""
-    from train.phantoms import LESION_LABELS
-
     wanted = {label for labels in LESION_LABELS.values() for label in labels}
     return [name for name in DIAGNOSIS_NAMES if name in wanted]
 

@@ -6,94 +6,35 @@ log like a stack (a promotion pushes a version, a rollback pops the serving one)
 the version that served before the one rolled back, however often that happens. Workers ask
 :func:`serving_version` before each run and load a new bundle when the answer changes (no restart).
 
-Command line: ``triage models list | promote VERSION | rollback | register BUNDLE | install PATH``
-(:mod:`train.model_install`).
+Reads (the serving version, the registered ones) are :mod:`sql.model_registry`; the command line is
+``triage models`` (:mod:`worker.commands.models`).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import insert, select, update
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
-from pacs_bridge.registry_schema import model_promotions, model_versions
-from pacs_bridge.schema import utcnow
+from sql.base import utcnow
+from sql.model_registry import (
+    CANDIDATE,
+    PROMOTED,
+    REJECTED,
+    RETIRED,
+    ModelVersion,
+    get_version,
+    serving_stack,
+    version_row,
+)
+from sql.registry_schema import model_promotions, model_versions
 
 log = logging.getLogger(__name__)
 
-CANDIDATE, PROMOTED, REJECTED, RETIRED = "candidate", "promoted", "rejected", "retired"
-
-
 class RegistryError(Exception):
     """A registry operation that cannot be done; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class ModelVersion:
-    id: int
-    version: str
-    bundle_path: str
-    status: str
-    family: str | None
-    config: str | None
-    backbone_id: str | None
-    parent_version: str | None
-    metrics: dict[str, Any] | None
-    gates: dict[str, Any] | None
-    created_at: datetime
-    notes: str | None
-
-    @classmethod
-    def from_row(cls, row: Any) -> ModelVersion:
-        return cls(row.id, row.version, row.bundle_path, row.status, row.family, row.config, row.backbone_id,
-                   row.parent_version, row.metrics, row.gates, row.created_at, row.notes)
-
-
-def _version_row(connection: Connection, version: str) -> ModelVersion | None:
-    row = connection.execute(select(model_versions).where(model_versions.c.version == version)).first()
-    return None if row is None else ModelVersion.from_row(row)
-
-
-def get_version(engine: Engine, version: str) -> ModelVersion | None:
-    with engine.connect() as connection:
-        return _version_row(connection, version)
-
-
-def list_versions(engine: Engine) -> list[ModelVersion]:
-    with engine.connect() as connection:
-        rows = connection.execute(select(model_versions).order_by(model_versions.c.id)).all()
-    return [ModelVersion.from_row(r) for r in rows]
-
-
-def _serving_stack(connection: Connection) -> list[int]:
-    """Model version ids of the serving history, oldest first; the last one serves."""
-    stack: list[int] = []
-    rows = connection.execute(
-        select(model_promotions.c.action, model_promotions.c.model_version_id).order_by(model_promotions.c.id)
-    ).all()
-    for action, version_id in rows:
-        if action == "promote":
-            stack.append(version_id)
-        elif action == "rollback" and stack:
-            stack.pop()
-    return stack
-
-
-def serving_version(engine: Engine) -> ModelVersion | None:
-    """The version that serves now, or None when nothing was ever promoted (workers then use the configured
-    bundle)."""
-    with engine.connect() as connection:
-        stack = _serving_stack(connection)
-        if not stack:
-            return None
-        row = connection.execute(select(model_versions).where(model_versions.c.id == stack[-1])).first()
-    return None if row is None else ModelVersion.from_row(row)
 
 
 def register_bundle(
@@ -110,14 +51,15 @@ def register_bundle(
     """Register the bundle in ``bundle_path`` under its manifest's version (verified: checksums and architecture,
     without reading a full-size bundle into memory). A version registered before with the same folder is
     returned as it is; with another folder it is an error."""
+    # torch and monai (the encoder's identity is a digest of its weights): kept out of `triage models list`.
+    from models.backbone import bundle_backbone_id
     from models.bundle import map_bundle
-    from train.backbone import bundle_backbone_id
 
     folder = Path(bundle_path).resolve()
     bundle = map_bundle(folder)
     version = bundle.version
     with engine.begin() as connection:
-        existing = _version_row(connection, version)
+        existing = version_row(connection, version)
         if existing is not None:
             if Path(existing.bundle_path) != folder:
                 raise RegistryError(
@@ -132,7 +74,7 @@ def register_bundle(
             metrics=metrics, gates=gates, training_run_id=training_run_id, created_at=utcnow(),
             notes=notes if notes is not None else bundle.manifest.get("notes"),
         ))
-        return _version_row(connection, version)  # type: ignore[return-value]
+        return version_row(connection, version)  # type: ignore[return-value]
 
 
 def set_status(engine: Engine, version: str, status: str, gates: dict | None = None,
@@ -150,12 +92,12 @@ def promote(engine: Engine, version: str, actor: str, reason: str, force: bool =
     """Make ``version`` the serving model. A rejected version needs ``force`` (an operator overriding the
     gates, with a reason)."""
     with engine.begin() as connection:
-        target = _version_row(connection, version)
+        target = version_row(connection, version)
         if target is None:
             raise RegistryError(f"no model version {version!r}; see `triage models list`")
         if target.status == REJECTED and not force:
             raise RegistryError(f"{version} failed its gates ({_failed_gates(target)}); use --force to override")
-        stack = _serving_stack(connection)
+        stack = serving_stack(connection)
         if stack and stack[-1] == target.id:
             raise RegistryError(f"{version} is already serving")
         if not Path(target.bundle_path).exists():
@@ -170,7 +112,7 @@ def promote(engine: Engine, version: str, actor: str, reason: str, force: bool =
 def rollback(engine: Engine, actor: str, reason: str) -> ModelVersion:
     """Stop serving the current version and serve again the one that served before it."""
     with engine.begin() as connection:
-        stack = _serving_stack(connection)
+        stack = serving_stack(connection)
         if len(stack) < 2:
             raise RegistryError("nothing to roll back to: fewer than two versions have served")
         current_id, previous_id = stack[-1], stack[-2]
@@ -192,101 +134,3 @@ def _reread(engine: Engine, version: str) -> ModelVersion:
 def _failed_gates(version: ModelVersion) -> str:
     failed = [name for name, gate in (version.gates or {}).items() if not gate.get("passed", True)]
     return ", ".join(failed) or "no gate recorded"
-
-
-# --- command line ---------------------------------------------------------------------------------------------
-
-
-def _engine(args: argparse.Namespace) -> Engine:
-    from pacs_bridge.schema import make_engine
-    from worker.config import load_settings
-
-    settings = load_settings(args.config)
-    return make_engine(args.url or settings.database_url)
-
-
-def _summary(version: ModelVersion) -> str:
-    metrics = version.metrics or {}
-    candidate = metrics.get("candidate", metrics)
-    auroc = candidate.get("mean_auroc")
-    return "" if auroc is None else f"{auroc:.3f}"
-
-
-def _list(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    engine = _engine(args)
-    serving = serving_version(engine)
-    versions = list_versions(engine)
-    if args.json:
-        print(json.dumps([{**{k: v for k, v in vars(v).items() if k != "created_at"},
-                           "created_at": v.created_at.isoformat(),
-                           "serving": serving is not None and v.id == serving.id} for v in versions]))
-        return 0
-    table = Table("", "status", "created", "mean AUROC", "gates")
-    table.add_column("version", overflow="fold")
-    table.add_column("parent", overflow="fold")
-    for v in versions:
-        failed = [n for n, g in (v.gates or {}).items() if not g.get("passed", True)]
-        gates = "" if not v.gates else ("passed" if not failed else "failed: " + ", ".join(failed))
-        table.add_row("*" if serving is not None and v.id == serving.id else "", v.status,
-                      v.created_at.strftime("%Y-%m-%d %H:%M"), _summary(v), gates, v.version, v.parent_version or "")
-    Console().print(table)
-    if serving is None:
-        print("no version promoted: workers use the configured model.bundle")
-    return 0
-
-
-def _promote(args: argparse.Namespace) -> int:
-    try:
-        version = promote(_engine(args), args.version, actor="cli", reason=args.reason, force=args.force)
-    except RegistryError as error:
-        print(f"triage models promote: {error}")
-        return 1
-    print(f"{version.version} now serves ({version.bundle_path})")
-    return 0
-
-
-def _rollback(args: argparse.Namespace) -> int:
-    try:
-        version = rollback(_engine(args), actor="cli", reason=args.reason)
-    except RegistryError as error:
-        print(f"triage models rollback: {error}")
-        return 1
-    print(f"rolled back: {version.version} serves again ({version.bundle_path})")
-    return 0
-
-
-def _register(args: argparse.Namespace) -> int:
-    version = register_bundle(_engine(args), args.bundle, notes=args.notes)
-    print(f"registered {version.version} ({version.status}) from {version.bundle_path}")
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """``triage models ...``."""
-    models = subparsers.add_parser("models", help="model registry: list, promote, roll back, register, install")
-    sub = models.add_subparsers(dest="models_command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", help="database URL (default: from the configuration)")
-
-    p = sub.add_parser("list", parents=[common], help="every registered version; * marks the serving one")
-    p.add_argument("--json", action="store_true", help="print the versions as JSON")
-    p.set_defaults(func=_list)
-    p = sub.add_parser("promote", parents=[common], help="make a version serve (workers switch at their next run)")
-    p.add_argument("version")
-    p.add_argument("--reason", default="promoted by an operator")
-    p.add_argument("--force", action="store_true", help="promote even though its gates failed")
-    p.set_defaults(func=_promote)
-    p = sub.add_parser("rollback", parents=[common], help="serve again the version that served before")
-    p.add_argument("--reason", default="rolled back by an operator")
-    p.set_defaults(func=_rollback)
-    p = sub.add_parser("register", parents=[common], help="register a bundle folder as a candidate")
-    p.add_argument("bundle")
-    p.add_argument("--notes")
-    p.set_defaults(func=_register)
-
-    from train.model_install import add_install_parser
-
-    add_install_parser(sub, common)

@@ -173,8 +173,8 @@ def bench_ours(folders: list[Path], work: Path, count: int, database_url: str | 
     "Success means durable" costs on this disk, which neither peer pays (storescp and Orthanc do not fsync)."""
     from sqlalchemy import create_engine, func, select
 
-    from pacs_bridge.schema import instances
-    from worker.database import upgrade
+    from sql.database import upgrade
+    from sql.schema import instances
 
     var = work / "ours"
     url = database_url or f"sqlite:///{var / 'triage.db'}"

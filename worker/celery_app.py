@@ -21,8 +21,8 @@ DELIVERY_QUEUE = "delivery"
 MAINTENANCE_QUEUE = "maintenance"
 INDEX_MAINTENANCE = "triage.index_maintenance"
 RECONCILE_STORE = "triage.reconcile_store"
-#: Tasks of the training worker (``triage train worker``, train/nightly_commands.py). ``worker`` never imports
-#: ``train``: the beat schedule names them, and beat sends them by name.
+#: Tasks of the training worker (``triage train worker``, defined in worker/commands/jobs.py, the only part of
+#: ``worker`` besides the CLI that imports ``train``): the beat schedule names them, and beat sends them by name.
 TRAINING_QUEUE = "training"
 TRAIN_NIGHTLY = "triage.train_nightly"
 FAIRNESS_REFRESH = "triage.fairness_refresh"

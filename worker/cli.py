@@ -1,4 +1,9 @@
-"""The ``triage`` command line."""
+"""The ``triage`` command line: with :mod:`worker.commands`, the one composition root that wires ``worker`` and
+``train``.
+
+Each command imports what it runs inside its function: ``triage --help`` and every other command start without
+pydicom, SQLAlchemy or torch (tests/test_cli.py checks it).
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,47 +12,48 @@ import sys
 import threading
 from pathlib import Path
 
+from worker.commands.passthrough import add_passthrough
 from worker.config import load_settings
 from worker.log_format import configure_logging
 
 #: Modules that add their own subcommands: each has ``register(subparsers)``, setting ``func`` on its parsers.
-FEATURE_COMMANDS: tuple[str, ...] = ("worker.delivery", "worker.fairness_commands", "worker.report_commands",
-                                     "worker.publishing")
+FEATURE_COMMANDS: tuple[str, ...] = ("worker.commands.deliveries", "worker.commands.fairness",
+                                     "worker.commands.reports", "worker.commands.publications")
 
 #: Intake beyond C-STORE: `triage rules test`, `triage pull`, `triage backfill`, `triage pulls`.
-FEATURE_COMMANDS += ("worker.rules_commands", "worker.pull_commands")
+FEATURE_COMMANDS += ("worker.commands.rules", "worker.commands.pulls")
 
 #: `triage index rebuild|delete|stats`: the slice-embedding index of prior studies.
 FEATURE_COMMANDS += ("worker.slice_evidence",)
 
 #: Training: `triage models list|promote|rollback|register|install`, `triage train nightly|worker|beat`.
-FEATURE_COMMANDS += ("train.registry", "train.nightly_commands")
+FEATURE_COMMANDS += ("worker.commands.models", "worker.commands.training")
 
 #: The top-level commands of feature modules, with their help lines: ``triage --help`` and the other commands list
 #: them without importing the modules (pydicom, SQLAlchemy and the publishers at their tops: about a second); a
 #: module is imported when one of its commands runs. A module of FEATURE_COMMANDS missing here is imported at
 #: every start, as before. tests/test_cli.py checks this against what the modules register.
 FEATURE_COMMAND_INDEX: dict[str, tuple[str, str]] = {
-    "deliveries": ("worker.delivery", "list undelivered results; retry dead-lettered ones"),
-    "fairness": ("worker.fairness_commands", "turnaround and fairness: report, scheduled refresh, cohort"),
-    "reports": ("worker.report_commands", "final radiology reports: HL7 listener, relabelling"),
-    "publications": ("worker.publishing", "list worklist priority publications; revert raises"),
-    "rules": ("worker.rules_commands", "routing rules: test which rule files would match"),
-    "pull": ("worker.pull_commands", "retrieve one study from a PACS (C-MOVE, C-GET or WADO-RS)"),
-    "backfill": ("worker.pull_commands", ("retrieve every study of a date range from a PACS, throttled and "
+    "deliveries": ("worker.commands.deliveries", "list undelivered results; retry dead-lettered ones"),
+    "fairness": ("worker.commands.fairness", "turnaround and fairness: report, scheduled refresh, cohort"),
+    "reports": ("worker.commands.reports", "final radiology reports: HL7 listener, relabelling"),
+    "publications": ("worker.commands.publications", "list worklist priority publications; revert raises"),
+    "rules": ("worker.commands.rules", "routing rules: test which rule files would match"),
+    "pull": ("worker.commands.pulls", "retrieve one study from a PACS (C-MOVE, C-GET or WADO-RS)"),
+    "backfill": ("worker.commands.pulls", ("retrieve every study of a date range from a PACS, throttled and "
                                           "resumable (run the same command again to resume)")),
-    "pulls": ("worker.pull_commands", "list pull jobs, or the studies of one"),
+    "pulls": ("worker.commands.pulls", "list pull jobs, or the studies of one"),
     "index": ("worker.slice_evidence",
               "the slice-embedding index of prior studies (similar-study evidence, slice_knn)"),
-    "models": ("train.registry", "model registry: list, promote, roll back, register, install"),
-    "train": ("train.nightly_commands", "retraining: the nightly job, its worker and its schedule"),
+    "models": ("worker.commands.models", "model registry: list, promote, roll back, register, install"),
+    "train": ("worker.commands.training", "retraining: the nightly job, its worker and its schedule"),
 }
 
 #: ``triage bench NAME``: each benchmark is "module:function"; the function takes the remaining arguments and
 #: prints a JSON line last.
 BENCHMARKS: dict[str, str] = {
     "encoder": "models.bench_encoder:bench",
-    "e2e": "worker.bench_e2e:main",
+    "e2e": "worker.commands.bench_e2e:main",
     "ingest": "worker.bench_ingest:main",
     "labeller": "train.labeller_eval:bench",
     "learn": "train.demo_model:bench",
@@ -74,7 +80,7 @@ def _upgrade_when_reachable(url: str) -> None:
 
     from sqlalchemy.exc import OperationalError
 
-    from worker.database import upgrade
+    from sql.database import upgrade
 
     backoff = 1.0
     while True:
@@ -124,7 +130,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
-    from worker.database import current_revision, upgrade
+    from sql.database import current_revision, upgrade
 
     settings = load_settings(args.config)
     url = args.url or settings.database_url
@@ -140,7 +146,7 @@ def _phantoms(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from worker.demo import run_demo
+    from worker.commands.demo import run_demo
 
     return run_demo(lesion=args.lesion, seed=args.seed, workdir=args.workdir, retrain=args.retrain)
 
@@ -153,9 +159,11 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _api(args: argparse.Namespace) -> int:
+    # FastAPI, uvicorn and the fairness analysis: only `triage api` loads them.
     from worker.api.server import serve
+    from worker.commands.api import create_app
 
-    return serve(args.config, api_tls_options(load_settings(args.config)["api"]["tls"]))
+    return serve(args.config, api_tls_options(load_settings(args.config)["api"]["tls"]), create_app)
 
 
 def api_tls_options(tls: dict) -> dict:
@@ -230,21 +238,6 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
                 if owner == module:
                     sub.add_parser(name, help=help_line, add_help=False)
     _accept_global_options_everywhere(parser)
-    return parser
-
-
-def add_passthrough(subparsers, name: str, func, help: str, global_options: bool = False
-                    ) -> argparse.ArgumentParser:
-    """A subcommand whose arguments, all of them, go to a parser of its own (built when it runs, because building
-    it imports numpy or torch): ``func`` gets them as ``args.rest`` and parses them, ``--help`` included.
-
-    argparse cannot hand options that come before the first positional to a ``REMAINDER`` argument (it treats
-    them as unknown options: "unrecognized arguments: --help"); ``parse_arguments`` puts them back in front, in
-    order. ``global_options``: ``--config``, ``-v`` and ``--log-format`` anywhere in them are triage's (leave it
-    off where the command's own parser has options of those names, as ``bench embedder --config`` does)."""
-    parser = subparsers.add_parser(name, help=help, add_help=False)
-    parser.add_argument("rest", nargs=argparse.REMAINDER)
-    parser.set_defaults(func=func, passthrough="global_options" if global_options else "all")
     return parser
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
+from sql.model_registry import serving_version
 from worker.config import Settings
 
 
@@ -39,8 +40,6 @@ class ModelReadiness:
 
     def serving_folder(self) -> Path:
         """The bundle the worker would load now (the same choice as ``RunProcessor.predictor``)."""
-        from train.registry import serving_version
-
         serving = serving_version(self.engine)
         if serving is not None:
             return Path(serving.bundle_path)
@@ -53,6 +52,7 @@ class ModelReadiness:
     def __call__(self) -> bool:
         if self.loaded_version() is not None:
             return True
+        # torch: only a worker that checks a model imports it (the API's readiness never does).
         from models.bundle import BundleError, map_bundle
 
         folder = self.serving_folder()

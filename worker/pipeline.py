@@ -26,7 +26,7 @@ from sqlalchemy.engine import Engine
 
 from pacs_bridge.results import Finding, ImageRegion, NotAnalysed, TriageResult
 from pacs_bridge.routing import is_derived_object
-from pacs_bridge.schema import as_utc, events, instances, predictions, processing_runs, series, studies, utcnow
+from sql.schema import as_utc, events, instances, predictions, processing_runs, series, studies, utcnow
 from worker.config import Settings
 from worker.delivery import DeliveryBook
 from worker.input_gate import GatePolicy, GateVerdict, assess, read_headers, series_inputs
@@ -172,9 +172,9 @@ class RunProcessor:
 
         from models.bundle import BundleError, load_bundle
         from models.inference import StudyPredictor
-        from train.backbone import bundle_backbone_id
-        from train.embedding_store import EmbeddingRecordingPredictor
-        from train.registry import serving_version
+        from models.backbone import bundle_backbone_id
+        from sql.embedding_store import EmbeddingRecordingPredictor
+        from sql.model_registry import serving_version
 
         try:
             serving = serving_version(self.engine)

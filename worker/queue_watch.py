@@ -22,8 +22,14 @@ from celery import Celery
 from sqlalchemy import insert
 from sqlalchemy.engine import Engine
 
-from pacs_bridge.schema import events, utcnow
-from worker.celery_app import DELIVERY_QUEUE, MAINTENANCE_QUEUE, PIPELINE_QUEUES, TRAINING_QUEUE, beat_schedule
+from sql.schema import events, utcnow
+from worker.celery_app import (
+    DELIVERY_QUEUE,
+    MAINTENANCE_QUEUE,
+    PIPELINE_QUEUES,
+    TRAINING_QUEUE,
+    beat_schedule,
+)
 from worker.config import Settings
 
 log = logging.getLogger(__name__)

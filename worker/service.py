@@ -15,13 +15,13 @@ from pacs_bridge.dicom_tls import TlsFiles
 from pacs_bridge.periodic import PeriodicLoop
 from pacs_bridge.reconcile import StoreReconciler
 from pacs_bridge.rules import RuleSet
-from pacs_bridge.schema import make_engine
 from pacs_bridge.scp import ScpSettings, StorageSCP
 from pacs_bridge.storage import InstanceStore
+from sql.database import make_engine
 from worker.celery_app import DELIVER, DELIVERY_QUEUE, dispatcher, make_celery
 from worker.config import Settings
 from worker.metrics import HealthServer
-from worker.queue_watch import QueueWatch
+from worker.queue_watch import QueueWatch, redis_depths
 from worker.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,6 @@ def queue_depths(settings: Settings):
         return
     import redis
 
-    from worker.queue_watch import redis_depths
 
     family = GaugeMetricFamily("triage_queue_depth", "Messages waiting in a broker queue", labels=["queue"])
     try:

@@ -30,8 +30,8 @@ from sqlalchemy import and_, delete, func, insert, select, update
 
 from pacs_bridge.results import PRIORITIES, Finding, SimilarStudy, TriageResult
 from pacs_bridge.routing import is_derived_object
-from pacs_bridge.schema import events, instances, predictions, processing_runs, series, studies, utcnow
-from pacs_bridge.slice_index_schema import slice_embeddings
+from sql.schema import events, instances, predictions, processing_runs, series, studies, utcnow
+from sql.slice_index_schema import slice_embeddings
 from worker.config import Settings
 
 log = logging.getLogger(__name__)
@@ -271,7 +271,7 @@ def resolve_study_references(settings: Settings, engine, references) -> dict[str
 
 def confirmed_findings(engine, study_uids: list[str]) -> dict[str, frozenset[str] | None]:
     """Per study, the labels present in its latest final (or corrected) report; None without such a report."""
-    from pacs_bridge.report_schema import ground_truth_labels, reports
+    from sql.report_schema import ground_truth_labels, reports
 
     out: dict[str, frozenset[str] | None] = {uid: None for uid in study_uids}
     if not study_uids:
@@ -562,7 +562,7 @@ class SliceKnnProcessor:
 
 # -- `triage index ...` --------------------------------------------------------------------------------------------
 def _book_from_args(args) -> SliceIndexBook:
-    from pacs_bridge.schema import make_engine
+    from sql.database import make_engine
     from worker.config import load_settings
 
     settings = load_settings(args.config)

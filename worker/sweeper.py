@@ -22,7 +22,7 @@ from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.engine import Engine
 
 from pacs_bridge.periodic import PeriodicLoop
-from pacs_bridge.schema import deliveries, events, processing_runs, utcnow
+from sql.schema import deliveries, events, processing_runs, utcnow
 
 log = logging.getLogger(__name__)
 

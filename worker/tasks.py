@@ -9,7 +9,7 @@ from celery.signals import worker_ready
 from sqlalchemy import text
 
 from pacs_bridge.publishers import FAILED
-from pacs_bridge.schema import make_engine
+from sql.database import make_engine
 from worker.celery_app import (
     DELIVER,
     DELIVERY_QUEUE,

@@ -24,7 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from models.zero_shot import ClassEmbeddings, PromptTable, TextEmbeddingCache, combine_with_knn
+from models.zero_shot import (
+    ClassEmbeddings,
+    PromptTable,
+    TextEmbeddingCache,
+    combine_with_knn,
+)
+from pacs_bridge.codes import FINDING_CODES
+from pacs_bridge.results import Finding, ZeroShotFindings
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +129,6 @@ class PrimaZeroShot:
 def zero_shot_findings(scores: ZeroShotScores, threshold: float, top_k: int, codable: Sequence[str] | None = None):
     """The findings to report: the labels at or above ``threshold``, else at least the ``top_k`` best, each a
     :class:`pacs_bridge.results.Finding` with the combined score (labels the SR cannot code are left out)."""
-    from pacs_bridge.results import Finding
-
     values = scores.combined
     ranked = sorted((label for label in values if codable is None or label in codable),
                     key=lambda label: (-values[label], label))
@@ -142,9 +147,6 @@ _PRIMA: dict[int, tuple[weakref.ref, PrimaZeroShot | None]] = {}
 def as_findings(scores: ZeroShotScores, version: str, settings, parameters: Sequence[str] = ()):
     """The scores as :class:`pacs_bridge.results.ZeroShotFindings`: the method, the model version, the labels the
     SR reports (``zero_shot.threshold``, topped up to ``model.report_top_k``) and how they were made."""
-    from pacs_bridge.codes import FINDING_CODES
-    from pacs_bridge.results import ZeroShotFindings
-
     findings = zero_shot_findings(scores, float(settings["zero_shot"]["threshold"]),
                                   max(int(settings["model"]["report_top_k"]), 1), codable=FINDING_CODES)
     return ZeroShotFindings(scores.method, version[:64], findings,

@@ -1,7 +1,7 @@
 """Alembic environment: the database URL comes from the caller (``triage db upgrade``), never from a file."""
 from alembic import context
 
-from pacs_bridge.schema import metadata
+from sql.schema import metadata
 
 config = context.config
 
@@ -13,7 +13,7 @@ def run_migrations_online() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    from pacs_bridge.schema import make_engine
+    from sql.database import make_engine
 
     engine = make_engine(config.get_main_option("sqlalchemy.url"))
     with engine.connect() as connection:

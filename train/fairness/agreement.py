@@ -2,7 +2,7 @@
 each sensitive attribute, for the fairness report.
 
 A verdict is a radiologist's latest on one target (a called finding, or the priority) of one AI result
-(``pacs_bridge.feedback_schema``); groups are the study's attributes (``study_attributes``; a study without a row
+(``sql.feedback_schema``); groups are the study's attributes (``study_attributes``; a study without a row
 is "unknown"). A group where the AI is rejected far more often than elsewhere is a sign it serves that group worse,
 visible long before final reports make TPR/FPR disparities measurable.
 """
@@ -17,8 +17,9 @@ from matplotlib.figure import Figure
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
-from pacs_bridge.feedback_schema import ai_feedback
-from pacs_bridge.report_schema import ATTRIBUTES, UNKNOWN, study_attributes
+from sql.feedback_schema import ai_feedback
+from sql.report_schema import ATTRIBUTES, UNKNOWN, study_attributes
+from train.fairness.report import _img, plot_text
 
 ALL = "all"
 
@@ -71,8 +72,6 @@ def agreement_by_group(connection: Connection, attributes: Sequence[str] = ATTRI
 
 def agreement_plot(rows: Sequence[AgreementRow]) -> Figure | None:
     """Horizontal bars: share of agreeing verdicts per group (both targets), one block per attribute."""
-    from train.fairness.report import plot_text
-
     shown = [r for r in rows if r.target == ALL]
     if not shown:
         return None
@@ -90,8 +89,6 @@ def agreement_plot(rows: Sequence[AgreementRow]) -> Figure | None:
 
 def render_agreement_html(rows: Sequence[AgreementRow]) -> str:
     """The report's section on radiologists' agreement with the AI (a plot and its table)."""
-    from train.fairness.report import _img
-
     parts = ["<h2 id=agreement>Radiologists' agreement with the AI</h2>",
              ("<p class=note>Each radiologist's latest verdict (agree / disagree, IHE AIR accept / reject) on each "
               "called finding and priority, by the study's group. Counts are small at first: read shares with "

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-from pacs_bridge.report_schema import ATTRIBUTES, UNKNOWN
+from sql.report_schema import UNKNOWN
 from train.fairness.cohort import MEASURES, Cohort
 from train.fairness.statistics import adjust, bootstrap_disparity, exact_rate_test, odds_ratio
 
@@ -30,37 +30,21 @@ ALL_DIAGNOSES = "all"
 
 @dataclass(frozen=True)
 class FairnessConfig:
-    long_turnaround_days: tuple[float, ...] = (3.0, 7.0)
-    min_group_size: int = 30
-    min_group_units: int = 20
-    attributes: tuple[str, ...] = ATTRIBUTES
-    intersections: tuple[tuple[str, ...], ...] = (("sex", "age_band"), ("region", "scheduling"))
-    reference_groups: Mapping[str, str] = field(default_factory=dict)
-    sample_size: int = 200
-    iterations: int = 20
-    seed: int = 20240601
-    alpha: float = 0.05
-    correction: str = "holm"
-    min_disparity: float = 0.05
+    """The analysis's parameters (the ``fairness`` section, read by the composition root:
+    ``worker.commands.train_settings.fairness_config``)."""
 
-    @classmethod
-    def from_settings(cls, fairness: Mapping[str, Any]) -> FairnessConfig:
-        """From the ``fairness`` section of the configuration."""
-        bootstrap = fairness.get("bootstrap", {})
-        return cls(
-            long_turnaround_days=tuple(float(d) for d in fairness.get("long_turnaround_days", (3, 7))),
-            min_group_size=int(fairness.get("min_group_size", 30)),
-            min_group_units=int(fairness.get("min_group_units", 20)),
-            attributes=tuple(fairness.get("attributes", ATTRIBUTES)),
-            intersections=tuple(tuple(pair) for pair in fairness.get("intersections", ())),
-            reference_groups=dict(fairness.get("reference_groups", {}) or {}),
-            sample_size=int(bootstrap.get("sample_size", 200)),
-            iterations=int(bootstrap.get("iterations", 20)),
-            seed=int(bootstrap.get("seed", 20240601)),
-            alpha=float(fairness.get("alpha", 0.05)),
-            correction=str(fairness.get("correction", "holm")),
-            min_disparity=float(fairness.get("min_disparity", 0.05)),
-        )
+    long_turnaround_days: tuple[float, ...]
+    min_group_size: int
+    min_group_units: int
+    attributes: tuple[str, ...]
+    intersections: tuple[tuple[str, ...], ...]
+    reference_groups: Mapping[str, str]
+    sample_size: int
+    iterations: int
+    seed: int
+    alpha: float
+    correction: str
+    min_disparity: float
 
     def attribute_sets(self) -> list[str]:
         """Single attributes, then intersections written "a&b"."""

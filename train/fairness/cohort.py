@@ -23,8 +23,8 @@ from sqlalchemy import insert, text
 from sqlalchemy.engine import Connection, Engine
 
 from models.labels import DIAGNOSIS_NAMES
-from pacs_bridge.report_schema import ATTRIBUTES, UNKNOWN, ground_truth_labels, reports, study_attributes
-from pacs_bridge.schema import predictions, processing_runs, studies
+from sql.report_schema import ATTRIBUTES, UNKNOWN, ground_truth_labels, reports, study_attributes
+from sql.schema import predictions, processing_runs, studies
 
 TIMESTAMPS = ("exam_at", "last_image_at", "queued_at", "started_at", "delivered_at", "reported_at")
 MEASURES = ("ai", "queue", "radiologist")

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pacs_bridge.report_schema import UNKNOWN
 from pacs_bridge.study_attributes import DEFAULT_POSTCODE_TABLE, AttributePolicy, PostcodeTable
+from sql.report_schema import UNKNOWN
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "data" / "synthetic_cohort.csv"
 DIAGNOSES = ("structural_edema", "trauma_subdural_hematoma", "tumor_adult_brain_metastasis",

@@ -1,4 +1,5 @@
-"""The scheduled fairness refresh: link reports to studies, fill attributes from DICOM, analyse, store the results.
+"""The fairness refresh (the beat's ``fairness-refresh`` entry, or ``triage fairness refresh``): link reports to
+studies, fill attributes from DICOM, analyse, store the results.
 
 Each refresh is one row of ``fairness_refreshes`` (running -> done | failed) with its result rows in
 ``fairness_turnaround_odds``, ``fairness_rate_disparities`` and ``fairness_turnaround_summary``; the views
@@ -8,8 +9,6 @@ trend can be drawn.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from dataclasses import asdict, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,21 +17,20 @@ import pydicom
 from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.engine import Connection, Engine
 
-from pacs_bridge.report_schema import (
-    fairness_rate_disparities,
-    fairness_refreshes,
-    fairness_turnaround_odds,
-    fairness_turnaround_summary,
-    reports,
-    study_attributes,
-)
-from pacs_bridge.schema import instances, series, studies, utcnow
 from pacs_bridge.study_attributes import (
     AttributePolicy,
     StudyAttributes,
     attributes_from_dicom,
     save_attributes,
 )
+from sql.fairness_schema import (
+    fairness_rate_disparities,
+    fairness_refreshes,
+    fairness_turnaround_odds,
+    fairness_turnaround_summary,
+)
+from sql.report_schema import reports, study_attributes
+from sql.schema import instances, series, studies, utcnow
 from train.fairness.analysis import (
     FairnessConfig,
     FairnessResults,
@@ -162,15 +160,3 @@ def load_latest(connection: Connection) -> FairnessResults | None:
         disparities=rows(fairness_rate_disparities, RateDisparity),
         summaries=rows(fairness_turnaround_summary, TurnaroundSummary), refresh_id=latest.id,
         finished_at=finished.astimezone(UTC).isoformat(timespec="seconds") if finished else None)
-
-
-def run_schedule(do_refresh: Callable[[], object], interval_s: float, stop: Callable[[], bool]) -> None:
-    """Call ``do_refresh`` every ``interval_s`` seconds until ``stop()``; a failed refresh is logged, not fatal."""
-    while not stop():
-        began = time.monotonic()
-        try:
-            do_refresh()
-        except Exception:
-            log.exception("fairness refresh failed; the next one runs in %.0f s", interval_s)
-        while not stop() and time.monotonic() - began < interval_s:
-            time.sleep(min(1.0, interval_s))

@@ -26,11 +26,11 @@ import anyio
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from sqlalchemy import insert, select
 
-from pacs_bridge.audit_schema import audit_log, audit_studies
-from pacs_bridge.schema import utcnow
-from worker.api.app import Principal, require_role
+from sql.audit_schema import audit_log, audit_studies
+from sql.schema import utcnow
 from worker.api.auth import SCOPE_KEY, Authentication, authenticate
-from worker.api.tokens import read_configured_tokens
+from worker.api.dependencies import require_role
+from worker.api.tokens import Principal, read_configured_tokens
 
 log = logging.getLogger(__name__)
 

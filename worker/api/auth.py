@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass
 
 from worker.api.oidc import OidcError, looks_like_jwt
+from worker.api.session_cookie import READ_METHODS, cookie_of, session_principal
 from worker.api.tokens import Principal
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,6 @@ def authenticate(app, raw_headers: list[tuple[bytes, bytes]], method: str = "GET
     """The request's principal from its headers. Blocking (a database lookup, perhaps a JWKS fetch)."""
     values = authorization_values(raw_headers)
     if not values:
-        from worker.api.session import READ_METHODS, cookie_of, session_principal  # session imports this module
-
         cookies = [value.decode("latin-1") for name, value in raw_headers if name.lower() == b"cookie"]
         if method in READ_METHODS and cookies:
             principal = session_principal(app.state.token_store, cookie_of("; ".join(cookies)))

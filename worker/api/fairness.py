@@ -2,12 +2,12 @@
 
 ``GET /fairness`` renders the latest completed refresh (cached per refresh: rendering the plots takes seconds);
 ``GET /fairness/results`` gives the findings and tables as JSON; ``POST /fairness/refresh`` (admin) runs a
-refresh now instead of waiting for the scheduled one.
+refresh now instead of waiting for the scheduled one. The analysis itself is train's: the app is given it
+(``app.state.fairness``, a :class:`worker.api.fairness_analysis.FairnessAnalysis`) by the composition root.
 """
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import asdict
 from typing import Annotated
 
@@ -15,16 +15,11 @@ from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.responses import HTMLResponse
 from sqlalchemy import func, select
 
-from pacs_bridge.feedback_schema import ai_feedback
-from pacs_bridge.study_attributes import AttributePolicy
-from train.fairness.agreement import agreement_by_group, render_agreement_html
-from train.fairness.analysis import FairnessConfig, headline
-from train.fairness.cohort import load_cohort_db
-from train.fairness.metrics import publish
-from train.fairness.report import render_html
-from train.fairness.store import load_latest, refresh
-from worker.api.app import Principal, engine_of, require_role
+from sql.feedback_schema import ai_feedback
+from worker.api.dependencies import engine_of, require_role
+from worker.api.fairness_analysis import FairnessAnalysis
 from worker.api.session import page_role
+from worker.api.tokens import Principal
 
 router = APIRouter(prefix="/fairness", tags=["fairness"])
 Reader = Annotated[Principal, Depends(require_role("radiologist", "admin"))]
@@ -34,9 +29,17 @@ Admin = Annotated[Principal, Depends(require_role("admin"))]
 _render_lock = threading.Lock()
 
 
+def _analysis(request: Request) -> FairnessAnalysis:
+    analysis = request.app.state.fairness
+    if analysis is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                            "this API was started without the fairness analysis: run it with `triage api`")
+    return analysis
+
+
 def _latest(request: Request):
     with engine_of(request).connect() as connection:
-        results = load_latest(connection)
+        results = _analysis(request).latest(connection)
     if results is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND,
                             "no fairness results yet: run `triage fairness refresh` or POST /fairness/refresh")
@@ -54,10 +57,7 @@ def fairness_page(request: Request, principal: PageReader) -> HTMLResponse:
         cached = getattr(state, "fairness_page", None)
         if cached is None or cached[0] != key:
             with engine_of(request).connect() as connection:
-                cohort = load_cohort_db(connection)
-                agreement = render_agreement_html(agreement_by_group(connection))
-            page = render_html(results, cohort)
-            state.fairness_page = (key, page.replace("</body></html>", agreement + "\n</body></html>"))
+                state.fairness_page = (key, _analysis(request).page(connection, results))
         page = state.fairness_page[1]
     return HTMLResponse(page)
 
@@ -66,10 +66,11 @@ def fairness_page(request: Request, principal: PageReader) -> HTMLResponse:
 def fairness_results(request: Request, principal: Reader, tables: bool = False) -> dict:
     results = _latest(request)
     body = {"refresh_id": results.refresh_id, "finished_at": results.finished_at, "source": results.source,
-            **headline(results)}
+            **_analysis(request).headline(results)}
     if tables:
         with engine_of(request).connect() as connection:
-            body["agreement"] = [{**asdict(row), "share": row.share} for row in agreement_by_group(connection)]
+            body["agreement"] = [{**asdict(row), "share": row.share}
+                                 for row in _analysis(request).agreement(connection)]
         body["odds"] = [asdict(row) for row in results.odds]
         body["disparities"] = [{k: v for k, v in asdict(row).items() if not k.startswith("bootstrap_")}
                                for row in results.disparities]
@@ -79,8 +80,6 @@ def fairness_results(request: Request, principal: Reader, tables: bool = False) 
 
 @router.post("/refresh", summary="Refresh the fairness results now")
 def fairness_refresh(request: Request, principal: Admin) -> dict:
-    fairness = request.app.state.settings["fairness"]
-    results = refresh(engine_of(request), FairnessConfig.from_settings(fairness),
-                      AttributePolicy.from_settings(fairness))
-    publish(results, time.time())
-    return {"refresh_id": results.refresh_id, **headline(results)}
+    analysis = _analysis(request)
+    results = analysis.refresh(engine_of(request))
+    return {"refresh_id": results.refresh_id, **analysis.headline(results)}

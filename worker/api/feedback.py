@@ -1,5 +1,5 @@
 """Radiologists' feedback on the AI's result, given on the worklist page: agree or disagree with a called finding
-or with the priority, with an optional comment (IHE AI Results accept / reject; ``pacs_bridge.feedback_schema``).
+or with the priority, with an optional comment (IHE AI Results accept / reject; ``sql.feedback_schema``).
 
 ``POST /worklist/studies/{study_uid}/feedback`` records one verdict on the study's latest AI result. Only a
 radiologist may give it (an administrator runs the service, a sender sends images: neither reads studies), and
@@ -18,9 +18,10 @@ from pydantic import BaseModel, Field
 from sqlalchemy import and_, func, insert, select
 from sqlalchemy.engine import Connection
 
-from pacs_bridge.feedback_schema import MAX_COMMENT, ai_feedback
-from pacs_bridge.schema import as_utc, predictions, processing_runs, studies, utcnow
-from worker.api.app import Principal, engine_of, require_role
+from sql.feedback_schema import MAX_COMMENT, ai_feedback
+from sql.schema import as_utc, predictions, processing_runs, studies, utcnow
+from worker.api.dependencies import engine_of, require_role
+from worker.api.tokens import Principal
 
 router = APIRouter(tags=["worklist"])
 #: Who may judge the AI's result: the people who read the studies.

@@ -14,10 +14,12 @@ from fastapi import Path as PathParam
 from pydantic import AfterValidator, BaseModel, Field
 from sqlalchemy import select
 
+from models.labeller import default_labeller
 from pacs_bridge.report_intake import FinalReport, ReportValidationError, store_report
-from pacs_bridge.report_schema import ground_truth_labels, reports
 from pacs_bridge.study_attributes import AttributePolicy, StudyAttributes, normalise_sex
-from worker.api.app import Principal, engine_of, require_role
+from sql.report_schema import ground_truth_labels, reports
+from worker.api.dependencies import engine_of, require_role
+from worker.api.tokens import Principal
 
 router = APIRouter(prefix="/reports", tags=["reports"])
 #: Radiologists sign reports, integrations post them with an admin token; both may read them back.
@@ -81,8 +83,6 @@ def _attribute_policy(request: Request) -> AttributePolicy:
 def _labeller(request: Request):
     state = request.app.state
     if getattr(state, "report_labeller", None) is None:
-        from train.labeller import default_labeller
-
         state.report_labeller = default_labeller()
     return state.report_labeller
 

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from worker.config import Settings, load_settings
@@ -80,11 +83,9 @@ def config_path_of(config: str | None) -> str | None:
     return str(Path(path).resolve()) if path else None
 
 
-def serve(config: str | None, tls_options: dict) -> int:
-    import uvicorn
-
-    from worker.api.app import create_app
-
+def serve(config: str | None, tls_options: dict, create_app: Callable[..., Any]) -> int:
+    """Serve the app that ``create_app(settings, config_path=...)`` makes (the composition root's:
+    :func:`worker.commands.api.create_app`)."""
     path = config_path_of(config)
     settings = load_settings(path)
     uvicorn.run(create_app(settings, config_path=path), host=settings["api"]["host"],

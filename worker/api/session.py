@@ -17,78 +17,22 @@ request forgery), and the token is never put in a URL.
 """
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import time
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from worker.api.app import authentication_of, current_principal
 from worker.api.auth import authorization_values
-from worker.api.tokens import Principal, TokenStore
+from worker.api.dependencies import authentication_of, current_principal
+from worker.api.session_cookie import COOKIE, session_value
+from worker.api.tokens import Principal
 
-COOKIE = "triage_session"
-_VERSION = "v1"
-#: Methods for which a page route accepts the cookie instead of the bearer header: reading only.
-READ_METHODS = ("GET", "HEAD")
 #: Where an unauthenticated browser is sent to sign in, with ``?next=`` the page it asked for.
 LOGIN_PAGE = "/worklist/login"
 
 router = APIRouter(prefix="/session", tags=["session"])
 _bearer = HTTPBearer(auto_error=False)
-
-
-def _mac(secret: str, name: str, role: str, expires: int) -> str:
-    message = f"triage-session-{_VERSION}\n{name}\n{role}\n{expires}".encode()
-    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
-
-
-def _b64(text: str) -> str:
-    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
-
-
-def _unb64(text: str) -> str:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
-
-
-def session_value(store: TokenStore, principal: Principal, expires: int) -> str | None:
-    """The cookie's value for ``principal`` until ``expires`` (Unix seconds), or None if it has no static token."""
-    keys = store.signing_keys(principal)
-    if not keys:
-        return None
-    return ".".join((_VERSION, _b64(principal.name), principal.role, str(expires),
-                     _mac(keys[0], principal.name, principal.role, expires)))
-
-
-def session_principal(store: TokenStore, value: str | None, now: float | None = None) -> Principal | None:
-    """The principal a session cookie names, or None when it is malformed, expired, or its token is gone.
-    Blocking (a database lookup)."""
-    if not value:
-        return None
-    try:
-        version, name_b64, role, expires_text, mac = value.split(".")
-        name, expires = _unb64(name_b64), int(expires_text)
-    except ValueError:  # wrong number of parts, bad base64 or UTF-8, not a number
-        return None
-    if version != _VERSION or expires < (time.time() if now is None else now):
-        return None
-    principal = Principal(name, role)
-    for key in store.signing_keys(principal):
-        if hmac.compare_digest(_mac(key, name, role, expires), mac):
-            return principal
-    return None
-
-
-def cookie_of(cookie_header: str | None) -> str | None:
-    """Our cookie's value from a raw ``Cookie`` header (for the ASGI middleware, which has no Request)."""
-    for part in (cookie_header or "").split(";"):
-        key, _, value = part.strip().partition("=")
-        if key == COOKIE:
-            return value
-    return None
 
 
 def page_role(*roles: str):

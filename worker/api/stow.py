@@ -33,7 +33,8 @@ from pacs_bridge.bookkeeping import Bookkeeper
 from pacs_bridge.ingest import IngestOutcome, as_file_format, ingest
 from pacs_bridge.intake import STATUS_CANNOT_UNDERSTAND, STATUS_OUT_OF_RESOURCES
 from pacs_bridge.storage import InstanceStore, InvalidUID, validate_uid
-from worker.api.app import Principal, require_role
+from worker.api.dependencies import require_role
+from worker.api.tokens import Principal
 
 log = logging.getLogger(__name__)
 

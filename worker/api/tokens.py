@@ -23,8 +23,8 @@ from pathlib import Path
 from sqlalchemy import and_, insert, select, update
 from sqlalchemy.engine import Engine
 
-from pacs_bridge.audit_schema import api_tokens
-from pacs_bridge.schema import utcnow
+from sql.audit_schema import api_tokens
+from sql.schema import utcnow
 
 log = logging.getLogger(__name__)
 

@@ -37,13 +37,14 @@ from pydantic import BaseModel, Field
 from sqlalchemy import and_, func, or_, select
 
 from pacs_bridge.codes import DIAGNOSIS_CODES, REFERRAL_CODES, SIMILAR_PRIOR_STUDY, SIMILAR_STUDY
-from pacs_bridge.report_schema import reports, study_attributes
 from pacs_bridge.results import PRIORITIES
-from pacs_bridge.schema import as_utc, deliveries, events, instances, predictions, processing_runs, studies
-from worker.api.app import Principal, current_principal, engine_of, require_role
+from sql.report_schema import reports, study_attributes
+from sql.schema import as_utc, deliveries, events, instances, predictions, processing_runs, studies
+from worker.api.dependencies import current_principal, engine_of, require_role
 from worker.api.feedback import current_verdicts
 from worker.api.feedback import router as feedback_router
 from worker.api.key_image import FindingRegions, key_instance, render_key_image
+from worker.api.tokens import Principal
 
 router = APIRouter(prefix="/worklist", tags=["worklist"])
 Reader = Annotated[Principal, Depends(require_role("radiologist", "admin"))]

@@ -1,6 +1,6 @@
 """Final reports, ground truth labels, sensitive attributes, HL7 message log, fairness results; reporting views.
 
-The views are the files under ``sql/views/0002`` (applied in name order, see ``pacs_bridge.reporting_views``). A later
+The views are the files under ``sql/views/0002`` (applied in name order, see ``sql.reporting_views``). A later
 migration that makes SQLite rebuild a table these views read must drop the views first and create them after.
 
 Revision ID: 0002
@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from pacs_bridge.reporting_views import create_views, drop_views
+from sql.reporting_views import create_views, drop_views
 
 revision = "0002"
 down_revision = "0001"

@@ -1,5 +1,5 @@
 """Model registry and training bookkeeping: training runs and their metrics, model versions, promotions and
-rollbacks, stored study embeddings (pacs_bridge/registry_schema.py).
+rollbacks, stored study embeddings (sql/registry_schema.py).
 
 Numbered 0003 as reserved for it; 0004 and 0005 landed first on top of 0002, so this revision follows 0005 to
 keep one line of history (one head).

@@ -1,5 +1,5 @@
 """Audit log of the HTTP API: one row per request (who, what, when, with which result) and the studies each
-request showed or changed (pacs_bridge/audit_schema.py).
+request showed or changed (sql/audit_schema.py).
 
 Revision ID: 0005
 Revises: 0004

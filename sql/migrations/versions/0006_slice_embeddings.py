@@ -1,5 +1,5 @@
 """Slice-embedding index: one row per vector id of the faiss index, with its study, series, model and vector
-(pacs_bridge/slice_index_schema.py).
+(sql/slice_index_schema.py).
 
 Revision ID: 0006
 Revises: 0003

@@ -1,5 +1,5 @@
 """API tokens shared by every API replica: hashes of the configured tokens with their name, role and revocation
-(pacs_bridge/audit_schema.py, worker/api/tokens.py).
+(sql/audit_schema.py, worker/api/tokens.py).
 
 Revision ID: 0007
 Revises: 0006

@@ -1,7 +1,7 @@
 """``triage reports``: the HL7 MLLP final-report listener, relabelling stored reports, sending HL7 files.
 
 The listener joins the DICOM edge's HL7 intake (``pacs_bridge.hl7_intake``) to the report labeller
-(``train.labeller``), so every accepted ORU^R01 lands as a report with its ground-truth labels.
+(``models.labeller``), so every accepted ORU^R01 lands as a report with its ground-truth labels.
 """
 from __future__ import annotations
 
@@ -14,11 +14,18 @@ from pathlib import Path
 
 from sqlalchemy import delete, insert, select
 
-from pacs_bridge.hl7_intake import MllpReportListener, ReportIntake, ack_code, send_messages
+from models.labeller import default_labeller
+from pacs_bridge.hl7_intake import (
+    MllpReportListener,
+    ReportIntake,
+    ack_code,
+    send_messages,
+)
 from pacs_bridge.hl7_senders import MllpLimits, SenderAllowList, mllp_tls_context
-from pacs_bridge.report_schema import ground_truth_labels, reports
-from pacs_bridge.schema import make_engine, utcnow
 from pacs_bridge.study_attributes import AttributePolicy
+from sql.database import make_engine, upgrade
+from sql.report_schema import ground_truth_labels, reports
+from sql.schema import utcnow
 from worker.config import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -30,8 +37,6 @@ def kept_dir(settings: Settings) -> Path:
 
 def build_intake(settings: Settings, engine=None) -> ReportIntake:
     """The HL7 intake as configured, with the default report labeller."""
-    from train.labeller import default_labeller
-
     fairness = settings["fairness"]
     return ReportIntake(engine or make_engine(settings.database_url), AttributePolicy.from_settings(fairness),
                         kept_dir(settings), labeller=default_labeller(),
@@ -47,8 +52,6 @@ def listener_limits(settings: Settings) -> MllpLimits:
 
 
 def _listen(args: argparse.Namespace) -> int:
-    from worker.database import upgrade
-
     settings = load_settings(args.config)
     upgrade(settings.database_url)
     fairness = settings["fairness"]
@@ -67,8 +70,6 @@ def _listen(args: argparse.Namespace) -> int:
 
 def _relabel(args: argparse.Namespace) -> int:
     """Label every stored report again with the current labeller (replacing that labeller's earlier labels)."""
-    from train.labeller import default_labeller
-
     settings = load_settings(args.config)
     engine = make_engine(settings.database_url)
     labeller = default_labeller()

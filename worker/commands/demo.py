@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -17,23 +18,32 @@ from pathlib import Path
 import pydicom
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 from sqlalchemy import select
 
 from pacs_bridge.dicom_send import DicomDestination, c_store
-from pacs_bridge.schema import make_engine, processing_runs, studies
+from pacs_bridge.sr import read_sr
+from sql.database import make_engine, upgrade
+from sql.schema import processing_runs, studies
+from train.demo_model import ensure_demo_bundle
+from train.phantoms import LESIONS, write_phantom_study
 from worker.config import load_settings
-from worker.database import upgrade
 from worker.processes import stop_process_groups
+from worker.service import build_receiving_service
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STAGES = ("receiving", "queued", "processing", "done")
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -41,9 +51,6 @@ def _free_port() -> int:
 
 def run_demo(lesion: str = "subdural_haemorrhage", seed: int = 7, workdir: str | Path = "var/demo",
              retrain: bool = False) -> int:
-    from train.demo_model import ensure_demo_bundle
-    from train.phantoms import LESIONS, write_phantom_study
-
     console = Console()
     # The demo shows its own progress; the service's INFO logs (migrations, series splits) would bury it.
     logging.getLogger().setLevel(logging.WARNING)
@@ -75,7 +82,6 @@ def run_demo(lesion: str = "subdural_haemorrhage", seed: int = 7, workdir: str |
                   f"{len(study.series)} series ({', '.join(sorted(set(study.series.values())))}); planted: "
                   f"[bold]{study.truth.lesion}[/]" + (f" ({study.truth.side})" if study.truth.side else ""))
 
-    from worker.service import build_receiving_service
 
     service = build_receiving_service(settings)
     service.start()
@@ -129,7 +135,6 @@ def run_demo(lesion: str = "subdural_haemorrhage", seed: int = 7, workdir: str |
     if run.status != "done":  # failed, or not analysed by the input gate (the error says why)
         console.print(f"[red]processing failed: {run.error}")
         return 1
-    from pacs_bridge.sr import read_sr
 
     sr = pydicom.dcmread(run.sr_path)
     result = read_sr(sr)

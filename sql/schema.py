@@ -1,12 +1,12 @@
-"""The bookkeeping database's tables (SQLAlchemy Core), shared by the DICOM edge and the worker.
+"""The bookkeeping database's tables (SQLAlchemy Core): studies, series, instances, runs, predictions, deliveries
+and events, and, imported here, every other area's tables, so that ``metadata`` from this module is the whole
+database (migrations, the schema test).
 
 The migrations under ``sql/migrations`` create exactly these tables (a test compares them); change both
 together. Timestamps are stored in UTC. No table holds patient names or IDs: the study's demographic
 attributes needed for fairness analysis (sex, age) are kept, identifiers are not.
 """
 from __future__ import annotations
-
-from datetime import datetime, timezone
 
 from sqlalchemy import (
     JSON,
@@ -16,32 +16,24 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
-    MetaData,
     String,
     Table,
     Text,
     UniqueConstraint,
-    create_engine,
-    event,
 )
-from sqlalchemy.engine import Engine
 
-metadata = MetaData()
-
-UID = String(64)
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def as_utc(value: datetime | None) -> datetime | None:
-    """A timestamp read back from the database, made timezone-aware: SQLite returns naive datetimes for
-    timezone-aware columns, and everything stored here is UTC."""
-    if value is None:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-
+# Each area's tables are declared on the same metadata in a module of their own; importing them here makes
+# ``metadata`` complete for whoever imports it from this module.
+from sql import (  # noqa: F401
+    audit_schema,
+    fairness_schema,
+    feedback_schema,
+    pull_schema,
+    registry_schema,
+    report_schema,
+    slice_index_schema,
+)
+from sql.base import UID, as_utc, metadata, utcnow  # noqa: F401
 
 studies = Table(
     "studies",
@@ -188,29 +180,3 @@ events = Table(
     Column("reason", Text, nullable=False),
     Column("detail", JSON),
 )
-
-
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets WAL and a busy timeout so the SCP and a worker can share the file."""
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.close()
-
-        return engine
-    return create_engine(url, pool_pre_ping=True)
-
-
-# Final reports, ground truth, sensitive attributes and fairness results are declared in their own module on this
-# same metadata; importing it here means every user of ``metadata`` (migrations, the schema test) sees them.
-from pacs_bridge import report_schema as _report_schema  # noqa: E402,F401
-from pacs_bridge import pull_schema as _pull_schema  # noqa: E402,F401
-from pacs_bridge import audit_schema as _audit_schema  # noqa: E402,F401
-from pacs_bridge import registry_schema as _registry_schema  # noqa: E402,F401
-from pacs_bridge import slice_index_schema as _slice_index_schema  # noqa: E402,F401
-from pacs_bridge import feedback_schema as _feedback_schema  # noqa: E402,F401

@@ -14,8 +14,8 @@ from sqlalchemy import and_, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from pacs_bridge.registry_schema import study_embeddings
-from pacs_bridge.schema import series, studies, utcnow
+from sql.registry_schema import study_embeddings
+from sql.schema import series, studies, utcnow
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from sqlalchemy import BigInteger, Column, DateTime, ForeignKey, Integer, String, Table, Text
 
-from pacs_bridge.schema import UID, metadata
+from sql.base import UID, metadata
 
 #: What may be judged, and the two verdicts (IHE AIR accept / reject).
 TARGETS = ("finding", "priority")

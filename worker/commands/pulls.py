@@ -12,7 +12,15 @@ import sys
 import threading
 from datetime import date, datetime
 
-from pacs_bridge.pull import VIAS, PullError, Puller, configured_sources
+from sqlalchemy import func, select
+
+from pacs_bridge.bookkeeping import Bookkeeper
+from pacs_bridge.ingest import ingest
+from pacs_bridge.pull import VIAS, DimseSource, Puller, PullError, configured_sources
+from pacs_bridge.storage import InstanceStore
+from sql.database import make_engine
+from sql.pull_schema import pull_items, pull_jobs
+from worker.config import load_settings
 
 #: Exit status of a backfill stopped before its end (run it again to resume).
 EXIT_INTERRUPTED = 3
@@ -55,13 +63,6 @@ class _Session:
     """The puller with its own store and bookkeeper (for C-GET/WADO-RS), stopped cleanly on exit."""
 
     def __init__(self, args: argparse.Namespace, pause_s: float | None = None) -> None:
-        from pacs_bridge.bookkeeping import Bookkeeper
-        from pacs_bridge.ingest import ingest
-        from pacs_bridge.pull import DimseSource
-        from pacs_bridge.schema import make_engine
-        from pacs_bridge.storage import InstanceStore
-        from worker.config import load_settings
-
         settings = load_settings(args.config)
         pull = settings["pull"]
         self.engine = make_engine(settings.database_url)
@@ -139,12 +140,6 @@ def _backfill(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from sqlalchemy import func, select
-
-    from pacs_bridge.pull_schema import pull_items, pull_jobs
-    from pacs_bridge.schema import make_engine
-    from worker.config import load_settings
-
     engine = make_engine(load_settings(args.config).database_url)
     with engine.connect() as connection:
         if args.job is None:

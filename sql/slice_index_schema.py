@@ -1,6 +1,6 @@
 """The slice-embedding index's table (SQLAlchemy Core): which study and series each vector id stands for.
 
-It shares ``pacs_bridge.schema.metadata`` (``pacs_bridge.schema`` imports this module); migration ``0006`` creates
+It shares ``sql.base.metadata`` (``sql.schema`` imports this module); migration ``0006`` creates
 it. The faiss index file on disk holds vectors under these rows' ids; the rows also keep each vector itself, so
 ``triage index rebuild`` can make the index anew from the database (after a lost file, a deletion, or growing past
 the exact-search size) without re-reading any image. Study-level rows (``series_instance_uid`` NULL) are the ones
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from sqlalchemy import Column, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Table
 
-from pacs_bridge.schema import UID, metadata
+from sql.base import UID, metadata
 
 slice_embeddings = Table(
     "slice_embeddings",

@@ -13,6 +13,7 @@ from pathlib import Path
 from pacs_bridge.routing import expected_series_present, route
 from pacs_bridge.rules import RuleError, RuleSet, StudyFacts
 from pacs_bridge.study_facts import study_facts_from_files
+from worker.config import load_settings
 
 
 def register(subparsers) -> None:
@@ -30,8 +31,6 @@ def register(subparsers) -> None:
 
 
 def _test(args: argparse.Namespace) -> int:
-    from worker.config import load_settings
-
     settings = load_settings(args.config)
     try:
         rules = RuleSet.from_config(settings["routing"],

@@ -10,7 +10,7 @@
 - ``study_embeddings``: study embeddings (float32 bytes) per study and study-encoder identity (``backbone_id``),
   from which the heads are retrained without running the encoder again.
 
-Declared on the shared metadata (``pacs_bridge.schema`` imports this module) so that migration ``0003`` and the
+Declared on the shared metadata (``sql.schema`` imports this module) so that migration ``0003`` and the
 schema test see them. Nothing here holds patient names or identifiers. No torch: the DICOM edge imports this.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-from pacs_bridge.schema import UID, metadata
+from sql.base import UID, metadata
 
 training_runs = Table(
     "training_runs",

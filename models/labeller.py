@@ -1,6 +1,6 @@
 """Report labeller: radiology report text -> the 52 Prima diagnosis labels, as present, absent or uncertain.
 
-The default :class:`KeywordLabeller` finds each diagnosis by the patterns in ``train/data/label_patterns.csv``
+The default :class:`KeywordLabeller` finds each diagnosis by the patterns in ``models/data/label_patterns.csv``
 (regular expressions, case-insensitive; several rows per label) and decides whether each mention is asserted,
 negated or hedged with NegEx-style trigger phrases (Chapman et al., J Biomed Inform 2001), applied per clause:
 

@@ -27,13 +27,21 @@ from pathlib import Path
 import pydicom
 import yaml
 from pydicom.uid import generate_uid
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from sqlalchemy import create_engine, func, select
 
-from pacs_bridge.schema import as_utc, processing_runs, studies
+from sql.database import upgrade
+from sql.schema import as_utc, processing_runs, studies
+from train.phantoms import LESIONS, write_phantom_study
 from worker.processes import stop_process_groups
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
@@ -60,8 +68,6 @@ def clone_study(source: Path, target: Path, index: int) -> Path:
 
 
 def make_studies(folder: Path, count: int, series: list[str] | None) -> list[Path]:
-    from train.phantoms import LESIONS, write_phantom_study
-
     bases = [write_phantom_study(folder / "base", lesion=LESIONS[i % len(LESIONS)], seed=100 + i, series=series).folder
              for i in range(min(count, len(LESIONS)))]
     return [clone_study(bases[i % len(bases)], folder / "load", i) for i in range(count)]
@@ -85,8 +91,6 @@ def run_load(workdir: Path, study_folders: list[Path], *, database_url: str, bro
              workers: int = 2, associations: int = 4, quiet_period_s: float = 1.0, timeout_s: float = 1800,
              show_progress: bool = True, explain: bool = True) -> dict:
     """Run the service, send every study, wait for all results; returns the figures and the exactly-once check."""
-    from worker.database import upgrade
-
     upgrade(database_url)
     scp_port = _free_port()
     config = {

@@ -1,6 +1,6 @@
 """Tables for retrieving studies from a PACS (SQLAlchemy Core): one row per pull job, one per study in it.
 
-They share ``pacs_bridge.schema.metadata`` (``pacs_bridge.schema`` imports this module); migration ``0004``
+They share ``sql.base.metadata`` (``sql.schema`` imports this module); migration ``0004``
 creates them. A job's studies are listed before any is retrieved, and each study's state is committed as it
 changes, so an interrupted job resumes where it stopped and never retrieves a finished study again.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from sqlalchemy import JSON, Column, DateTime, ForeignKey, Integer, String, Table, Text, UniqueConstraint
 
-from pacs_bridge.schema import UID, metadata
+from sql.base import UID, metadata
 
 pull_jobs = Table(
     "pull_jobs",

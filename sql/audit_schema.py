@@ -8,9 +8,19 @@ by their Study Instance UID, people by the name of their API token.
 """
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, DateTime, ForeignKey, Integer, String, Table, Text, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
 
-from pacs_bridge.schema import UID, metadata
+from sql.base import UID, metadata
 
 audit_log = Table(
     "audit_log",
