@@ -25,7 +25,8 @@ from train.nightly_commands import NIGHTLY_TASK, TRAINING_QUEUE, rebuild_vector_
 from worker.celery_app import beat_schedule
 from worker.config import load_settings
 from worker.database import upgrade
-from worker.pipeline import RunProcessor
+from worker.pipelines.neuro_mri import NeuroMriPipeline
+from worker.run_book import RunBook
 
 LABELS = ("trauma_subdural_hematoma", "vascular_ischemic_large_vessel_stroke", "ventricular_ventriculomegaly")
 
@@ -113,7 +114,7 @@ def _served_version(engine, run_id: int) -> str:
 def test_nightly_promotes_a_better_candidate_and_the_running_worker_serves_it_next(site, phantom_folders):
     settings, engine = site
     run_ids = _receive_all(settings, engine, phantom_folders)
-    worker = RunProcessor(settings, engine, enqueue_delivery=lambda delivery_id: None)
+    worker = NeuroMriPipeline(RunBook(settings, engine, enqueue_delivery=lambda delivery_id: None))
     assert worker.process(run_ids[0]).status == "done"
     assert _served_version(engine, run_ids[0]) == "baseline-random-tiny"
 

@@ -18,7 +18,7 @@ FEATURE_COMMANDS: tuple[str, ...] = ("worker.delivery", "worker.fairness_command
 FEATURE_COMMANDS += ("worker.rules_commands", "worker.pull_commands")
 
 #: `triage index rebuild|delete|stats`: the slice-embedding index of prior studies.
-FEATURE_COMMANDS += ("worker.slice_evidence",)
+FEATURE_COMMANDS += ("worker.commands.slice_index",)
 
 #: Training: `triage models list|promote|rollback|register|install`, `triage train nightly|worker|beat`.
 FEATURE_COMMANDS += ("train.registry", "train.nightly_commands")
@@ -37,7 +37,7 @@ FEATURE_COMMAND_INDEX: dict[str, tuple[str, str]] = {
     "backfill": ("worker.pull_commands", ("retrieve every study of a date range from a PACS, throttled and "
                                           "resumable (run the same command again to resume)")),
     "pulls": ("worker.pull_commands", "list pull jobs, or the studies of one"),
-    "index": ("worker.slice_evidence",
+    "index": ("worker.commands.slice_index",
               "the slice-embedding index of prior studies (similar-study evidence, slice_knn)"),
     "models": ("train.registry", "model registry: list, promote, roll back, register, install"),
     "train": ("train.nightly_commands", "retraining: the nightly job, its worker and its schedule"),

@@ -38,7 +38,7 @@ class ModelReadiness:
         self._lock = threading.Lock()
 
     def serving_folder(self) -> Path:
-        """The bundle the worker would load now (the same choice as ``RunProcessor.predictor``)."""
+        """The bundle the worker would load now (the same choice as ``NeuroMriPipeline.predictor``)."""
         from train.registry import serving_version
 
         serving = serving_version(self.engine)
