@@ -2,16 +2,17 @@
 
 MedImageInsight tokenizes prompts with the standard OpenAI CLIP BPE (49,408 tokens: 256 byte symbols, their
 end-of-word forms, 48,894 merges, ``<|startoftext|>`` 49406 and ``<|endoftext|>`` 49407), as the Hugging Face
-slow ``CLIPTokenizer`` does it: ftfy repair, whitespace collapsed, lower case, the CLIP pre-tokenising pattern,
-then BPE on the UTF-8 bytes of each piece. A sequence is ``BOS + at most 75 tokens + EOS`` padded with EOS (the
-pad id is the EOS id) to 77 positions; the attention mask is 1 up to and including the first EOS.
+slow ``CLIPTokenizer`` does it: ftfy repair, whitespace collapsed, lower case, the CLIP pre-tokenising
+pattern, then BPE on the UTF-8 bytes of each piece. A sequence is ``BOS + at most 75 tokens + EOS`` padded
+with EOS (the pad id is the EOS id) to 77 positions; the attention mask is 1 up to and including the first
+EOS.
 
 The vocabulary, the merge table (OpenAI's ``bpe_simple_vocab_16e6.txt.gz``) and the BPE itself are open_clip's
 :class:`open_clip.tokenizer.SimpleTokenizer`, read from the installed package or a configured table. Two steps
 stay here because open_clip's differ from the Hugging Face tokenizer the reference used: the text is not
-HTML-unescaped (open_clip turns ``&amp;`` into ``&``), and the special tokens are spelled ``<|startoftext|>`` and
-``<|endoftext|>`` in the text (open_clip spells them ``<start_of_text>``). Padding and the mask are the text
-tower's, not open_clip's (which pads with 0). Nothing is downloaded.
+HTML-unescaped (open_clip turns ``&amp;`` into ``&``), and the special tokens are spelled ``<|startoftext|>``
+and ``<|endoftext|>`` in the text (open_clip spells them ``<start_of_text>``). Padding and the mask are the
+text tower's, not open_clip's (which pads with 0). Nothing is downloaded.
 """
 from __future__ import annotations
 

@@ -1,13 +1,14 @@
-"""The slice index book: which studies' slice vectors are indexed (the ``slice_embeddings`` table), per model and
-partition, and the vector index file of each partition kept in step with the table.
+"""The slice index book: which studies' slice vectors are indexed (the ``slice_embeddings`` table), per model
+and partition, and the vector index file of each partition kept in step with the table.
 
-The index file is a cache of the table: a book syncs it from the table before each search (new rows are added; a
-count that no longer matches, after a deletion elsewhere, rebuilds it), so several workers can add studies without
-losing each other's, and a lost file is made anew from the rows without re-reading any image. Study-level rows
-(``series_instance_uid`` NULL) are the ones searched; series-level rows are stored beside them.
+The index file is a cache of the table: a book syncs it from the table before each search (new rows are added;
+a count that no longer matches, after a deletion elsewhere, rebuilds it), so several workers can add studies
+without losing each other's, and a lost file is made anew from the rows without re-reading any image.
+Study-level rows (``series_instance_uid`` NULL) are the ones searched; series-level rows are stored beside
+them.
 
-This package imports none of ours: what the book needs from the model code (the vector index type, the file of a
-partition) comes in as an :class:`IndexFiles`.
+This package imports none of ours: what the book needs from the model code (the vector index type, the file of
+a partition) comes in as an :class:`IndexFiles`.
 """
 from __future__ import annotations
 
@@ -46,8 +47,9 @@ class IndexFiles:
 
 
 class SliceIndexBook:
-    """The study-level vector index of one model and one partition (modality and body region, e.g. ``MR-HEAD``),
-    kept in step with the ``slice_embeddings`` table. Studies are searched only within their own partition."""
+    """The study-level vector index of one model and one partition (modality and body region, e.g.
+    ``MR-HEAD``), kept in step with the ``slice_embeddings`` table. Studies are searched only within their own
+    partition."""
 
     def __init__(self, engine: Engine, model: str, dim: int, files: IndexFiles, partition: str = "") -> None:
         self.engine, self.model, self.dim, self.files = engine, model, dim, files
@@ -109,7 +111,8 @@ class SliceIndexBook:
             self.rebuild()  # rows deleted (or replaced) by another process
         return self._index
 
-    def neighbours(self, vector: np.ndarray, k: int, exclude_study: str | None = None) -> list[tuple[str, float]]:
+    def neighbours(self, vector: np.ndarray, k: int,
+                   exclude_study: str | None = None) -> list[tuple[str, float]]:
         """The k most similar studies (uid, similarity), most similar first, without ``exclude_study``."""
         index = self.index()
         if len(index) == 0 or k <= 0:
@@ -146,12 +149,13 @@ class SliceIndexBook:
         return int(study_id)
 
     def delete_study(self, study_uid: str) -> int:
-        """Remove a study's vectors (all models) from the table and from the index of each partition it was in;
-        returns the rows deleted."""
+        """Remove a study's vectors (all models) from the table and from the index of each partition it was
+        in; returns the rows deleted."""
         with self.engine.begin() as connection:
-            found = connection.execute(select(slice_embeddings.c.id, slice_embeddings.c.index_partition).where(
-                and_(slice_embeddings.c.study_instance_uid == study_uid,
-                     slice_embeddings.c.model == self.model))).all()
+            found = connection.execute(
+                select(slice_embeddings.c.id, slice_embeddings.c.index_partition)
+                .where(and_(slice_embeddings.c.study_instance_uid == study_uid,
+                            slice_embeddings.c.model == self.model))).all()
             deleted = connection.execute(delete(slice_embeddings).where(
                 slice_embeddings.c.study_instance_uid == study_uid)).rowcount
         by_partition: dict[str, list[int]] = defaultdict(list)
@@ -176,6 +180,7 @@ def partitions(engine: Engine, model: str) -> list[str]:
 
 def rebuild_all(engine: Engine, model: str, dim: int, files: IndexFiles) -> dict[str, int]:
     """Every partition's index of ``model`` made anew from the table: partition -> studies in it. The unnamed
-    partition (rows from before partitioning; the file ``files.path`` itself) is always written, empty or not."""
+    partition (rows from before partitioning; the file ``files.path`` itself) is always written, empty or not.
+    """
     return {partition: SliceIndexBook(engine, model, dim, files, partition).rebuild()
             for partition in sorted({"", *partitions(engine, model)})}

@@ -1,13 +1,13 @@
 """The run book: what every pipeline records about a processing run, from its claim to its delivered SR.
 
-A pipeline (:mod:`worker.pipelines`) decides what a study's result is; the run book does the rest the same way for
-all of them: claim the run for one worker (atomically, so duplicate task messages race safely), stamp each step's
-time on the run (so the AI turnaround and where the time went can be read from the database), find the study's
-image files, write the SR (UIDs derived from the study version: a re-attempt after a crash rewrites the same SR,
-never a second), record the scores, and finish: publications, deliveries and the run marked done. A run that
-cannot be processed is failed with its reason; a study the input gate turns away is recorded as not analysed.
-Delivery is a task of its own (:mod:`worker.delivery`): a PACS that is down delays the SR's arrival, never the
-processing of the next study.
+A pipeline (:mod:`worker.pipelines`) decides what a study's result is; the run book does the rest the same way
+for all of them: claim the run for one worker (atomically, so duplicate task messages race safely), stamp each
+step's time on the run (so the AI turnaround and where the time went can be read from the database), find the
+study's image files, write the SR (UIDs derived from the study version: a re-attempt after a crash rewrites
+the same SR, never a second), record the scores, and finish: publications, deliveries and the run marked done.
+A run that cannot be processed is failed with its reason; a study the input gate turns away is recorded as not
+analysed. Delivery is a task of its own (:mod:`worker.delivery`): a PACS that is down delays the SR's arrival,
+never the processing of the next study.
 """
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ class RunBook:
             return connection.execute(select(processing_runs.c.pipeline)
                                       .where(processing_runs.c.id == run_id)).scalar_one_or_none()
 
-    # -- claiming ------------------------------------------------------------------------------------------------
+    # -- claiming --------------------------------------------------------------------------------------------
     def claim(self, run_id: int, worker_host: str) -> Claimed | None:
         """Take the run for this worker, atomically; None when it is finished, taken, or out of attempts.
 
@@ -124,7 +124,8 @@ class RunBook:
                     processing_runs.c.id == run_id,
                     processing_runs.c.attempts < max_attempts,
                     or_(processing_runs.c.status == "queued",
-                        and_(processing_runs.c.status == "running", processing_runs.c.started_at < stale_before)),
+                        and_(processing_runs.c.status == "running",
+                             processing_runs.c.started_at < stale_before)),
                 ))
                 .values(status="running", attempts=processing_runs.c.attempts + 1, started_at=now,
                         worker_host=worker_host)
@@ -143,7 +144,8 @@ class RunBook:
                         status="failed", error=f"gave up after {row.attempts} attempts", finished_at=now))
                     connection.execute(insert(events).values(
                         at=now, kind="error", study_instance_uid=row.study_instance_uid,
-                        reason=f"run {run_id} abandoned after {row.attempts} attempts (worker lost each time?)"))
+                        reason=f"run {run_id} abandoned after {row.attempts} attempts "
+                               "(worker lost each time?)"))
                 return None
             connection.execute(update(studies).where(and_(studies.c.id == row.study_id,
                                                           studies.c.version == row.study_version))
@@ -152,9 +154,9 @@ class RunBook:
 
     def claim_companions(self, first_run_id: int, worker_host: str, wanted: int, wait_s: float = 0.0
                          ) -> list[Claimed]:
-        """Up to ``wanted`` other ready runs of the first run's pipeline, claimed, urgent first and none starving
-        (routine runs queued longer than ``worker.starvation_after_s`` count as urgent), waiting up to ``wait_s``
-        seconds for them to arrive."""
+        """Up to ``wanted`` other ready runs of the first run's pipeline, claimed, urgent first and none
+        starving (routine runs queued longer than ``worker.starvation_after_s`` count as urgent), waiting up
+        to ``wait_s`` seconds for them to arrive."""
         if wanted <= 0:
             return []
         deadline = time.monotonic() + wait_s
@@ -183,7 +185,7 @@ class RunBook:
             time.sleep(0.02)
         return companions
 
-    # -- the run's steps -----------------------------------------------------------------------------------------
+    # -- the run's steps -------------------------------------------------------------------------------------
     def stamp(self, run_id: int, column: str, **values) -> None:
         """Set the run's timestamp ``column`` (``loaded_at``, ``inferred_at``, ``sr_created_at``) to now, with
         other columns of the same step (model name and version, SR UID and path, priority)."""
@@ -192,8 +194,8 @@ class RunBook:
                                .values(**{column: utcnow()}, **values))
 
     def fail(self, claim: Claimed, exc: Exception, pipeline: str) -> RunOutcome:
-        """Record the run and its study as failed, with the reason (the message of a :class:`RunFailed`, else the
-        exception's type and message, logged with its traceback) and an error event."""
+        """Record the run and its study as failed, with the reason (the message of a :class:`RunFailed`, else
+        the exception's type and message, logged with its traceback) and an error event."""
         reason = str(exc) if isinstance(exc, RunFailed) else f"{type(exc).__name__}: {exc}"
         log.error("run %d for study %s failed: %s", claim.run_id, claim.study_uid, reason,
                   exc_info=not isinstance(exc, RunFailed))
@@ -203,7 +205,8 @@ class RunBook:
             connection.execute(update(studies).where(and_(studies.c.id == claim.study_id,
                                                           studies.c.version == claim.version))
                                .values(status="failed"))
-            connection.execute(insert(events).values(at=utcnow(), kind="error", study_instance_uid=claim.study_uid,
+            connection.execute(insert(events).values(at=utcnow(), kind="error",
+                                                     study_instance_uid=claim.study_uid,
                                                      reason=f"run {claim.run_id} failed: {reason}"))
         RUNS.labels(pipeline=pipeline, outcome="failed").inc()
         return RunOutcome(claim.run_id, "failed")
@@ -213,7 +216,8 @@ class RunBook:
         :class:`RunFailed` when it has none."""
         with self.engine.connect() as connection:
             rows = connection.execute(
-                select(series.c.series_instance_uid, series.c.modality, instances.c.sop_class_uid, instances.c.path)
+                select(series.c.series_instance_uid, series.c.modality, instances.c.sop_class_uid,
+                       instances.c.path)
                 .select_from(series.join(instances, instances.c.series_id == series.c.id))
                 .where(series.c.study_id == study_id)
             ).all()
@@ -227,8 +231,8 @@ class RunBook:
 
     def write_sr(self, claim: Claimed, result: TriageResult | NotAnalysed,
                  image_paths: dict[str, list[Path]]) -> tuple[Path, Dataset]:
-        """The run's SR, written to the outbox: the result with the study's images as evidence, revising the SR
-        of the study's previous version if there is one; returns its path and the dataset."""
+        """The run's SR, written to the outbox: the result with the study's images as evidence, revising the
+        SR of the study's previous version if there is one; returns its path and the dataset."""
         from pacs_bridge.sr import build_sr
 
         evidence = [pydicom.dcmread(p, stop_before_pixels=True)
@@ -245,7 +249,8 @@ class RunBook:
                 ).first()
             if prior is not None and Path(prior.sr_path).exists():
                 previous = pydicom.dcmread(prior.sr_path)
-        # Deterministic UIDs per study version: a re-attempt after a crash rewrites the same SR, never a second.
+        # Deterministic UIDs per study version: a re-attempt after a crash rewrites the same SR, never a
+        # second.
         seed = [self.settings.device_uid, claim.study_uid, str(claim.version)]
         sr = build_sr(
             result, evidence,
@@ -266,7 +271,8 @@ class RunBook:
     def record_predictions(self, run_id: int, scores: list[Score]) -> None:
         """The run's scores, replacing any an earlier attempt recorded."""
         rows = [{"run_id": run_id, "kind": s.kind, "label": s.label, "probability": float(s.probability),
-                 "threshold": None if s.threshold is None else float(s.threshold), "reported": int(s.reported)}
+                 "threshold": None if s.threshold is None else float(s.threshold),
+                 "reported": int(s.reported)}
                 for s in scores]
         with self.engine.begin() as connection:
             connection.execute(predictions.delete().where(predictions.c.run_id == run_id))
@@ -282,8 +288,9 @@ class RunBook:
         delivery_ids = self.deliveries.create(claim.run_id, sr_uid, sr_path)
         # The routing rule's forwards after processing, decided on this result (routing as a router).
         forward_ids = self.deliveries.create_forwards_after(claim.run_id, result, scores_by_label)
-        # Queued before the run is marked done: a crash in between redoes the run (same SR, same delivery rows;
-        # a delivered row is never sent again), where the other order could leave a delivery never queued.
+        # Queued before the run is marked done: a crash in between redoes the run (same SR, same delivery
+        # rows; a delivered row is never sent again), where the other order could leave a delivery never
+        # queued.
         for delivery_id in delivery_ids + forward_ids:
             self.enqueue_delivery(delivery_id)
         finished = utcnow()
@@ -300,8 +307,9 @@ class RunBook:
             if stage.endswith("_s"):
                 STAGE_SECONDS.labels(stage=stage[:-2]).observe(seconds)
         with self.engine.connect() as connection:
-            stamps = connection.execute(select(processing_runs.c.last_image_at, processing_runs.c.sr_created_at)
-                                        .where(processing_runs.c.id == claim.run_id)).one()
+            stamps = connection.execute(
+                select(processing_runs.c.last_image_at, processing_runs.c.sr_created_at)
+                .where(processing_runs.c.id == claim.run_id)).one()
         if stamps.last_image_at is not None and stamps.sr_created_at is not None:
             TURNAROUND_SECONDS.labels(pipeline=pipeline).observe(
                 (as_utc(stamps.sr_created_at) - as_utc(stamps.last_image_at)).total_seconds())
@@ -315,15 +323,15 @@ class RunBook:
             return
         try:
             self.enqueue_publication(run_id)
-        except Exception:  # the broker is down: the run's SR still goes out; `triage publications retry` later
+        except Exception:  # the broker is down: the SR still goes out; `triage publications retry` later
             log.exception("run %d: the publication task could not be queued", run_id)
 
-    # -- the input gate --------------------------------------------------------------------------------------------
+    # -- the input gate --------------------------------------------------------------------------------------
     def judge_input(self, claim: Claimed, pipeline: str, headers: dict) -> GateVerdict | None:
         """The input gate's verdict on a run's study (headers by series), or None when the gate is off.
 
-        The required series are the gate's own, or the routing rule's ``expected_series`` (looked up by the rule
-        name the run was created under), searched in SeriesDescription as completion searches them.
+        The required series are the gate's own, or the routing rule's ``expected_series`` (looked up by the
+        rule name the run was created under), searched in SeriesDescription as completion searches them.
         """
         gate = self.settings["input_gate"]
         if not gate["enabled"] or pipeline not in gate:
@@ -334,25 +342,27 @@ class RunBook:
             from pacs_bridge.rules import RuleSet
 
             with self.engine.connect() as connection:
-                routing = connection.execute(select(processing_runs.c.routing)
-                                             .where(processing_runs.c.id == claim.run_id)).scalar_one_or_none()
+                routing = connection.execute(
+                    select(processing_runs.c.routing)
+                    .where(processing_runs.c.id == claim.run_id)).scalar_one_or_none()
             rule = RuleSet.from_config(self.settings["routing"]).rule(str((routing or {}).get("rule") or ""))
             expected = rule.expected_series if rule is not None else ()
         return assess(series_inputs(headers), policy, expected)
 
-    def not_analysed(self, claim: Claimed, pipeline: str, verdict: GateVerdict, image_paths: dict[str, list[Path]],
-                     model_name: str, model_version: str) -> RunOutcome:
-        """Record a study the input gate turned away: no priority raised, no forward after processing, an event,
-        the metric, run status ``not_analysed``, study status "not analysed", and the SR that says why (unless
-        ``input_gate.write_sr`` is off), delivered like any result SR."""
+    def not_analysed(self, claim: Claimed, pipeline: str, verdict: GateVerdict,
+                     image_paths: dict[str, list[Path]], model_name: str, model_version: str) -> RunOutcome:
+        """Record a study the input gate turned away: no priority raised, no forward after processing, an
+        event, the metric, run status ``not_analysed``, study status "not analysed", and the SR that says why
+        (unless ``input_gate.write_sr`` is off), delivered like any result SR."""
         run_id = claim.run_id
         outcome = NotAnalysed(claim.study_uid, pipeline, verdict.reasons, model_name, model_version)
-        log.info("run %d study %s v%d (%s): not analysed: %s", run_id, claim.study_uid, claim.version, pipeline,
-                 "; ".join(verdict.reasons))
+        log.info("run %d study %s v%d (%s): not analysed: %s", run_id, claim.study_uid, claim.version,
+                 pipeline, "; ".join(verdict.reasons))
         sr_path, delivery_ids = None, []
         if self.settings["input_gate"]["write_sr"]:
             sr_path, sr = self.write_sr(claim, outcome, image_paths)
-            self.stamp(run_id, "sr_created_at", sr_sop_instance_uid=str(sr.SOPInstanceUID), sr_path=str(sr_path))
+            self.stamp(run_id, "sr_created_at", sr_sop_instance_uid=str(sr.SOPInstanceUID),
+                       sr_path=str(sr_path))
             delivery_ids = self.deliveries.create(run_id, str(sr.SOPInstanceUID), sr_path)
             for delivery_id in delivery_ids:
                 self.enqueue_delivery(delivery_id)

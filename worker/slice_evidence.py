@@ -1,18 +1,18 @@
 """Slice evidence: similar prior studies from MedImageInsight slice embeddings, the step both pipelines use.
 
 At processing time a study's image series are embedded (an evenly spaced subset of slices per series; series
-and study embeddings by median), the study-level index of its partition is searched for the ``evidence_k`` most
-similar *other* studies, and the study's vectors are stored (the slice index book, :mod:`sql.slice_index`).
-The evidence, each prior study with its similarity and its confirmed findings (labels of its latest final
-report), goes into ``TriageResult.similar_studies`` and so into the SR.
+and study embeddings by median), the study-level index of its partition is searched for the ``evidence_k``
+most similar *other* studies, and the study's vectors are stored (the slice index book,
+:mod:`sql.slice_index`). The evidence, each prior study with its similarity and its confirmed findings (labels
+of its latest final report), goes into ``TriageResult.similar_studies`` and so into the SR.
 
-* ``neuro_mri`` (:mod:`worker.pipelines.neuro_mri`): :func:`add_slice_evidence` after building the Prima result;
-  evidence that cannot be computed is logged and the result goes out without it.
+* ``neuro_mri`` (:mod:`worker.pipelines.neuro_mri`): :func:`add_slice_evidence` after building the Prima
+  result; evidence that cannot be computed is logged and the result goes out without it.
 * ``slice_knn`` (:mod:`worker.pipelines.slice_knn`): :meth:`SliceEvidence.process_study`, whose neighbours'
   findings are the run's kNN findings.
 
-This module also reads the index's configuration (:func:`index_book`, :func:`rebuild_all`) for the pipelines, the
-periodic index maintenance and ``triage index`` (:mod:`worker.commands.slice_index`).
+This module also reads the index's configuration (:func:`index_book`, :func:`rebuild_all`) for the pipelines,
+the periodic index maintenance and ``triage index`` (:mod:`worker.commands.slice_index`).
 """
 from __future__ import annotations
 
@@ -56,15 +56,15 @@ def _settings_dim(settings: Settings) -> int:
     return CONFIGS[settings["slice_evidence"]["config"]].projection_dim
 
 
-# -- the index book, as configured -----------------------------------------------------------------------------
+# -- the index book, as configured -----------------------------------------------------------------------
 def index_files(settings: Settings) -> IndexFiles:
     """Where the configured index files are and how they are made (``slice_evidence.*``)."""
     from models.vector_index import IndexError_, IndexSettings, VectorIndex, partition_path
 
     cfg = settings["slice_evidence"]
     return IndexFiles(path=index_path(settings), index_type=VectorIndex,
-                      index_settings=IndexSettings(exact_max=int(cfg["exact_max"]), approximate=cfg["approximate"],
-                                                   nprobe=int(cfg["nprobe"])),
+                      index_settings=IndexSettings(exact_max=int(cfg["exact_max"]),
+                                                   approximate=cfg["approximate"], nprobe=int(cfg["nprobe"])),
                       unreadable=IndexError_, partition_path=partition_path)
 
 
@@ -75,7 +75,7 @@ def index_book(settings: Settings, engine, partition: str = "", dim: int | None 
 
 
 def rebuild_all(settings: Settings, engine) -> dict[str, int]:
-    """Every partition's index of the configured model made anew from the table: partition -> studies in it."""
+    """Every partition's index of the configured model made anew from the table: partition -> studies."""
     return rebuild_partitions(engine, model_key(settings), _settings_dim(settings), index_files(settings))
 
 

@@ -1,5 +1,5 @@
-"""Celery tasks. Small and idempotent: the work itself is in the pipelines (:mod:`worker.pipelines`), recorded by
-the run book (:mod:`worker.run_book`), and in :mod:`worker.delivery`."""
+"""Celery tasks. Small and idempotent: the work itself is in the pipelines (:mod:`worker.pipelines`),
+recorded by the run book (:mod:`worker.run_book`), and in :mod:`worker.delivery`."""
 from __future__ import annotations
 
 import logging
@@ -67,13 +67,14 @@ def run_book() -> RunBook:
     """One per worker process, shared by its pipelines."""
     settings = app.conf.triage_settings
     return RunBook(settings, make_engine(settings.database_url),
-                   enqueue_delivery=lambda delivery_id: deliver.apply_async(args=[delivery_id], queue=DELIVERY_QUEUE),
+                   enqueue_delivery=lambda delivery_id: deliver.apply_async(args=[delivery_id],
+                                                                            queue=DELIVERY_QUEUE),
                    enqueue_publication=enqueue_publication)
 
 
 @lru_cache(maxsize=None)
 def pipeline(name: str):
-    """The pipeline ``name`` of this worker process, made at its first run: its model is loaded once and kept."""
+    """The pipeline ``name`` of this worker process, made at its first run: its model is loaded once, kept."""
     return PIPELINES[name](run_book())
 
 
@@ -95,13 +96,14 @@ def delivery_book() -> DeliveryBook:
 
 @app.task(name=PROCESS_STUDY, bind=True)
 def process_study(self, run_id: int) -> str:
-    """Process one study version (a ``processing_runs`` row) into predictions and an SR, by the pipeline the run
-    was routed to."""
+    """Process one study version (a ``processing_runs`` row) into predictions and an SR, by the pipeline the
+    run was routed to."""
     name = run_book().pipeline_of(run_id)
     if name is None:
         raise RunFailed(f"processing run {run_id} does not exist")
     if name not in PIPELINES:
-        raise RunFailed(f"processing run {run_id}: no pipeline named {name!r} (one of {', '.join(PIPELINES)})")
+        raise RunFailed(f"processing run {run_id}: no pipeline named {name!r} "
+                        f"(one of {', '.join(PIPELINES)})")
     return pipeline(name).process(run_id, worker_name=self.request.hostname).status
 
 

@@ -24,7 +24,8 @@ def _rebuild(args) -> int:
     t0 = time.perf_counter()
     counts = rebuild_all(settings, engine)
     for partition, n in counts.items():
-        print(f"index {index_book(settings, engine, partition).path}: {n} studies of model {model_key(settings)}")
+        path = index_book(settings, engine, partition).path
+        print(f"index {path}: {n} studies of model {model_key(settings)}")
     print(f"{sum(counts.values())} studies in {len(counts)} partitions, {time.perf_counter() - t0:.1f}s")
     return 0
 
@@ -51,8 +52,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("index", help="the slice-embedding index of prior studies (similar-study "
                                                  "evidence, slice_knn)")
     sub = parser.add_subparsers(dest="index_command", required=True)
-    p = sub.add_parser("rebuild", help="make the faiss index anew from the slice_embeddings table (after a lost "
-                                       "file, deletions, or growing past slice_evidence.exact_max)")
+    p = sub.add_parser("rebuild", help="make the faiss index anew from the slice_embeddings table (after a "
+                                       "lost file, deletions, or growing past slice_evidence.exact_max)")
     p.set_defaults(func=_rebuild)
     p = sub.add_parser("delete", help="remove one study's vectors from the table and the index")
     p.add_argument("--study", required=True, help="StudyInstanceUID")

@@ -1,11 +1,11 @@
 """The ``neuro_mri`` pipeline: a brain MR study through the Prima study encoder to a triage result and its SR.
 
-Runs are processed in micro-batches: the claimed run and other ready runs of the pipeline are loaded side by side
-(volumes in LPS with their geometry), the model runs once over all of them, and each run is then finished on its
-own: LIME regions for the top findings, the result by the configured clinical rules, similar prior studies
-(:mod:`worker.slice_evidence`) and zero-shot findings where the bundle carries a text tower, then the SR, the
-scores and the deliveries through the run book (:mod:`worker.run_book`). A run that fails is recorded and the
-others go on.
+Runs are processed in micro-batches: the claimed run and other ready runs of the pipeline are loaded side by
+side (volumes in LPS with their geometry), the model runs once over all of them, and each run is then finished
+on its own: LIME regions for the top findings, the result by the configured clinical rules, similar prior
+studies (:mod:`worker.slice_evidence`) and zero-shot findings where the bundle carries a text tower, then the
+SR, the scores and the deliveries through the run book (:mod:`worker.run_book`). A run that fails is recorded
+and the others go on.
 """
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def make_result(prediction, settings: Settings, study_uid: str, model_name: str,
                 threshold=float(prediction.thresholds[label]), regions=regions.get(label, ()))
         for label in sorted(reported, key=lambda name: prediction.diagnosis_probs[name], reverse=True)
     )
-    # Labels the site has the model rule out: below threshold, reported as explicitly absent (not just unlisted).
+    # Labels the site has the model rule out: below threshold, reported as explicitly absent (not just
+    # unlisted).
     findings += tuple(
         Finding(label=label, probability=float(prediction.diagnosis_probs[label]),
                 threshold=float(prediction.thresholds[label]), reported_absent=True)
@@ -77,7 +78,8 @@ def make_result(prediction, settings: Settings, study_uid: str, model_name: str,
     if priority is None:
         raise RunFailed(f"priority class {top_class!r} has no entry in model.priority_map")
     referrals = tuple(sorted(
-        name for name, p in prediction.referral_probs.items() if p >= float(model_settings["referral_threshold"])
+        name for name, p in prediction.referral_probs.items()
+        if p >= float(model_settings["referral_threshold"])
     ))
     return TriageResult(
         study_instance_uid=study_uid, priority=priority, findings=findings, referrals=referrals,
@@ -87,8 +89,8 @@ def make_result(prediction, settings: Settings, study_uid: str, model_name: str,
 
 
 class NeuroMriPipeline:
-    """The neuro_mri pipeline of one worker process: holds the loaded model and the loader's processes across the
-    runs it handles, and records each run through the run book."""
+    """The neuro_mri pipeline of one worker process: holds the loaded model and the loader's processes across
+    the runs it handles, and records each run through the run book."""
 
     def __init__(self, book: RunBook) -> None:
         from worker.study_loader import StudyLoader, pool_size
@@ -116,14 +118,15 @@ class NeuroMriPipeline:
     def predictor(self, refresh: bool = True):
         """The study predictor of the model that should serve now.
 
-        Before each batch the model registry is asked which version serves (``train.registry.serving_version``,
-        one small query); when that differs from the loaded model, its bundle is loaded and replaces it, so a
-        promotion or a rollback reaches running workers at their next study without a restart. Calls made while
-        a batch is predicted and finished (from ``_predict`` and ``_finish``) keep the model the batch started
-        with, so that a run's stamped version, its predictions and its SR always agree. With no version in the
-        registry (or no registry tables yet) the configured ``model.bundle`` serves. A promoted bundle that
-        cannot be loaded is logged and the loaded model keeps serving. The predictor also stores each study's
-        embedding for nightly retraining (``train.embedding_store``).
+        Before each batch the model registry is asked which version serves
+        (``train.registry.serving_version``, one small query); when that differs from the loaded model, its
+        bundle is loaded and replaces it, so a promotion or a rollback reaches running workers at their next
+        study without a restart. Calls made while a batch is predicted and finished (from ``_predict`` and
+        ``_finish``) keep the model the batch started with, so that a run's stamped version, its predictions
+        and its SR always agree. With no version in the registry (or no registry tables yet) the configured
+        ``model.bundle`` serves. A promoted bundle that cannot be loaded is logged and the loaded model keeps
+        serving. The predictor also stores each study's embedding for nightly retraining
+        (``train.embedding_store``).
         """
         if self._predictor is not None and not refresh:
             return self._predictor
@@ -137,7 +140,7 @@ class NeuroMriPipeline:
 
         try:
             serving = serving_version(self.engine)
-        except SQLAlchemyError as exc:  # registry tables missing (database not upgraded) or the database blinked
+        except SQLAlchemyError as exc:  # no registry tables (database not upgraded), or the database blinked
             log.warning("model registry unreadable (%s); keeping the loaded or configured model", exc)
             if self._predictor is not None:
                 return self._predictor
@@ -147,8 +150,8 @@ class NeuroMriPipeline:
         else:
             bundle_dir = self.settings["model"]["bundle"]
             if not bundle_dir:
-                raise RunFailed("model.bundle is not configured and no model is promoted in the registry: set "
-                                "model.bundle to a model bundle folder (weights are never downloaded)")
+                raise RunFailed("model.bundle is not configured and no model is promoted in the registry: "
+                                "set model.bundle to a model bundle folder (weights are never downloaded)")
             key = f"configured:{bundle_dir}"
         if self._predictor is not None and getattr(self, "_loaded_key", None) == key:
             return self._predictor
@@ -183,13 +186,13 @@ class NeuroMriPipeline:
         """Process run ``run_id`` and, as a micro-batch with it, other ready runs of the same pipeline.
 
         The batch is gathered from the database (urgent lane first, routine runs that waited too long as if
-        urgent), up to ``worker.batch_size`` runs or ``worker.batch_wait_s`` seconds; their volumes are loaded side
-        by side in the loader's processes, the model runs once over all of them, and each run is then finished on
-        its own (a run that fails is recorded and the others go on). While a batch is in the model, the next
-        ready runs are claimed and loading (up to ``worker.prefetch_batches`` batches in one call, and for no
-        more than half the task's time limit), so the model does not wait for the CPU when studies are queued.
-        The other runs' own messages, when they arrive, find them done. ``worker_name`` (the Celery node name)
-        is recorded with the pid as who ran each run.
+        urgent), up to ``worker.batch_size`` runs or ``worker.batch_wait_s`` seconds; their volumes are loaded
+        side by side in the loader's processes, the model runs once over all of them, and each run is then
+        finished on its own (a run that fails is recorded and the others go on). While a batch is in the
+        model, the next ready runs are claimed and loading (up to ``worker.prefetch_batches`` batches in one
+        call, and for no more than half the task's time limit), so the model does not wait for the CPU when
+        studies are queued. The other runs' own messages, when they arrive, find them done. ``worker_name``
+        (the Celery node name) is recorded with the pid as who ran each run.
         """
         worker_host = f"{worker_name or self.book.host}:{os.getpid()}"
         claimed = self.book.claim(run_id, worker_host)
@@ -200,8 +203,8 @@ class NeuroMriPipeline:
         return outcomes[run_id]
 
     def _process_batch(self, batch: list[Claimed], worker_host: str | None = None) -> dict[int, RunOutcome]:
-        """The batch, then (with ``worker_host``) batches of further ready runs claimed while the one before is
-        in the model; returns every run's outcome."""
+        """The batch, then (with ``worker_host``) batches of further ready runs claimed while the one before
+        is in the model; returns every run's outcome."""
         outcomes: dict[int, RunOutcome] = {}
         try:
             self.predictor()  # the bundle, loaded once per process, before the threads that read it
@@ -220,13 +223,15 @@ class NeuroMriPipeline:
                 pending = []
                 if more > 0 and time.monotonic() < deadline:
                     more -= 1
-                    following = self._claim_companions(first_run_id, worker_host, wanted=batch_size, wait=False)
+                    following = self._claim_companions(first_run_id, worker_host, wanted=batch_size,
+                                                       wait=False)
                     pending = [(c, pool.submit(self._prepare, c)) for c in following]
                 self._predict_and_finish(prepared, outcomes)
         return outcomes
 
     def _gather(self, pending: list, outcomes: dict[int, RunOutcome]) -> list[Prepared]:
-        """The loaded runs of a batch; a run that failed to load or that the input gate refused is finished."""
+        """The loaded runs of a batch; a run that failed to load or that the input gate refused is finished.
+        """
         prepared: list[Prepared] = []
         for claim, future in pending:
             try:
@@ -258,7 +263,8 @@ class NeuroMriPipeline:
                 outcomes[item.claim.run_id] = self._fail(item.claim, exc)
 
     def _predict(self, prepared: list[Prepared], outcomes: dict[int, RunOutcome]) -> list:
-        """One model pass over the batch; a study the tokenizer cannot use fails alone and the rest run again."""
+        """One model pass over the batch; a study the tokenizer cannot use fails alone and the rest run again.
+        """
         from models.inference import NoUsableSeries
 
         remaining = list(range(len(prepared)))
@@ -266,7 +272,8 @@ class NeuroMriPipeline:
         while remaining:
             t0 = time.perf_counter()
             try:
-                results = self.predictor(refresh=False).predict_batch([prepared[i].volumes for i in remaining])
+                results = self.predictor(refresh=False).predict_batch(
+                    [prepared[i].volumes for i in remaining])
             except NoUsableSeries as exc:
                 failed = remaining.pop(exc.study_index)
                 outcomes[prepared[failed].claim.run_id] = self._fail(prepared[failed].claim,
@@ -288,8 +295,8 @@ class NeuroMriPipeline:
 
     def _claim_companions(self, first_run_id: int, worker_host: str, wanted: int | None = None,
                           wait: bool = True) -> list[Claimed]:
-        """Other ready runs of this pipeline for the same model pass: up to ``wanted`` (the batch size less one),
-        waiting up to ``worker.batch_wait_s`` for them if ``wait``."""
+        """Other ready runs of this pipeline for the same model pass: up to ``wanted`` (the batch size less
+        one), waiting up to ``worker.batch_wait_s`` for them if ``wait``."""
         worker = self.settings["worker"]
         if wanted is None:
             wanted = int(worker["batch_size"]) - 1
@@ -339,8 +346,8 @@ class NeuroMriPipeline:
         t0 = time.perf_counter()
         sr_path, sr = self.book.write_sr(claim, result, image_paths)
         timings["sr_s"] = time.perf_counter() - t0
-        log.info("study %s v%d run %d: SR %s written to %s in %.2fs", claim.study_uid, claim.version, claim.run_id,
-                 sr.SOPInstanceUID, sr_path, timings["sr_s"])
+        log.info("study %s v%d run %d: SR %s written to %s in %.2fs", claim.study_uid, claim.version,
+                 claim.run_id, sr.SOPInstanceUID, sr_path, timings["sr_s"])
         self.book.stamp(claim.run_id, "sr_created_at", sr_sop_instance_uid=str(sr.SOPInstanceUID),
                         sr_path=str(sr_path), priority=result.priority)
         self.book.record_predictions(claim.run_id, prediction_scores(prediction, result))
@@ -352,7 +359,8 @@ class NeuroMriPipeline:
         return outcome
 
     def _explain(self, predictor, volumes, prediction) -> dict[str, tuple[ImageRegion, ...]]:
-        """LIME regions for the positive findings (the most probable first, up to ``explain.max_findings``)."""
+        """LIME regions for the positive findings (the most probable first, up to ``explain.max_findings``).
+        """
         settings = self.settings["explain"]
         if not settings["enabled"]:
             return {}

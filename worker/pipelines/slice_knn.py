@@ -1,5 +1,5 @@
-"""The ``slice_knn`` pipeline: studies Prima does not cover (CR, DX, CT) get the findings of their most similar
-prior studies.
+"""The ``slice_knn`` pipeline: studies Prima does not cover (CR, DX, CT) get the findings of their most
+similar prior studies.
 
 One run: slices -> MedImageInsight embeddings -> the ``k`` nearest prior studies of the study's partition ->
 kNN findings (similarity-weighted votes of the neighbours with a final report) and their evidence, with
@@ -31,8 +31,8 @@ MODEL_NAME = "medimageinsight-knn"
 log = logging.getLogger(__name__)
 
 
-def knn_result(study_uid: str, neighbours: list, settings: Settings, model_version: str) -> tuple[TriageResult,
-                                                                                                   dict[str, float]]:
+def knn_result(study_uid: str, neighbours: list, settings: Settings,
+               model_version: str) -> tuple[TriageResult, dict[str, float]]:
     """The kNN findings (scores of the labels the voting neighbours carry that the SR code table knows) as a
     result, and every label's score."""
     from models.knn import label_scores
@@ -42,7 +42,8 @@ def knn_result(study_uid: str, neighbours: list, settings: Settings, model_versi
     scores = label_scores(neighbours, k=int(cfg["k"]))
     threshold = float(cfg["finding_threshold"])
     # Only labels the SR can code become findings; the others are still scored (predictions table).
-    ranked = sorted((label for label in scores if label in DIAGNOSIS_CODES), key=lambda label: (-scores[label], label))
+    ranked = sorted((label for label in scores if label in DIAGNOSIS_CODES),
+                    key=lambda label: (-scores[label], label))
     reported = [label for label in ranked if scores[label] >= threshold]
     for label in ranked:
         if len(reported) >= max(int(settings["model"]["report_top_k"]), 1):
@@ -55,7 +56,8 @@ def knn_result(study_uid: str, neighbours: list, settings: Settings, model_versi
     findings += tuple(Finding(label=label, probability=min(max(scores.get(label, 0.0), 0.0), 1.0),
                               threshold=threshold, reported_absent=True)
                       for label in settings["model"]["report_absent"]
-                      if label in DIAGNOSIS_CODES and label not in reported and scores.get(label, 0.0) < threshold)
+                      if label in DIAGNOSIS_CODES and label not in reported
+                      and scores.get(label, 0.0) < threshold)
     levels = [cfg["priority_of_findings"].get(f.label, "routine") for f in findings if f.positive]
     for level in levels:
         if level not in PRIORITIES:
@@ -73,8 +75,8 @@ class SliceKnnPipeline:
         self.book = book
 
     def process(self, run_id: int, worker_name: str | None = None) -> RunOutcome:
-        """Process run ``run_id`` alone; ``worker_name`` (the Celery node name) is recorded with the pid as who
-        ran it."""
+        """Process run ``run_id`` alone; ``worker_name`` (the Celery node name) is recorded with the pid as
+        who ran it."""
         claim = self.book.claim(run_id, f"{worker_name or self.book.host}:{os.getpid()}")
         if claim is None:
             return RunOutcome(run_id, "duplicate")
@@ -89,11 +91,13 @@ class SliceKnnPipeline:
         image_paths = book.image_paths(claim.study_id)
         evidence = evidence_for(book)
         if evidence is None:
-            raise RunFailed("slice_knn needs slice_evidence enabled with its weights (slice_evidence.weights)")
+            raise RunFailed("slice_knn needs slice_evidence enabled with its weights "
+                            "(slice_evidence.weights)")
         headers = read_headers(image_paths)
         verdict = book.judge_input(claim, PIPELINE, headers)
         if verdict is not None and not verdict.adequate:
-            return book.not_analysed(claim, PIPELINE, verdict, image_paths, MODEL_NAME, evidence.model_version)
+            return book.not_analysed(claim, PIPELINE, verdict, image_paths, MODEL_NAME,
+                                     evidence.model_version)
         book.stamp(claim.run_id, "loaded_at", model_name=MODEL_NAME, model_version=evidence.model_version)
         try:
             found = evidence.process_study(claim.study_uid, claim.run_id, image_paths, timings,
@@ -108,12 +112,13 @@ class SliceKnnPipeline:
         t0 = time.perf_counter()
         sr_path, sr = book.write_sr(claim, result, image_paths)
         timings["sr_s"] = time.perf_counter() - t0
-        book.stamp(claim.run_id, "sr_created_at", sr_sop_instance_uid=str(sr.SOPInstanceUID), sr_path=str(sr_path),
-                   priority=result.priority)
+        book.stamp(claim.run_id, "sr_created_at", sr_sop_instance_uid=str(sr.SOPInstanceUID),
+                   sr_path=str(sr_path), priority=result.priority)
         reported = {f.label for f in result.findings}
         threshold = float(settings["slice_evidence"]["finding_threshold"])
-        book.record_predictions(claim.run_id, [Score("diagnosis", label, float(score), threshold, label in reported)
-                                               for label, score in scores.items()])
+        book.record_predictions(claim.run_id, [
+            Score("diagnosis", label, float(score), threshold, label in reported)
+            for label, score in scores.items()])
         if not found.neighbours or all(n.labels is None for n in found.neighbours):
             with book.engine.begin() as connection:
                 connection.execute(insert(events).values(
@@ -121,6 +126,7 @@ class SliceKnnPipeline:
                     reason=f"run {claim.run_id}: no neighbour with a final report; evidence only"))
         timings["slice_series"], timings["slice_count"] = found.n_series, found.n_slices
         outcome = book.finish(claim, PIPELINE, result, str(sr.SOPInstanceUID), sr_path, timings, scores)
-        log.info("run %d study %s v%d (slice_knn): priority %s, %d findings, %d similar studies", claim.run_id,
-                 claim.study_uid, claim.version, result.priority, len(result.findings), len(result.similar_studies))
+        log.info("run %d study %s v%d (slice_knn): priority %s, %d findings, %d similar studies",
+                 claim.run_id, claim.study_uid, claim.version, result.priority, len(result.findings),
+                 len(result.similar_studies))
         return outcome
