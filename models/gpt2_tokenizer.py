@@ -22,8 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import regex
-
-from models.clip_tokenizer import byte_symbols, merge_symbols
+from open_clip.tokenizer import bytes_to_unicode
 
 END_OF_TEXT = "<|endoftext|>"
 #: The reference's ``text_max_tokens``: a longer text is cut and its last token replaced by end-of-text.
@@ -40,6 +39,29 @@ _SPECIAL = regex.compile(regex.escape(END_OF_TEXT))
 
 class TokenizerError(RuntimeError):
     """The GPT-2 BPE files cannot be found, read or verified."""
+
+
+def merge_symbols(word: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: merge the adjacent pair of lowest rank until no ranked pair is left.
+
+    GPT-2's byte-level BPE has no end-of-word symbol, so open_clip's CLIP BPE (which appends ``</w>``) cannot
+    run it; the loop is OpenAI's, as small as it is.
+    """
+    while len(word) > 1:
+        best = min(zip(word, word[1:]), key=lambda pair: ranks.get(pair, float("inf")))
+        if best not in ranks:
+            break
+        merged: list[str] = []
+        i = 0
+        while i < len(word):
+            if i < len(word) - 1 and (word[i], word[i + 1]) == best:
+                merged.append(word[i] + word[i + 1])
+                i += 2
+            else:
+                merged.append(word[i])
+                i += 1
+        word = merged
+    return word
 
 
 def packaged_files() -> Path:
@@ -83,7 +105,8 @@ class GPT2Tokenizer:
         self.ranks = {merge: rank for rank, merge in enumerate(merges)}
         self.eos_id = self.encoder[END_OF_TEXT]
         self.decoder = {i: token for token, i in self.encoder.items()}
-        self._symbols = byte_symbols()
+        # Each byte -> a printable character, the map GPT-2 and CLIP share (open_clip's copy of it).
+        self._symbols = bytes_to_unicode()
         self._bpe = functools.lru_cache(maxsize=20_000)(self._bpe_uncached)
 
     @property

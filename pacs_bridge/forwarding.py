@@ -6,30 +6,21 @@ destination), listing the files it sends, and goes through the same reliable del
 row, retries with backoff, dead letters, ``triage deliveries retry``). Only image objects are forwarded: SRs and
 other derived objects in the study are never sent on, so a forward can never start a loop.
 
-Files are sent one at a time (C-STORE) or in bounded batches (STOW-RS), so a study of thousands of images never
-has to fit in memory. A destination that already holds an instance simply stores it again, so a retried forward
-that had sent part of the study is harmless.
+The files are sent by :func:`pacs_bridge.sender.send_files`, as SRs are. A destination that already holds an
+instance simply stores it again, so a retried forward that had sent part of the study is harmless.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-import pydicom
 from sqlalchemy import and_, insert, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from pacs_bridge import association
-from pacs_bridge.dicom_send import DeliveryError, DicomDestination
-from pacs_bridge.dicomweb_send import DicomwebDestination, stow_rs
 from pacs_bridge.routing import is_derived_object
 from pacs_bridge.rules import Forward
 from sql.schema import deliveries, events, instances, series
-
-#: Instances per STOW-RS request when forwarding a study (bounded memory, bounded request size).
-STOW_BATCH = 50
 
 
 def study_image_paths(connection: Connection, study_id: int) -> list[str]:
@@ -76,18 +67,3 @@ def create_forwards(connection: Connection, *, study_id: int, study_version: int
                     "study_version": study_version, "run_id": run_id, "files": len(paths)},
         ))
     return created
-
-
-def send_files(destination: DicomDestination | DicomwebDestination, paths: Sequence[Path], calling_aet: str,
-               timeout_s: float = 60.0) -> None:
-    """Send ``paths`` as they are; raise :class:`DeliveryError` naming the first failure (or a missing file)."""
-    missing = [str(p) for p in paths if not Path(p).is_file()]
-    if missing:
-        raise DeliveryError(f"{destination.name}: {len(missing)} file(s) to forward are no longer in the store, "
-                            f"e.g. {missing[0]}")
-    if isinstance(destination, DicomwebDestination):
-        for start in range(0, len(paths), STOW_BATCH):
-            stow_rs(destination, [pydicom.dcmread(p) for p in paths[start:start + STOW_BATCH]])
-        return
-    association.c_store(destination, [Path(p) for p in paths], calling_aet=calling_aet, timeout_s=timeout_s,
-                        error=DeliveryError)

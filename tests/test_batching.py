@@ -14,7 +14,8 @@ from pacs_bridge.storage import InstanceStore
 from sql.database import make_engine, upgrade
 from sql.schema import processing_runs, studies, utcnow
 from worker.config import load_settings
-from worker.pipeline import RunProcessor
+from worker.pipelines.neuro_mri import NeuroMriPipeline
+from worker.run_book import RunBook
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def queued(tmp_path, phantom_folders, tiny_bundle):
     with engine.connect() as c:
         run_ids = c.execute(select(processing_runs.c.id).order_by(processing_runs.c.id)).scalars().all()
     assert len(run_ids) == 4
-    processor = RunProcessor(settings, engine, enqueue_delivery=lambda delivery_id: None)
+    processor = NeuroMriPipeline(RunBook(settings, engine, enqueue_delivery=lambda delivery_id: None))
     yield processor, engine, run_ids, settings
     engine.dispose()
 

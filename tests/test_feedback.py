@@ -65,7 +65,7 @@ def analysed_study(engine, files: list[Path], sr_dir: Path, sex: str = "F") -> t
 
 
 def not_analysed_study(engine, files: list[Path]) -> str:
-    """A study the input gate turned away, recorded as worker.pipeline records it."""
+    """A study the input gate turned away, recorded as the run book records it."""
     run_id = ingest(engine, files)
     reasons = "not analysed: no series matches required sequence 'FLAIR'; series 'ADC' has 1 slice, 20 needed"
     with engine.begin() as c:

@@ -20,7 +20,8 @@ from sql.schema import deliveries, events, processing_runs, studies
 from tests.conftest import Orthanc
 from tests.intake_fixtures import our_sr, phantom, receiver_for
 from worker.delivery import DeliveryBook
-from worker.pipeline import RunProcessor
+from worker.pipelines.neuro_mri import NeuroMriPipeline
+from worker.run_book import RunBook
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +53,7 @@ class PlantedLesionModel:
         )
 
 
-class PlantedLesionProcessor(RunProcessor):
+class PlantedLesionProcessor(NeuroMriPipeline):
     """The worker's run processor with :class:`PlantedLesionModel` serving."""
 
     planted: PlantedLesionModel
@@ -98,7 +99,7 @@ def test_high_priority_study_goes_to_the_oncall_station_after_processing_and_a_n
     assert len(run_ids) == 2
 
     enqueued: list[int] = []
-    processor = PlantedLesionProcessor(receiver.settings, receiver.engine, enqueue_delivery=enqueued.append)
+    processor = PlantedLesionProcessor(RunBook(receiver.settings, receiver.engine, enqueue_delivery=enqueued.append))
     processor.planted = PlantedLesionModel({**dict.fromkeys(bleed.series, "subdural_haemorrhage"),
                                             **dict.fromkeys(normal.series, "normal")})
     for run_id in run_ids:  # a run may have been processed already, in a batch with the other

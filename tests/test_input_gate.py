@@ -118,6 +118,7 @@ def database(request, tmp_path):
 @pytest.mark.slow
 def test_inadequate_studies_are_not_analysed_and_a_complete_one_is_as_before(tmp_path, database):
     from tests.test_forwarding import PlantedLesionModel, PlantedLesionProcessor
+    from worker.run_book import RunBook
 
     rules = [{"name": "brain-mr", "pipeline": "neuro_mri", "lane": "urgent",
               "match": {"tag": "Modality", "equals": "MR"}, "expected_series": EXPECTED,
@@ -144,7 +145,7 @@ def test_inadequate_studies_are_not_analysed_and_a_complete_one_is_as_before(tmp
     assert len(run_ids) == 4
 
     enqueued: list[int] = []
-    processor = PlantedLesionProcessor(receiver.settings, receiver.engine, enqueue_delivery=enqueued.append)
+    processor = PlantedLesionProcessor(RunBook(receiver.settings, receiver.engine, enqueue_delivery=enqueued.append))
     uid_of = {}
     for folder in (one_slice, spine):
         uid_of[folder] = pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True).StudyInstanceUID
@@ -207,8 +208,9 @@ def test_without_an_sr_when_so_configured(tmp_path):
     finally:
         receiver.stop()
     from tests.test_forwarding import PlantedLesionModel, PlantedLesionProcessor
+    from worker.run_book import RunBook
 
-    processor = PlantedLesionProcessor(receiver.settings, receiver.engine, enqueue_delivery=lambda _: None)
+    processor = PlantedLesionProcessor(RunBook(receiver.settings, receiver.engine, enqueue_delivery=lambda _: None))
     processor.planted = PlantedLesionModel({})
     assert processor.process(run_id).status == "not_analysed"
     with receiver.engine.connect() as c:

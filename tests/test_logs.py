@@ -92,7 +92,8 @@ def test_a_processed_study_logs_its_sr_and_its_delivery(tmp_path, postgres_url, 
     from train.phantoms import write_phantom_study
     from worker.config import load_settings
     from worker.delivery import DeliveryBook
-    from worker.pipeline import RunProcessor
+    from worker.pipelines.neuro_mri import NeuroMriPipeline
+    from worker.run_book import RunBook
 
     config = {"var_dir": str(tmp_path / "var"), "database": {"url": postgres_url},
               "model": {"bundle": str(tiny_bundle), "device": "cpu"}, "explain": {"enabled": False},
@@ -107,7 +108,7 @@ def test_a_processed_study_logs_its_sr_and_its_delivery(tmp_path, postgres_url, 
     try:
         with caplog.at_level(logging.INFO):
             run_id = ingest(engine, study.files)
-            outcome = RunProcessor(settings, engine, enqueue_delivery=queued.append).process(run_id)
+            outcome = NeuroMriPipeline(RunBook(settings, engine, enqueue_delivery=queued.append)).process(run_id)
             assert outcome.status == "done", outcome
             book = DeliveryBook(settings, engine)
             assert all(book.attempt(delivery_id).delivered for delivery_id in queued)

@@ -46,7 +46,8 @@ from worker.commands.jobs import (
 )
 from worker.commands.train_settings import gate_config, nightly_config
 from worker.config import load_settings
-from worker.pipeline import RunProcessor
+from worker.pipelines.neuro_mri import NeuroMriPipeline
+from worker.run_book import RunBook
 
 LABELS = ("trauma_subdural_hematoma", "vascular_ischemic_large_vessel_stroke", "ventricular_ventriculomegaly")
 
@@ -134,7 +135,7 @@ def _served_version(engine, run_id: int) -> str:
 def test_nightly_promotes_a_better_candidate_and_the_running_worker_serves_it_next(site, phantom_folders):
     settings, engine = site
     run_ids = _receive_all(settings, engine, phantom_folders)
-    worker = RunProcessor(settings, engine, enqueue_delivery=lambda delivery_id: None)
+    worker = NeuroMriPipeline(RunBook(settings, engine, enqueue_delivery=lambda delivery_id: None))
     assert worker.process(run_ids[0]).status == "done"
     assert _served_version(engine, run_ids[0]) == "baseline-random-tiny"
 

@@ -680,7 +680,8 @@ def test_a_study_processed_by_the_pipeline_reaches_the_ups_worklist(tmp_path, tm
                                                                     postgres_url, ris):
     from models.bundle import random_bundle, save_bundle
     from train.phantoms import write_phantom_study
-    from worker.pipeline import RunProcessor
+    from worker.pipelines.neuro_mri import NeuroMriPipeline
+    from worker.run_book import RunBook
 
     phantom = write_phantom_study(tmp_path_factory.mktemp("phantom"), lesion="subdural_haemorrhage", seed=3)
     bundle_dir = tmp_path_factory.mktemp("bundle")
@@ -698,7 +699,7 @@ def test_a_study_processed_by_the_pipeline_reaches_the_ups_worklist(tmp_path, tm
                                  priority_map=dict.fromkeys(("none", "low", "medium", "high"), "stat"))
     run_id = ingest(engine, phantom.files)
 
-    outcome = RunProcessor(settings, engine, enqueue_delivery=lambda _: None).process(run_id)
+    outcome = NeuroMriPipeline(RunBook(settings, engine, enqueue_delivery=lambda _: None)).process(run_id)
 
     assert outcome.status == "done"
     wait_for(lambda: ris.priority(workitem) == "HIGH", 5, what="the workitem's priority")

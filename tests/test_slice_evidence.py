@@ -26,7 +26,8 @@ from sql.report_schema import ground_truth_labels, reports
 from sql.schema import predictions, processing_runs, studies, utcnow
 from sql.slice_index_schema import slice_embeddings
 from worker.config import load_settings
-from worker.pipeline import RunProcessor
+from worker.pipelines.slice_knn import SliceKnnPipeline
+from worker.run_book import RunBook
 
 # Two kinds of CT study whose pictures differ clearly: a bright disc ("nodule") or horizontal bands ("normal").
 KINDS = ("nodule", "normal", "nodule", "normal", "nodule")
@@ -108,8 +109,9 @@ def world(tmp_path):
                 for name in (NODULE_LABELS if label == "nodule" else ()):
                     connection.execute(insert(ground_truth_labels).values(
                         report_id=report_id, label=name, value=1, source="synthetic", created_at=utcnow()))
-    processor = RunProcessor(settings, engine, enqueue_delivery=lambda delivery_id: None)
-    yield SimpleNamespace(settings=settings, engine=engine, uids=uids, run_of=run_of, processor=processor)
+    book = RunBook(settings, engine, enqueue_delivery=lambda delivery_id: None)
+    processor = SliceKnnPipeline(book)
+    yield SimpleNamespace(settings=settings, engine=engine, uids=uids, run_of=run_of, processor=processor, book=book)
     engine.dispose()
 
 
@@ -168,13 +170,13 @@ def test_reprocessing_a_study_replaces_its_vectors_and_never_finds_itself(world)
 
 def test_index_commands_rebuild_delete_and_count(world, capsys):
     from worker.cli import main
-    from worker.slice_evidence import SliceIndexBook, index_path
+    from worker.slice_evidence import index_book
 
     for uid in world.uids[:3]:
         world.processor.process(world.run_of[uid])
     config = world.settings.var_dir / "triage.yaml"
     config.write_text(f"var_dir: {world.settings.var_dir}\nslice_evidence: {{config: tiny}}\n")
-    book = SliceIndexBook(world.settings, world.engine, partition="CT-CHEST")  # the CT chest studies' partition
+    book = index_book(world.settings, world.engine, partition="CT-CHEST")  # the CT chest studies' partition
     assert book.path.name == "slices.CT-CHEST.faiss"
     book.path.unlink()
     assert main(["--config", str(config), "index", "rebuild"]) == 0
@@ -183,7 +185,7 @@ def test_index_commands_rebuild_delete_and_count(world, capsys):
     assert main(["--config", str(config), "index", "stats"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert "partition CT-CHEST: 2 studies" in out[-2] and "2 studies" in out[-1]
-    book = SliceIndexBook(world.settings, world.engine, partition="CT-CHEST")
+    book = index_book(world.settings, world.engine, partition="CT-CHEST")
     vectors, ids = book.index().vectors_and_ids()
     assert len(ids) == 2
     assert book.neighbours(vectors[0], 5) and world.uids[1] not in {u for u, _ in book.neighbours(vectors[0], 5)}
@@ -199,18 +201,18 @@ def test_neuro_mri_results_get_evidence_and_a_failure_leaves_the_result_alone(wo
     result = TriageResult(study_instance_uid=world.uids[2], priority="routine", findings=())
     item = SimpleNamespace(claim=SimpleNamespace(study_uid=world.uids[2], run_id=None),
                            image_paths={series_uid: files}, timings={}, partition="CT-CHEST")
-    with_evidence = add_slice_evidence(world.processor, item, result)
+    with_evidence = add_slice_evidence(world.book, item, result)
     assert [s.study_instance_uid for s in with_evidence.similar_studies] == [world.uids[0]]
     assert with_evidence.similar_studies[0].findings == NODULE_LABELS[::-1]  # the corrected report: latest final
     assert item.timings["slice_embed_s"] > 0
 
     broken = SimpleNamespace(claim=SimpleNamespace(study_uid="1.2.3", run_id=None),
                              image_paths={"1.2.3.4": [tmp_path / "missing.dcm"]}, timings={})
-    assert add_slice_evidence(world.processor, broken, result) is result
+    assert add_slice_evidence(world.book, broken, result) is result
 
 
 class _Processor:
-    """What the evidence hook reads from a RunProcessor (settings and engine)."""
+    """What the evidence hook reads from a run book (settings and engine)."""
 
     def __init__(self, settings) -> None:
         self.settings, self.engine = settings, None
@@ -246,7 +248,7 @@ def test_the_index_is_partitioned_so_a_brain_mr_never_finds_ct_studies(world):
     def evidence(partition: str):
         item = SimpleNamespace(claim=SimpleNamespace(study_uid=world.uids[3], run_id=None),
                                image_paths={headers[0].SeriesInstanceUID: files}, timings={}, partition=partition)
-        return add_slice_evidence(world.processor, item, result).similar_studies
+        return add_slice_evidence(world.book, item, result).similar_studies
 
     assert evidence("MR-HEAD") == ()  # the same pictures, filed as a brain MR: no CT is similar to it
     assert len(evidence("CT-CHEST")) == 2  # among CT chests, its neighbours are found

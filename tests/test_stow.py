@@ -194,7 +194,8 @@ def test_a_study_stored_by_stow_rs_is_processed_into_the_same_result_as_one_sent
     from models.bundle import random_bundle, save_bundle
     from pacs_bridge.sr import read_sr
     from sql.schema import predictions
-    from worker.pipeline import RunProcessor
+    from worker.pipelines.neuro_mri import NeuroMriPipeline
+    from worker.run_book import RunBook
 
     bundle_dir = tmp_path_factory.mktemp("bundle")
     bundle = random_bundle("tiny", seed=0)
@@ -205,7 +206,7 @@ def test_a_study_stored_by_stow_rs_is_processed_into_the_same_result_as_one_sent
     results = []
     for receiver in receivers:
         receiver.settings.raw["model"].update(bundle=str(bundle_dir), device="cpu")
-        processor = RunProcessor(receiver.settings, receiver.engine, enqueue_delivery=lambda _id: None)
+        processor = NeuroMriPipeline(RunBook(receiver.settings, receiver.engine, enqueue_delivery=lambda _id: None))
         [(run_id, _, _)] = receiver.dispatched
         outcome = processor.process(run_id)
         assert outcome.status == "done"

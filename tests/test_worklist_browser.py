@@ -168,11 +168,12 @@ def process(settings, engine, files, priority: str) -> str:
     """Run the real pipeline on a phantom study. The tiny random model has no clinical opinion, so the
     clinical priority map makes every output of it read as ``priority``: this test is about the service, not
     accuracy."""
-    from worker.pipeline import RunProcessor
+    from worker.pipelines.neuro_mri import NeuroMriPipeline
+    from worker.run_book import RunBook
 
     settings.raw["model"]["priority_map"] = {k: priority for k in ("none", "low", "medium", "high")}
     run_id = ingest(engine, files)
-    outcome = RunProcessor(settings, engine, enqueue_delivery=lambda _: None).process(run_id)
+    outcome = NeuroMriPipeline(RunBook(settings, engine, enqueue_delivery=lambda _: None)).process(run_id)
     assert outcome.status == "done", outcome
     return outcome.result.study_instance_uid
 

@@ -27,7 +27,8 @@ from tests.test_batching import _receive
 from tests.test_slice_evidence import world  # noqa: F401 (the slice_knn CT fixture)
 from tests.test_sr import dciodvfy_errors
 from worker.config import load_settings
-from worker.pipeline import RunProcessor
+from worker.pipelines.neuro_mri import NeuroMriPipeline
+from worker.run_book import RunBook
 from worker.zero_shot import PRIMA_METHOD, SLICE_METHOD, SliceZeroShot, prima_zero_shot_for
 
 
@@ -55,7 +56,7 @@ def test_a_slice_knn_ct_gets_zero_shot_findings_combined_with_knn_in_its_sr(worl
         vector = c.execute(select(slice_embeddings.c.vector).where(
             slice_embeddings.c.study_instance_uid == world.uids[4],
             slice_embeddings.c.series_instance_uid.is_(None))).scalar_one()
-    evidence = world.processor  # the same embedder the run used: a scorer of the same weights and table
+    evidence = world.book  # the same embedder the run used: a scorer of the same weights and table
     from worker.slice_evidence import evidence_for
     alone = SliceZeroShot(world.settings, evidence_for(evidence).embedder).score(np.frombuffer(vector, "<f4"))
     # the neighbour's final report carries none of the chest findings: kNN says 0, so half the zero-shot score
@@ -131,7 +132,7 @@ def test_a_neuro_mri_study_with_a_text_tower_gets_prima_zero_shot_findings_in_it
     StudyAssembler(engine, lambda *a, **k: None, CompletionPolicy(0, 600)).check_once(utcnow() + timedelta(seconds=1))
     with engine.connect() as c:
         run_id = c.execute(select(processing_runs.c.id)).scalar_one()
-    processor = RunProcessor(settings, engine, enqueue_delivery=lambda delivery_id: None)
+    processor = NeuroMriPipeline(RunBook(settings, engine, enqueue_delivery=lambda delivery_id: None))
 
     outcome = processor.process(run_id, worker_name="cpu0")
 

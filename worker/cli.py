@@ -24,7 +24,7 @@ FEATURE_COMMANDS: tuple[str, ...] = ("worker.commands.deliveries", "worker.comma
 FEATURE_COMMANDS += ("worker.commands.rules", "worker.commands.pulls")
 
 #: `triage index rebuild|delete|stats`: the slice-embedding index of prior studies.
-FEATURE_COMMANDS += ("worker.slice_evidence",)
+FEATURE_COMMANDS += ("worker.commands.slice_index",)
 
 #: Training: `triage models list|promote|rollback|register|install`, `triage train nightly|worker|beat`.
 FEATURE_COMMANDS += ("worker.commands.models", "worker.commands.training")
@@ -43,7 +43,7 @@ FEATURE_COMMAND_INDEX: dict[str, tuple[str, str]] = {
     "backfill": ("worker.commands.pulls", ("retrieve every study of a date range from a PACS, throttled and "
                                           "resumable (run the same command again to resume)")),
     "pulls": ("worker.commands.pulls", "list pull jobs, or the studies of one"),
-    "index": ("worker.slice_evidence",
+    "index": ("worker.commands.slice_index",
               "the slice-embedding index of prior studies (similar-study evidence, slice_knn)"),
     "models": ("worker.commands.models", "model registry: list, promote, roll back, register, install"),
     "train": ("worker.commands.training", "retraining: the nightly job, its worker and its schedule"),

@@ -22,19 +22,17 @@ from pathlib import Path
 from sqlalchemy import and_, insert, select, update
 from sqlalchemy.engine import Engine
 
-from pacs_bridge.dicom_send import DeliveryError, DicomDestination, c_store
+from pacs_bridge.dicom_send import DeliveryError, DicomDestination
 from pacs_bridge.dicom_tls import TlsFiles
-from pacs_bridge.dicomweb_send import DicomwebDestination, stow_rs
-from pacs_bridge.forwarding import create_forwards, send_files
+from pacs_bridge.dicomweb_send import DicomwebDestination
+from pacs_bridge.forwarding import create_forwards
 from pacs_bridge.rules import RuleError, forward_from_plan, result_facts
+from pacs_bridge.sender import Destination, send_files
 from sql.schema import deliveries, events, processing_runs, studies, utcnow
 from worker.config import Settings
 from worker.metrics import DEAD_LETTERS, DELIVERIES
 
 log = logging.getLogger(__name__)
-
-Destination = DicomDestination | DicomwebDestination
-
 
 def configured_destinations(settings: Settings) -> dict[str, Destination]:
     """The destinations of the configuration by name; a malformed entry raises naming it."""
@@ -51,13 +49,6 @@ def configured_destinations(settings: Settings) -> dict[str, Destination]:
         else:
             raise ValueError(f"destination {name!r}: kind must be dicom or dicomweb, not {kind!r}")
     return found
-
-
-def send(destination: Destination, paths: list[Path], calling_aet: str) -> None:
-    if isinstance(destination, DicomwebDestination):
-        stow_rs(destination, paths)
-    else:
-        c_store(destination, paths, calling_aet=calling_aet)
 
 
 @dataclass(frozen=True)
@@ -200,10 +191,9 @@ class DeliveryBook:
             return AttemptOutcome(False, error, unknown_destination=True)
         started = time.monotonic()
         try:
-            if row.kind == "images":  # a forward: the study's images as received
-                send_files(destination, [Path(p) for p in row.files or []], self.settings["delivery"]["ae_title"])
-            else:
-                send(destination, [Path(row.path)], self.settings["delivery"]["ae_title"])
+            # A forward sends the study's images as received; an SR delivery, the SR's file.
+            paths = [Path(p) for p in row.files or []] if row.kind == "images" else [Path(row.path)]
+            send_files(destination, paths, self.settings["delivery"]["ae_title"])
         except (DeliveryError, OSError) as exc:
             DELIVERIES.labels(outcome="failed").inc()
             self._record(row, "pending", str(exc))

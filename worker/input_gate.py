@@ -16,7 +16,7 @@ decoded, so the check costs little):
   waits for them), unless the gate configures its own.
 
 A study that fails gets the outcome "not analysed" with every reason found, in words an operator can check
-against the images (:class:`GateVerdict`); :mod:`worker.pipeline` records it and writes the SR that says so.
+against the images (:class:`GateVerdict`); :mod:`worker.run_book` records it and writes the SR that says so.
 """
 from __future__ import annotations
 

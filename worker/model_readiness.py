@@ -39,7 +39,7 @@ class ModelReadiness:
         self._lock = threading.Lock()
 
     def serving_folder(self) -> Path:
-        """The bundle the worker would load now (the same choice as ``RunProcessor.predictor``)."""
+        """The bundle the worker would load now (the same choice as ``NeuroMriPipeline.predictor``)."""
         serving = serving_version(self.engine)
         if serving is not None:
             return Path(serving.bundle_path)

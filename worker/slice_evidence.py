@@ -1,20 +1,18 @@
-"""Slice evidence: similar prior studies from MedImageInsight slice embeddings, and the ``slice_knn`` pipeline.
+"""Slice evidence: similar prior studies from MedImageInsight slice embeddings, the step both pipelines use.
 
 At processing time a study's image series are embedded (an evenly spaced subset of slices per series; series
-and study embeddings by median), the study-level index is searched for the ``evidence_k`` most similar *other*
-studies, and the study's vectors are stored (``slice_embeddings`` rows, then the faiss index). The evidence,
-each prior study with its similarity and its confirmed findings (labels of its latest final report), goes into
-``TriageResult.similar_studies`` and so into the SR.
+and study embeddings by median), the study-level index of its partition is searched for the ``evidence_k``
+most similar *other* studies, and the study's vectors are stored (the slice index book,
+:mod:`sql.slice_index`). The evidence, each prior study with its similarity and its confirmed findings (labels
+of its latest final report), goes into ``TriageResult.similar_studies`` and so into the SR.
 
-* ``neuro_mri``: :func:`add_slice_evidence` is the one call :mod:`worker.pipeline` makes after building the Prima
+* ``neuro_mri`` (:mod:`worker.pipelines.neuro_mri`): :func:`add_slice_evidence` after building the Prima
   result; evidence that cannot be computed is logged and the result goes out without it.
-* ``slice_knn`` (CR, DX, CT: studies Prima does not cover): :class:`SliceKnnProcessor` processes the run alone,
-  its findings the kNN scores of the ``k`` neighbours with a final report (similarity-weighted votes).
+* ``slice_knn`` (:mod:`worker.pipelines.slice_knn`): :meth:`SliceEvidence.process_study`, whose neighbours'
+  findings are the run's kNN findings.
 
-The faiss index file is a cache of the ``slice_embeddings`` table: each worker process syncs its index from the
-table before searching (new rows are added; a count that no longer matches, after a deletion elsewhere, rebuilds
-it), so several workers can add studies without losing each other's. ``triage index rebuild|delete|stats``
-maintain it.
+This module also reads the index's configuration (:func:`index_book`, :func:`rebuild_all`) for the pipelines,
+the periodic index maintenance and ``triage index`` (:mod:`worker.commands.slice_index`).
 """
 from __future__ import annotations
 
@@ -26,17 +24,17 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import and_, delete, func, insert, select, update
+from sqlalchemy import and_, select
 
-from pacs_bridge.results import PRIORITIES, Finding, SimilarStudy, TriageResult
-from pacs_bridge.routing import is_derived_object
-from sql.schema import events, instances, predictions, processing_runs, series, studies, utcnow
+from pacs_bridge.results import SimilarStudy, TriageResult
+from sql.schema import studies
 from sql.slice_index_schema import slice_embeddings
+from sql.slice_index import IndexFiles, SliceIndexBook
+from sql.slice_index import rebuild_all as rebuild_partitions
 from worker.config import Settings
 
 log = logging.getLogger(__name__)
 
-PIPELINE = "slice_knn"
 FINAL_REPORT_STATUSES = ("F", "C")
 
 
@@ -58,154 +56,27 @@ def _settings_dim(settings: Settings) -> int:
     return CONFIGS[settings["slice_evidence"]["config"]].projection_dim
 
 
-# -- the index and its table ---------------------------------------------------------------------------------------
-class SliceIndexBook:
-    """The study-level vector index of one model and one partition (modality and body region, e.g. ``MR-HEAD``),
-    kept in step with the ``slice_embeddings`` table. Studies are searched only within their own partition."""
+# -- the index book, as configured -----------------------------------------------------------------------
+def index_files(settings: Settings) -> IndexFiles:
+    """Where the configured index files are and how they are made (``slice_evidence.*``)."""
+    from models.vector_index import IndexError_, IndexSettings, VectorIndex, partition_path
 
-    def __init__(self, settings: Settings, engine, model: str | None = None, dim: int | None = None,
-                 partition: str = "") -> None:
-        from models.vector_index import IndexSettings, partition_path
-
-        self.settings, self.engine = settings, engine
-        self.partition = partition
-        self.model = model or model_key(settings)
-        self.dim = dim or _settings_dim(settings)
-        cfg = settings["slice_evidence"]
-        self.index_settings = IndexSettings(exact_max=int(cfg["exact_max"]), approximate=cfg["approximate"],
-                                            nprobe=int(cfg["nprobe"]))
-        self.path = partition_path(index_path(settings), partition)
-        self._index = None
-        self._last_id = 0
-
-    def _study_rows(self, after_id: int = 0):
-        with self.engine.connect() as connection:
-            return connection.execute(
-                select(slice_embeddings.c.id, slice_embeddings.c.vector)
-                .where(and_(slice_embeddings.c.model == self.model,
-                            slice_embeddings.c.series_instance_uid.is_(None),
-                            slice_embeddings.c.index_partition == self.partition,
-                            slice_embeddings.c.id > after_id))
-                .order_by(slice_embeddings.c.id)
-            ).all()
-
-    def _count(self) -> int:
-        with self.engine.connect() as connection:
-            return int(connection.execute(
-                select(func.count()).select_from(slice_embeddings)
-                .where(and_(slice_embeddings.c.model == self.model,
-                            slice_embeddings.c.index_partition == self.partition,
-                            slice_embeddings.c.series_instance_uid.is_(None)))).scalar_one())
-
-    def _vectors(self, rows) -> tuple[np.ndarray, np.ndarray]:
-        if not rows:
-            return np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64)
-        vectors = np.stack([np.frombuffer(r.vector, dtype="<f4") for r in rows]).astype(np.float32)
-        return vectors, np.array([r.id for r in rows], np.int64)
-
-    def rebuild(self) -> int:
-        """The index made anew from the table (kind by size), saved; returns the number of studies in it."""
-        from models.vector_index import VectorIndex
-
-        rows = self._study_rows()
-        vectors, ids = self._vectors(rows)
-        self._index = VectorIndex.build(self.dim, vectors, ids, self.index_settings)
-        self._last_id = int(ids.max()) if len(ids) else 0
-        self._index.save(self.path)
-        return len(ids)
-
-    def index(self):
-        """The index, loaded (or rebuilt) once and synced with the table on every call."""
-        from models.vector_index import IndexError_, VectorIndex
-
-        if self._index is None:
-            try:
-                self._index = VectorIndex.load(self.path, dim=self.dim)
-                _, ids = self._index.vectors_and_ids()
-                self._last_id = int(ids.max()) if len(ids) else 0
-            except IndexError_ as exc:
-                log.info("slice index: %s; rebuilding from the database", exc)
-                self.rebuild()
-                return self._index
-        new = self._study_rows(self._last_id)
-        if new:
-            vectors, ids = self._vectors(new)
-            self._index.add(vectors, ids)
-            self._last_id = int(ids.max())
-        if len(self._index) != self._count():
-            self.rebuild()  # rows deleted (or replaced) by another process
-        return self._index
-
-    def neighbours(self, vector: np.ndarray, k: int, exclude_study: str | None = None) -> list[tuple[str, float]]:
-        """The k most similar studies (uid, similarity), most similar first, without ``exclude_study``."""
-        index = self.index()
-        if len(index) == 0 or k <= 0:
-            return []
-        sims, ids = index.search(vector[None, :], min(k + 1, len(index)))
-        found = [(int(i), float(s)) for i, s in zip(ids[0], sims[0]) if i >= 0]
-        with self.engine.connect() as connection:
-            uid_of = dict(connection.execute(
-                select(slice_embeddings.c.id, slice_embeddings.c.study_instance_uid)
-                .where(slice_embeddings.c.id.in_([i for i, _ in found]))).all())
-        out = [(uid_of[i], s) for i, s in found if i in uid_of and uid_of[i] != exclude_study]
-        return out[:k]
-
-    def add_study(self, study_uid: str, run_id: int | None, study_vector: np.ndarray,
-                  series_vectors: dict[str, tuple[np.ndarray, int]]) -> int:
-        """Store a study's vectors (replacing its earlier ones for this model); returns the study row's id."""
-        now = utcnow()
-        n_slices = sum(n for _, n in series_vectors.values())
-        with self.engine.begin() as connection:
-            connection.execute(delete(slice_embeddings).where(and_(
-                slice_embeddings.c.study_instance_uid == study_uid, slice_embeddings.c.model == self.model)))
-            rows = [{"study_instance_uid": study_uid, "series_instance_uid": uid, "run_id": run_id,
-                     "model": self.model, "index_partition": self.partition, "dim": self.dim, "n_slices": n,
-                     "vector": np.asarray(v, "<f4").tobytes(), "created_at": now}
-                    for uid, (v, n) in series_vectors.items()]
-            if rows:
-                connection.execute(insert(slice_embeddings), rows)
-            study_id = connection.execute(insert(slice_embeddings).values(
-                study_instance_uid=study_uid, series_instance_uid=None, run_id=run_id, model=self.model,
-                index_partition=self.partition, dim=self.dim, n_slices=n_slices,
-                vector=np.asarray(study_vector, "<f4").tobytes(), created_at=now)).inserted_primary_key[0]
-        index = self.index()  # adds the new row; a replaced study's count mismatch rebuilds
-        index.save(self.path)
-        return int(study_id)
-
-    def delete_study(self, study_uid: str) -> int:
-        """Remove a study's vectors (all models) from the table and from the index of each partition it was in;
-        returns the rows deleted."""
-        with self.engine.begin() as connection:
-            found = connection.execute(select(slice_embeddings.c.id, slice_embeddings.c.index_partition).where(
-                and_(slice_embeddings.c.study_instance_uid == study_uid,
-                     slice_embeddings.c.model == self.model))).all()
-            deleted = connection.execute(delete(slice_embeddings).where(
-                slice_embeddings.c.study_instance_uid == study_uid)).rowcount
-        by_partition: dict[str, list[int]] = defaultdict(list)
-        for row in found:
-            by_partition[row.index_partition].append(row.id)
-        for partition, ids in by_partition.items():
-            book = self if partition == self.partition else SliceIndexBook(self.settings, self.engine, self.model,
-                                                                           self.dim, partition)
-            index = book.index() if book._index is None else book._index
-            index.remove(ids)
-            index.save(book.path)
-        return int(deleted or 0)
+    cfg = settings["slice_evidence"]
+    return IndexFiles(path=index_path(settings), index_type=VectorIndex,
+                      index_settings=IndexSettings(exact_max=int(cfg["exact_max"]),
+                                                   approximate=cfg["approximate"], nprobe=int(cfg["nprobe"])),
+                      unreadable=IndexError_, partition_path=partition_path)
 
 
-def partitions(settings: Settings, engine, model: str | None = None) -> list[str]:
-    """The partitions that hold vectors of the current (or the given) model."""
-    with engine.connect() as connection:
-        return sorted(connection.execute(
-            select(slice_embeddings.c.index_partition).distinct()
-            .where(slice_embeddings.c.model == (model or model_key(settings)))).scalars())
+def index_book(settings: Settings, engine, partition: str = "", dim: int | None = None) -> SliceIndexBook:
+    """The index book of the configured model for one partition."""
+    return SliceIndexBook(engine, model_key(settings), dim or _settings_dim(settings), index_files(settings),
+                          partition)
 
 
 def rebuild_all(settings: Settings, engine) -> dict[str, int]:
-    """Every partition's index made anew from the table: partition -> studies in it. The unnamed partition (rows
-    from before partitioning; the file ``index_path`` itself) is always written, empty or not."""
-    return {partition: SliceIndexBook(settings, engine, partition=partition).rebuild()
-            for partition in sorted({"", *partitions(settings, engine)})}
+    """Every partition's index of the configured model made anew from the table: partition -> studies."""
+    return rebuild_partitions(engine, model_key(settings), _settings_dim(settings), index_files(settings))
 
 
 def study_partition(headers_by_series) -> str:
@@ -322,8 +193,7 @@ class SliceEvidence:
     def book(self, partition: str) -> SliceIndexBook:
         """The index of one partition, kept for the process's life."""
         if partition not in self._books:
-            self._books[partition] = SliceIndexBook(self.settings, self.engine, dim=self.embedder.dim,
-                                                    partition=partition)
+            self._books[partition] = index_book(self.settings, self.engine, partition, dim=self.embedder.dim)
         return self._books[partition]
 
     def embed_study(self, image_paths: dict[str, list[Path]]) -> tuple[np.ndarray | None,
@@ -375,14 +245,15 @@ class SliceEvidence:
                              sum(n for _, n in per_series.values()), study_vector)
 
 
-_EVIDENCE: "weakref.WeakKeyDictionary[object, SliceEvidence | None]" = weakref.WeakKeyDictionary()
+_EVIDENCE: weakref.WeakKeyDictionary[object, SliceEvidence | None] = weakref.WeakKeyDictionary()
 
 
-def evidence_for(processor) -> SliceEvidence | None:
-    """The processor's SliceEvidence, built once; None when switched off or not configured (said once)."""
-    if processor in _EVIDENCE:
-        return _EVIDENCE[processor]
-    cfg = processor.settings["slice_evidence"]
+def evidence_for(owner) -> SliceEvidence | None:
+    """The SliceEvidence of ``owner`` (a worker process's run book, or anything with its ``settings`` and
+    ``engine``), built once; None when switched off or not configured (said once)."""
+    if owner in _EVIDENCE:
+        return _EVIDENCE[owner]
+    cfg = owner.settings["slice_evidence"]
     evidence = None
     if not cfg["enabled"]:
         log.info("slice evidence is switched off (slice_evidence.enabled)")
@@ -390,15 +261,16 @@ def evidence_for(processor) -> SliceEvidence | None:
         log.warning("slice evidence: slice_evidence.weights is not set (the MedImageInsight weights file); "
                     "results go out without similar prior studies")
     else:
-        evidence = SliceEvidence(processor.settings, processor.engine)
-    _EVIDENCE[processor] = evidence
+        evidence = SliceEvidence(owner.settings, owner.engine)
+    _EVIDENCE[owner] = evidence
     return evidence
 
 
-def add_slice_evidence(processor, item, result: TriageResult) -> TriageResult:
-    """``result`` with the similar prior studies of the prepared run ``item`` (neuro_mri); never raises."""
+def add_slice_evidence(owner, item, result: TriageResult) -> TriageResult:
+    """``result`` with the similar prior studies of the prepared run ``item`` (neuro_mri), by the evidence of
+    ``owner`` (see :func:`evidence_for`); never raises."""
     try:
-        evidence = evidence_for(processor)
+        evidence = evidence_for(owner)
         if evidence is None:
             return result
         found = evidence.process_study(item.claim.study_uid, item.claim.run_id, item.image_paths, item.timings,
@@ -408,206 +280,3 @@ def add_slice_evidence(processor, item, result: TriageResult) -> TriageResult:
                   exc_info=True)
         return result
     return dataclasses.replace(result, similar_studies=found.similar)
-
-
-# -- the slice_knn pipeline ------------------------------------------------------------------------------------------
-def slice_knn_processor_for(processor, run_id: int) -> "SliceKnnProcessor | None":
-    """A processor for ``run_id`` when its pipeline is slice_knn, else None (the run is Prima's)."""
-    with processor.engine.connect() as connection:
-        pipeline = connection.execute(select(processing_runs.c.pipeline)
-                                      .where(processing_runs.c.id == run_id)).scalar_one_or_none()
-    return SliceKnnProcessor(processor) if pipeline == PIPELINE else None
-
-
-def knn_result(study_uid: str, neighbours: list, settings: Settings, model_version: str) -> tuple[TriageResult,
-                                                                                                   dict[str, float]]:
-    """The kNN findings (scores of the labels the voting neighbours carry that the SR code table knows) as a
-    result, and every label's score."""
-    from models.knn import label_scores
-    from pacs_bridge.codes import DIAGNOSIS_CODES
-
-    cfg = settings["slice_evidence"]
-    scores = label_scores(neighbours, k=int(cfg["k"]))
-    threshold = float(cfg["finding_threshold"])
-    # Only labels the SR can code become findings; the others are still scored (predictions table).
-    ranked = sorted((label for label in scores if label in DIAGNOSIS_CODES), key=lambda label: (-scores[label], label))
-    reported = [label for label in ranked if scores[label] >= threshold]
-    for label in ranked:
-        if len(reported) >= max(int(settings["model"]["report_top_k"]), 1):
-            break
-        if label not in reported:
-            reported.append(label)
-    findings = tuple(Finding(label=label, probability=min(max(scores[label], 0.0), 1.0), threshold=threshold)
-                     for label in sorted(reported, key=lambda name: (-scores[name], name)))
-    # Labels the site has the model rule out: reported as explicitly absent when below the threshold.
-    findings += tuple(Finding(label=label, probability=min(max(scores.get(label, 0.0), 0.0), 1.0),
-                              threshold=threshold, reported_absent=True)
-                      for label in settings["model"]["report_absent"]
-                      if label in DIAGNOSIS_CODES and label not in reported and scores.get(label, 0.0) < threshold)
-    levels = [cfg["priority_of_findings"].get(f.label, "routine") for f in findings if f.positive]
-    for level in levels:
-        if level not in PRIORITIES:
-            raise ValueError(f"slice_evidence.priority_of_findings: {level!r} is not one of {PRIORITIES}")
-    priority = max(levels, key=PRIORITIES.index, default="routine")
-    return TriageResult(study_instance_uid=study_uid, priority=priority, findings=findings,
-                        model_name="medimageinsight-knn", model_version=model_version), scores
-
-
-class SliceKnnProcessor:
-    """One slice_knn run: slices -> embeddings -> neighbours -> kNN findings and evidence -> SR and deliveries.
-
-    It uses the RunProcessor's claiming, failure, SR and delivery steps, so a slice_knn run is idempotent, timed
-    and delivered exactly as a neuro_mri run is.
-    """
-
-    def __init__(self, processor) -> None:
-        self.processor = processor
-
-    def process(self, run_id: int, worker_host: str):
-        from worker.pipeline import Claimed, RunOutcome
-
-        p = self.processor
-        claimed = p._claim(run_id, worker_host)
-        if claimed is None:
-            return RunOutcome(run_id, "duplicate")
-        claim = Claimed(run_id, *claimed)
-        try:
-            return self._run(claim)
-        except Exception as exc:  # recorded on the run, as RunProcessor does
-            return p._fail(claim, exc)
-
-    def _image_paths(self, study_id: int) -> dict[str, list[Path]]:
-        with self.processor.engine.connect() as connection:
-            rows = connection.execute(
-                select(series.c.series_instance_uid, series.c.modality, instances.c.sop_class_uid,
-                       instances.c.path)
-                .select_from(series.join(instances, instances.c.series_id == series.c.id))
-                .where(series.c.study_id == study_id)).all()
-        paths: dict[str, list[Path]] = defaultdict(list)
-        for r in rows:
-            if not is_derived_object(r.modality or "", r.sop_class_uid):
-                paths[r.series_instance_uid].append(Path(r.path))
-        return dict(paths)
-
-    def _run(self, claim):
-        from worker.metrics import RUNS, STAGE_SECONDS
-        from worker.pipeline import RunFailed, RunOutcome
-        from worker.zero_shot import add_slice_zero_shot
-        p = self.processor
-        timings: dict[str, float] = {}
-        image_paths = self._image_paths(claim.study_id)
-        if not image_paths:
-            raise RunFailed("the study has no image instances")
-        evidence = evidence_for(p)
-        if evidence is None:
-            raise RunFailed("slice_knn needs slice_evidence enabled with its weights (slice_evidence.weights)")
-        from worker.input_gate import read_headers
-
-        headers = read_headers(image_paths)
-        verdict = p.judge_input(claim, PIPELINE, headers)
-        if verdict is not None and not verdict.adequate:
-            return p.not_analysed(claim, PIPELINE, verdict, image_paths, "medimageinsight-knn",
-                                  evidence.model_version)
-        p._stamp(claim.run_id, "loaded_at", model_name="medimageinsight-knn", model_version=evidence.model_version)
-        try:
-            found = evidence.process_study(claim.study_uid, claim.run_id, image_paths, timings,
-                                           partition=study_partition(headers))
-        except ValueError as exc:
-            raise RunFailed(str(exc)) from exc
-        p._stamp(claim.run_id, "inferred_at")
-        result, scores = knn_result(claim.study_uid, found.neighbours, p.settings, evidence.model_version)
-        result = dataclasses.replace(result, similar_studies=found.similar)
-        # zero-shot findings beside the kNN (zero_shot.enabled)
-        result = add_slice_zero_shot(evidence, result, found.study_vector, found.neighbours, scores)
-        t0 = time.perf_counter()
-        sr_path, sr = p._write_sr(claim.run_id, claim.study_id, claim.study_uid, claim.version, result,
-                                  [path for paths in image_paths.values() for path in paths])
-        timings["sr_s"] = time.perf_counter() - t0
-        p._stamp(claim.run_id, "sr_created_at", sr_sop_instance_uid=str(sr.SOPInstanceUID), sr_path=str(sr_path),
-                 priority=result.priority)
-        reported = {f.label for f in result.findings}
-        threshold = float(p.settings["slice_evidence"]["finding_threshold"])
-        with p.engine.begin() as connection:
-            connection.execute(predictions.delete().where(predictions.c.run_id == claim.run_id))
-            if scores:
-                connection.execute(insert(predictions), [
-                    {"run_id": claim.run_id, "kind": "diagnosis", "label": label, "probability": float(score),
-                     "threshold": threshold, "reported": int(label in reported)} for label, score in scores.items()])
-            if not found.neighbours or all(n.labels is None for n in found.neighbours):
-                connection.execute(insert(events).values(
-                    at=utcnow(), kind="slice_knn", study_instance_uid=claim.study_uid,
-                    reason=f"run {claim.run_id}: no neighbour with a final report; evidence only"))
-        p.publish(claim.run_id, result)
-        delivery_ids = p.deliveries.create(claim.run_id, str(sr.SOPInstanceUID), sr_path)
-        forward_ids = p.deliveries.create_forwards_after(claim.run_id, result, scores)
-        for delivery_id in delivery_ids + forward_ids:
-            p.enqueue_delivery(delivery_id)
-        finished = utcnow()
-        timings["slice_series"], timings["slice_count"] = found.n_series, found.n_slices
-        with p.engine.begin() as connection:
-            connection.execute(update(processing_runs).where(processing_runs.c.id == claim.run_id).values(
-                status="done", finished_at=finished, timings=timings,
-                delivered_at=None if delivery_ids else finished))
-            connection.execute(update(studies).where(and_(studies.c.id == claim.study_id,
-                                                          studies.c.version == claim.version))
-                               .values(status="done"))
-        RUNS.labels(pipeline=PIPELINE, outcome="done").inc()
-        for stage, seconds in timings.items():
-            if stage.endswith("_s"):
-                STAGE_SECONDS.labels(stage=stage[:-2]).observe(seconds)
-        log.info("run %d study %s v%d (slice_knn): priority %s, %d findings, %d similar studies", claim.run_id,
-                 claim.study_uid, claim.version, result.priority, len(result.findings), len(result.similar_studies))
-        return RunOutcome(claim.run_id, "done", sr_path, result)
-
-
-# -- `triage index ...` --------------------------------------------------------------------------------------------
-def _book_from_args(args) -> SliceIndexBook:
-    from sql.database import make_engine
-    from worker.config import load_settings
-
-    settings = load_settings(args.config)
-    return SliceIndexBook(settings, make_engine(settings.database_url))
-
-
-def _rebuild(args) -> int:
-    book = _book_from_args(args)
-    t0 = time.perf_counter()
-    counts = rebuild_all(book.settings, book.engine)
-    for partition, n in counts.items():
-        print(f"index {SliceIndexBook(book.settings, book.engine, partition=partition).path}: {n} studies of "
-              f"model {book.model}")
-    print(f"{sum(counts.values())} studies in {len(counts)} partitions, {time.perf_counter() - t0:.1f}s")
-    return 0
-
-
-def _delete(args) -> int:
-    book = _book_from_args(args)
-    n = book.delete_study(args.study)
-    print(f"study {args.study}: {n} vectors deleted" if n else f"study {args.study} is not in the index")
-    return 0 if n else 1
-
-
-def _stats(args) -> int:
-    book = _book_from_args(args)
-    total = 0
-    for partition in partitions(book.settings, book.engine):
-        index = SliceIndexBook(book.settings, book.engine, partition=partition).index()
-        total += len(index)
-        print(f"partition {partition or '(none)'}: {len(index)} studies ({index.kind}, {index.dim}-d)")
-    print(f"index {index_path(book.settings)}: {total} studies of model {book.model}")
-    return 0
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("index", help="the slice-embedding index of prior studies (similar-study "
-                                                 "evidence, slice_knn)")
-    sub = parser.add_subparsers(dest="index_command", required=True)
-    p = sub.add_parser("rebuild", help="make the faiss index anew from the slice_embeddings table (after a lost "
-                                       "file, deletions, or growing past slice_evidence.exact_max)")
-    p.set_defaults(func=_rebuild)
-    p = sub.add_parser("delete", help="remove one study's vectors from the table and the index")
-    p.add_argument("--study", required=True, help="StudyInstanceUID")
-    p.set_defaults(func=_delete)
-    p = sub.add_parser("stats", help="how many studies the index holds, of which model")
-    p.set_defaults(func=_stats)
-

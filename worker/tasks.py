@@ -1,4 +1,5 @@
-"""Celery tasks. Small and idempotent: the work itself is in :mod:`worker.pipeline`."""
+"""Celery tasks. Small and idempotent: the work itself is in the pipelines (:mod:`worker.pipelines`),
+recorded by the run book (:mod:`worker.run_book`), and in :mod:`worker.delivery`."""
 from __future__ import annotations
 
 import logging
@@ -20,7 +21,9 @@ from worker.celery_app import (
     make_celery,
 )
 from worker.delivery import DeliveryBook, RetryPolicy
-from worker.pipeline import RunProcessor
+from worker.pipelines import PIPELINES
+from worker.pipelines.neuro_mri import NeuroMriPipeline
+from worker.run_book import RunBook, RunFailed
 
 app = make_celery()
 log = logging.getLogger(__name__)
@@ -35,7 +38,7 @@ def _serve_health(**_) -> None:
     port = int(settings["metrics"]["worker_port"])
     if not port:
         return
-    engine = processor().engine
+    engine = run_book().engine
 
     def database_ready() -> bool:
         with engine.connect() as connection:
@@ -50,7 +53,7 @@ def _serve_health(**_) -> None:
     from worker.model_readiness import ModelReadiness
 
     # Ready only with a servable model: a worker without one would take studies off the queue and fail them.
-    model_ready = ModelReadiness(settings, engine, lambda: processor().loaded_version)
+    model_ready = ModelReadiness(settings, engine, lambda: neuro_mri().loaded_version)
     try:
         HealthServer(settings["metrics"]["host"], port,
                      checks={"database": database_ready, "broker": broker_ready, "model": model_ready},
@@ -60,13 +63,23 @@ def _serve_health(**_) -> None:
 
 
 @lru_cache(maxsize=1)
-def processor() -> RunProcessor:
-    """One per worker process: the model is loaded once and kept."""
+def run_book() -> RunBook:
+    """One per worker process, shared by its pipelines."""
     settings = app.conf.triage_settings
-    return RunProcessor(settings, make_engine(settings.database_url),
-                        enqueue_delivery=lambda delivery_id: deliver.apply_async(args=[delivery_id],
-                                                                                 queue=DELIVERY_QUEUE),
-                        enqueue_publication=enqueue_publication)
+    return RunBook(settings, make_engine(settings.database_url),
+                   enqueue_delivery=lambda delivery_id: deliver.apply_async(args=[delivery_id],
+                                                                            queue=DELIVERY_QUEUE),
+                   enqueue_publication=enqueue_publication)
+
+
+@lru_cache(maxsize=None)
+def pipeline(name: str):
+    """The pipeline ``name`` of this worker process, made at its first run: its model is loaded once, kept."""
+    return PIPELINES[name](run_book())
+
+
+def neuro_mri() -> NeuroMriPipeline:
+    return pipeline("neuro_mri")
 
 
 def enqueue_publication(run_id: int) -> None:
@@ -83,8 +96,15 @@ def delivery_book() -> DeliveryBook:
 
 @app.task(name=PROCESS_STUDY, bind=True)
 def process_study(self, run_id: int) -> str:
-    """Process one study version (a ``processing_runs`` row) into predictions and an SR."""
-    return processor().process(run_id, worker_name=self.request.hostname).status
+    """Process one study version (a ``processing_runs`` row) into predictions and an SR, by the pipeline the
+    run was routed to."""
+    name = run_book().pipeline_of(run_id)
+    if name is None:
+        raise RunFailed(f"processing run {run_id} does not exist")
+    if name not in PIPELINES:
+        raise RunFailed(f"processing run {run_id}: no pipeline named {name!r} "
+                        f"(one of {', '.join(PIPELINES)})")
+    return pipeline(name).process(run_id, worker_name=self.request.hostname).status
 
 
 @app.task(name=DELIVER, bind=True, max_retries=None)
@@ -137,9 +157,9 @@ def index_maintenance() -> str:
     settings = app.conf.triage_settings
     if not settings["slice_evidence"]["enabled"]:
         return "disabled"
-    from worker.slice_evidence import SliceIndexBook
+    from worker.slice_evidence import index_book
 
-    book = SliceIndexBook(settings, processor_engine())
+    book = index_book(settings, processor_engine())
     count = book.rebuild()
     log.info("index maintenance: %s rebuilt with %d studies", book.path, count)
     return f"rebuilt:{count}"

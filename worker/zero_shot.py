@@ -138,7 +138,7 @@ def zero_shot_findings(scores: ZeroShotScores, threshold: float, top_k: int, cod
                  for label in sorted(chosen, key=lambda name: (-values[name], name)))
 
 
-# -- the product's call sites: slice_knn (worker.slice_evidence) and neuro_mri (worker.pipeline) ---------------------
+# -- the product's call sites: slice_knn and neuro_mri (worker.pipelines) ---------------------
 _SLICE: weakref.WeakKeyDictionary[object, SliceZeroShot | None] = weakref.WeakKeyDictionary()
 # A LoadedBundle is an unhashable dataclass: keyed by id, with a weak reference that says it is still that bundle.
 _PRIMA: dict[int, tuple[weakref.ref, PrimaZeroShot | None]] = {}

@@ -10,21 +10,22 @@ segment says what was changed, from which value and why.
 HL7 v2 cannot be asked for an order's current priority, so the value the worker last set or saw for the study
 is the current one; when there is none, only the highest value (S) is sent, since nothing can be lowered by it
 (``when_current_unknown``). The receiver's ACK decides: MSA-1 ``AA``/``CA`` is success, anything else a
-refusal.
+refusal. The message goes out over python-hl7's MLLP streams (:mod:`hl7.mllp`), which frame it and read the
+ACK's block; ``timeout_s`` bounds the connection and the wait for the ACK.
 """
 from __future__ import annotations
 
-import socket
+import asyncio
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import hl7
+from hl7.mllp import InvalidBlockError, open_hl7_connection
 
 from pacs_bridge.publishers.base import PriorityRaiser, PriorityScale, PriorityUpdate, PublisherError, Target
 
-START_BLOCK, END_BLOCK = b"\x0b", b"\x1c\x0d"
 MESSAGE_TYPES = {"ORM^O01": "ORM^O01^ORM_O01", "OMI^O23": "OMI^O23^OMI_O23"}
 ACCEPTED = ("AA", "CA")
 
@@ -121,17 +122,16 @@ class Hl7OrderPublisher(PriorityRaiser):
         """Send one message over MLLP and return MSA-1 of the ACK; a refusal or no ACK raises."""
         where = f"MLLP {self.host}:{self.port}"
         try:
-            with socket.create_connection((self.host, self.port), timeout=self.timeout_s) as connection:
-                connection.sendall(START_BLOCK + message.encode("utf-8") + END_BLOCK)
-                received = b""
-                while END_BLOCK not in received:
-                    chunk = connection.recv(65536)
-                    if not chunk:
-                        raise PublisherError(f"{where}: connection closed before an ACK arrived")
-                    received += chunk
-        except OSError as exc:
+            block = asyncio.run(_exchange(self.host, self.port, message, self.timeout_s))
+        except asyncio.IncompleteReadError as exc:
+            raise PublisherError(f"{where}: connection closed before an ACK arrived") from exc
+        except TimeoutError as exc:
+            raise PublisherError(f"{where}: no connection or no ACK within {self.timeout_s:g}s") from exc
+        except OSError as exc:  # refused, unreachable
             raise PublisherError(f"{where}: {type(exc).__name__}: {exc}") from exc
-        text = received[received.find(START_BLOCK) + 1:received.find(END_BLOCK)].decode("utf-8", "replace")
+        except InvalidBlockError as exc:
+            raise PublisherError(f"{where}: the answer is not an MLLP block: {exc}") from exc
+        text = block.decode("utf-8", "replace")
         try:
             ack = hl7.parse(text.replace("\n", "\r"))
             code = str(ack.segment("MSA")[1])
@@ -142,3 +142,14 @@ class Hl7OrderPublisher(PriorityRaiser):
             because = f": {detail}" if detail else ""
             raise PublisherError(f"{where}: order update refused with {code}{because}")
         return code
+
+
+async def _exchange(host: str, port: int, message: str, timeout_s: float) -> bytes:
+    """Send ``message`` in one MLLP block on a new connection; the answer's block, unframed."""
+    reader, writer = await asyncio.wait_for(open_hl7_connection(host, port, encoding="utf-8"), timeout_s)
+    try:
+        writer.writemessage(message)
+        await writer.drain()
+        return await asyncio.wait_for(reader.readblock(), timeout_s)
+    finally:
+        writer.close()
