@@ -117,7 +117,7 @@ def test_nightly_promotes_a_better_candidate_and_the_running_worker_serves_it_ne
     assert worker.process(run_ids[0]).status == "done"
     assert _served_version(engine, run_ids[0]) == "baseline-random-tiny"
 
-    backbone = bundle_backbone_id(load_bundle(settings["model"]["bundle"]))
+    backbone = bundle_backbone_id(load_bundle(settings.model.bundle))
     _label_studies(engine, backbone, 0, 96, seed=1)
     outcome = run_nightly(engine, NightlyConfig.from_settings(settings),
                           after_run=lambda result: rebuild_vector_index(settings, result))
@@ -153,7 +153,7 @@ def test_nightly_promotes_a_better_candidate_and_the_running_worker_serves_it_ne
 def test_nightly_refuses_a_worse_candidate_and_the_serving_model_stays(site):
     settings, engine = site
     config = NightlyConfig.from_settings(settings)
-    backbone = bundle_backbone_id(load_bundle(settings["model"]["bundle"]))
+    backbone = bundle_backbone_id(load_bundle(settings.model.bundle))
     _label_studies(engine, backbone, 0, 96, seed=1)
     first = run_nightly(engine, config)
     assert first.decision == "promoted", first.reason
@@ -179,7 +179,7 @@ def test_nightly_refuses_a_worse_candidate_and_the_serving_model_stays(site):
 def test_an_interrupted_nightly_run_resumes_from_its_checkpoint(site):
     settings, engine = site
     config = NightlyConfig.from_settings(settings)
-    backbone = bundle_backbone_id(load_bundle(settings["model"]["bundle"]))
+    backbone = bundle_backbone_id(load_bundle(settings.model.bundle))
     _label_studies(engine, backbone, 0, 96, seed=1)
 
     stopped = run_nightly(engine, config, should_stop=lambda step: step == 60)

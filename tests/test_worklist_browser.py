@@ -170,7 +170,7 @@ def process(settings, engine, files, priority: str) -> str:
     accuracy."""
     from worker.pipeline import RunProcessor
 
-    settings.raw["model"]["priority_map"] = {k: priority for k in ("none", "low", "medium", "high")}
+    settings.model.priority_map = {k: priority for k in ("none", "low", "medium", "high")}
     run_id = ingest(engine, files)
     outcome = RunProcessor(settings, engine, enqueue_delivery=lambda _: None).process(run_id)
     assert outcome.status == "done", outcome

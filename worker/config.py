@@ -27,19 +27,13 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.sources import DefaultSettingsSource, InitSettingsSource, YamlConfigSettingsSource
 
-from pacs_bridge.scp import ScpSettings
+from pacs_bridge.scp_settings import ScpSettings
 
 
 class Section(BaseModel):
     """One section of the configuration: unknown keys are refused, assignments (tests, live changes) validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
-
-    def __getitem__(self, key: str) -> Any:  # transitional: removed once no dict-style lookup is left
-        return getattr(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:  # transitional, as __getitem__
-        return getattr(self, key, default)
 
 
 #: Free-form entries (routing rules, destinations, publishers, ...): each has its own grammar, checked by the
@@ -286,6 +280,7 @@ class ApiOidcSettings(Section):
     name_claim: str = "preferred_username"
     leeway_s: float = 30
     jwks_cache_s: float = 300
+    jwks_timeout_s: float = 5
 
 
 class ApiSettings(Section):
@@ -627,9 +622,6 @@ class Settings(BaseSettings):
                                    ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Settings() is the embedded defaults alone (tests build on them); load_settings chooses the sources.
         return (init_settings,)
-
-    def __getitem__(self, key: str) -> Any:  # transitional: removed once no dict-style lookup is left
-        return getattr(self, key)
 
     @property
     def incoming_dir(self) -> Path:

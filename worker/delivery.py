@@ -38,7 +38,7 @@ Destination = DicomDestination | DicomwebDestination
 def configured_destinations(settings: Settings) -> dict[str, Destination]:
     """The destinations of the configuration by name; a malformed entry raises naming it."""
     found: dict[str, Destination] = {}
-    for entry in settings["destinations"]:
+    for entry in settings.destinations:
         name, kind = entry.get("name"), entry.get("kind", "dicom")
         if not name:
             raise ValueError(f"destination {entry!r} has no name")
@@ -71,9 +71,9 @@ class RetryPolicy:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "RetryPolicy":
-        cfg = settings["delivery"]
-        policy = cls(float(cfg["backoff_s"]), float(cfg["max_backoff_s"]), float(cfg["retry_for_s"]),
-                     int(cfg["attempts"] or 0))
+        cfg = settings.delivery
+        policy = cls(float(cfg.backoff_s), float(cfg.max_backoff_s), float(cfg.retry_for_s),
+                     int(cfg.attempts or 0))
         for key in ("backoff_s", "max_backoff_s", "retry_for_s"):
             if getattr(policy, key) < 0:
                 raise ValueError(f"delivery.{key} must not be negative, not {getattr(policy, key)}")
@@ -203,9 +203,9 @@ class DeliveryBook:
         started = time.monotonic()
         try:
             if row.kind == "images":  # a forward: the study's images as received
-                send_files(destination, [Path(p) for p in row.files or []], self.settings["delivery"]["ae_title"])
+                send_files(destination, [Path(p) for p in row.files or []], self.settings.delivery.ae_title)
             else:
-                send(destination, [Path(row.path)], self.settings["delivery"]["ae_title"])
+                send(destination, [Path(row.path)], self.settings.delivery.ae_title)
         except (DeliveryError, OSError) as exc:
             DELIVERIES.labels(outcome="failed").inc()
             self._record(row, "pending", str(exc))
@@ -280,7 +280,7 @@ class DeliveryBook:
 
 def result_destinations(settings: Settings) -> list[str]:
     """The destinations that get SRs (all but those marked ``results: false``, which only receive forwards)."""
-    return [entry["name"] for entry in settings["destinations"] if entry.get("results", True)]
+    return [entry["name"] for entry in settings.destinations if entry.get("results", True)]
 
 
 def _study_uid(connection, row) -> str | None:

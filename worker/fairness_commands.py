@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 
 def report_path(settings: Settings) -> Path:
-    return Path(settings["fairness"]["report_path"] or settings.var_dir / "fairness" / "report.html")
+    return Path(settings.fairness.report_path or settings.var_dir / "fairness" / "report.html")
 
 
 def write_report(settings: Settings, url: str, refresh_first: bool, out: Path) -> dict:
@@ -34,8 +34,8 @@ def write_report(settings: Settings, url: str, refresh_first: bool, out: Path) -
         with engine.connect() as connection:
             results = None if refresh_first else load_latest(connection)
         if results is None:
-            refresh(engine, FairnessConfig.from_settings(settings["fairness"]),
-                    AttributePolicy.from_settings(settings["fairness"]))
+            refresh(engine, FairnessConfig.from_settings(settings.fairness.model_dump()),
+                    AttributePolicy.from_settings(settings.fairness.model_dump()))
         with engine.connect() as connection:
             results = load_latest(connection)
             cohort = load_cohort_db(connection)
@@ -55,7 +55,7 @@ def _report(args: argparse.Namespace) -> int:
         from train.fairness.report import render_html
 
         cohort = load_cohort_csv(args.cohort)
-        results = analyse(cohort, FairnessConfig.from_settings(settings["fairness"]))
+        results = analyse(cohort, FairnessConfig.from_settings(settings.fairness.model_dump()))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(render_html(results, cohort))
         summary = headline(results)
@@ -77,15 +77,15 @@ def _refresh(args: argparse.Namespace) -> int:
     from worker.database import upgrade
 
     settings = load_settings(args.config)
-    fairness = settings["fairness"]
+    fairness = settings.fairness
     url = args.url or settings.database_url
     upgrade(url)
     engine = make_engine(url)
     config, policy = FairnessConfig.from_settings(fairness), AttributePolicy.from_settings(fairness)
-    interval = float(args.every if args.every is not None else fairness["refresh_interval_s"])
-    port = int(args.metrics_port if args.metrics_port is not None else fairness["metrics_port"])
+    interval = float(args.every if args.every is not None else fairness.refresh_interval_s)
+    port = int(args.metrics_port if args.metrics_port is not None else fairness.metrics_port)
     if port and interval:
-        start_http_server(port, addr=settings["api"]["host"])
+        start_http_server(port, addr=settings.api.host)
 
     def once() -> None:
         results = refresh_once(engine, config, policy)

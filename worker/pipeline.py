@@ -81,11 +81,11 @@ def make_result(prediction, settings: Settings, study_uid: str, model_name: str,
                 regions: dict[str, tuple[ImageRegion, ...]] | None = None) -> TriageResult:
     """Turn the model's probabilities into the reported result, by the configured clinical rules."""
     regions = regions or {}
-    model_settings = settings["model"]
+    model_settings = settings.model
     by_probability = sorted(prediction.diagnosis_probs.items(), key=lambda kv: kv[1], reverse=True)
     reported = [label for label, p in by_probability if p >= prediction.thresholds[label]]
     for label, _ in by_probability:
-        if len(reported) >= max(int(model_settings["report_top_k"]), 1):
+        if len(reported) >= max(int(model_settings.report_top_k), 1):
             break
         if label not in reported:
             reported.append(label)
@@ -98,16 +98,16 @@ def make_result(prediction, settings: Settings, study_uid: str, model_name: str,
     findings += tuple(
         Finding(label=label, probability=float(prediction.diagnosis_probs[label]),
                 threshold=float(prediction.thresholds[label]), reported_absent=True)
-        for label in model_settings["report_absent"]
+        for label in model_settings.report_absent
         if label in prediction.diagnosis_probs and label not in reported
         and prediction.diagnosis_probs[label] < prediction.thresholds[label]
     )
     top_class = max(prediction.priority_probs, key=prediction.priority_probs.get)
-    priority = model_settings["priority_map"].get(top_class)
+    priority = model_settings.priority_map.get(top_class)
     if priority is None:
         raise RunFailed(f"priority class {top_class!r} has no entry in model.priority_map")
     referrals = tuple(sorted(
-        name for name, p in prediction.referral_probs.items() if p >= float(model_settings["referral_threshold"])
+        name for name, p in prediction.referral_probs.items() if p >= float(model_settings.referral_threshold)
     ))
     return TriageResult(
         study_instance_uid=study_uid, priority=priority, findings=findings, referrals=referrals,
@@ -133,7 +133,7 @@ class RunProcessor:
         from worker.study_loader import StudyLoader, pool_size
 
         #: Loads studies in processes of its own (worker.load_processes), so that loads run side by side.
-        self.loader = StudyLoader(pool_size(int(settings["worker"]["load_processes"])))
+        self.loader = StudyLoader(pool_size(int(settings.worker.load_processes)))
         # The run records <worker>:<pid>, so an operator (or a fault test) can tell which process holds it.
         self.host = socket.gethostname()
 
@@ -186,19 +186,19 @@ class RunProcessor:
         if serving is not None:
             key, bundle_dir = f"registry:{serving.version}", serving.bundle_path
         else:
-            bundle_dir = self.settings["model"]["bundle"]
+            bundle_dir = self.settings.model.bundle
             if not bundle_dir:
                 raise RunFailed("model.bundle is not configured and no model is promoted in the registry: set "
                                 "model.bundle to a model bundle folder (weights are never downloaded)")
             key = f"configured:{bundle_dir}"
         if self._predictor is not None and getattr(self, "_loaded_key", None) == key:
             return self._predictor
-        device = self.settings["model"]["device"]
+        device = self.settings.model.device
         if device == "auto":
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        threads = int(self.settings["model"]["cpu_threads"])
+        threads = int(self.settings.model.cpu_threads)
         if device == "cpu" and threads > 0:
             import torch
 
@@ -211,7 +211,7 @@ class RunProcessor:
             log.error("model %s cannot be loaded (%s); %s keeps serving", key, exc, self._bundle.version)
             return self._predictor
         predictor = StudyPredictor(bundle, device=device,
-                                   study_description=self.settings["model"]["study_description"])
+                                   study_description=self.settings.model.study_description)
         previous = None if self._bundle is None else self._bundle.version
         self._bundle, self._loaded_key = bundle, key
         self._predictor = EmbeddingRecordingPredictor(predictor, self.engine, bundle_backbone_id(bundle))
@@ -252,10 +252,10 @@ class RunProcessor:
             self.predictor()  # the bundle, loaded once per process, before the threads that read it
         except Exception as exc:
             return {claim.run_id: self._fail(claim, exc) for claim in batch}
-        worker = self.settings["worker"]
-        batch_size = max(1, int(worker["batch_size"]))
-        more = max(0, int(worker["prefetch_batches"]) - 1) if worker_host is not None else 0
-        deadline = time.monotonic() + 0.5 * float(worker["task_time_limit_s"])
+        worker = self.settings.worker
+        batch_size = max(1, int(worker.batch_size))
+        more = max(0, int(worker.prefetch_batches) - 1) if worker_host is not None else 0
+        deadline = time.monotonic() + 0.5 * float(worker.task_time_limit_s)
         first_run_id = batch[0].run_id
         # Threads only wait: on the database, on the input gate's header reads and on the loader's processes.
         with concurrent.futures.ThreadPoolExecutor(2 * min(batch_size, 4)) as pool:
@@ -348,11 +348,11 @@ class RunProcessor:
         """Other ready runs of the first run's pipeline for the same model pass, urgent first, none starving:
         up to ``wanted`` (the batch size less one), waiting up to ``worker.batch_wait_s`` for them if ``wait``."""
         if wanted is None:
-            wanted = int(self.settings["worker"]["batch_size"]) - 1
+            wanted = int(self.settings.worker.batch_size) - 1
         if wanted <= 0:
             return []
-        deadline = time.monotonic() + (float(self.settings["worker"]["batch_wait_s"]) if wait else 0.0)
-        starving_before = utcnow() - timedelta(seconds=float(self.settings["worker"]["starvation_after_s"]))
+        deadline = time.monotonic() + (float(self.settings.worker.batch_wait_s) if wait else 0.0)
+        starving_before = utcnow() - timedelta(seconds=float(self.settings.worker.starvation_after_s))
         with self.engine.connect() as connection:
             pipeline = connection.execute(select(processing_runs.c.pipeline)
                                           .where(processing_runs.c.id == first_run_id)).scalar_one()
@@ -387,8 +387,8 @@ class RunProcessor:
         for one run race safely: exactly one of them gets it.
         """
         now = utcnow()
-        stale_before = now - timedelta(seconds=float(self.settings["worker"]["task_time_limit_s"]))
-        max_attempts = int(self.settings["worker"]["max_attempts"])
+        stale_before = now - timedelta(seconds=float(self.settings.worker.task_time_limit_s))
+        max_attempts = int(self.settings.worker.max_attempts)
         with self.engine.begin() as connection:
             claimed = connection.execute(
                 update(processing_runs)
@@ -527,10 +527,10 @@ class RunProcessor:
         The required series are the gate's own, or the routing rule's ``expected_series`` (looked up by the rule
         name the run was created under), searched in SeriesDescription as completion searches them.
         """
-        gate = self.settings["input_gate"]
-        if not gate["enabled"] or pipeline not in gate:
+        gate = self.settings.input_gate
+        if not gate.enabled or pipeline not in type(gate).model_fields:
             return None
-        policy = GatePolicy.from_config(pipeline, gate[pipeline])
+        policy = GatePolicy.from_config(pipeline, getattr(gate, pipeline).model_dump())
         expected: tuple = ()
         if policy.required_series is None:
             from pacs_bridge.rules import RuleSet
@@ -538,7 +538,7 @@ class RunProcessor:
             with self.engine.connect() as connection:
                 routing = connection.execute(select(processing_runs.c.routing)
                                              .where(processing_runs.c.id == claim.run_id)).scalar_one_or_none()
-            rule = RuleSet.from_config(self.settings["routing"]).rule(str((routing or {}).get("rule") or ""))
+            rule = RuleSet.from_config(self.settings.routing.model_dump()).rule(str((routing or {}).get("rule") or ""))
             expected = rule.expected_series if rule is not None else ()
         return assess(series_inputs(headers), policy, expected)
 
@@ -552,7 +552,7 @@ class RunProcessor:
         log.info("run %d study %s v%d (%s): not analysed: %s", run_id, claim.study_uid, claim.version, pipeline,
                  "; ".join(verdict.reasons))
         sr_path, delivery_ids = None, []
-        if self.settings["input_gate"]["write_sr"]:
+        if self.settings.input_gate.write_sr:
             sr_path, sr = self._write_sr(run_id, claim.study_id, claim.study_uid, claim.version, outcome,
                                          [p for paths in image_paths.values() for p in paths])
             self._stamp(run_id, "sr_created_at", sr_sop_instance_uid=str(sr.SOPInstanceUID), sr_path=str(sr_path))
@@ -583,18 +583,18 @@ class RunProcessor:
 
     def _explain(self, predictor, volumes, prediction) -> dict[str, tuple[ImageRegion, ...]]:
         """LIME regions for the positive findings (the most probable first, up to ``explain.max_findings``)."""
-        settings = self.settings["explain"]
-        if not settings["enabled"]:
+        settings = self.settings.explain
+        if not settings.enabled:
             return {}
         positive = sorted((label for label, p in prediction.diagnosis_probs.items()
                            if p >= prediction.thresholds[label]),
                           key=lambda label: prediction.diagnosis_probs[label], reverse=True)
-        labels = positive[: int(settings["max_findings"])]
+        labels = positive[: int(settings.max_findings)]
         if not labels:
             return {}
         # The predict pass's tokens and features: the study is not tokenised nor encoded a second time.
-        explained = predictor.explain(volumes, labels, samples=int(settings["samples"]),
-                                      top_tokens=int(settings["top_tokens"]),
+        explained = predictor.explain(volumes, labels, samples=int(settings.samples),
+                                      top_tokens=int(settings.top_tokens),
                                       inputs=getattr(prediction, "explain_inputs", None))
         regions = {}
         for label, explanation in explained.items():
@@ -640,8 +640,8 @@ class RunProcessor:
             sop_instance_uid=generate_uid(entropy_srcs=seed + ["sr"]),
             instance_number=version,
             device_uid=self.settings.device_uid,
-            device_name=self.settings["worker"]["name"],
-            institution_name=self.settings["worker"]["institution_name"] or None,
+            device_name=self.settings.worker.name,
+            institution_name=self.settings.worker.institution_name or None,
             previous_sr=previous,
         )
         folder = self.settings.outbox_dir / study_uid

@@ -79,7 +79,7 @@ def fairness_results(request: Request, principal: Reader, tables: bool = False) 
 
 @router.post("/refresh", summary="Refresh the fairness results now")
 def fairness_refresh(request: Request, principal: Admin) -> dict:
-    fairness = request.app.state.settings["fairness"]
+    fairness = request.app.state.settings.fairness.model_dump()
     results = refresh(engine_of(request), FairnessConfig.from_settings(fairness),
                       AttributePolicy.from_settings(fairness))
     publish(results, time.time())
