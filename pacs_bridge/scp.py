@@ -13,7 +13,6 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from pynetdicom import AE, evt
@@ -35,9 +34,10 @@ from pydicom.uid import (
 )
 
 from pacs_bridge.bookkeeping import Bookkeeper, ReceivedInstance
-from pacs_bridge.dicom_tls import DeferredHandshakeContext, PeerBindings, TlsFiles, server_context
+from pacs_bridge.dicom_tls import DeferredHandshakeContext, PeerBindings, server_context
 from pacs_bridge.intake import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, RejectedInstance, check_received
 from pacs_bridge import pynetdicom_adapter as adapter
+from pacs_bridge.scp_settings import ScpSettings
 from pacs_bridge.storage import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -79,36 +79,6 @@ TRANSFER_SYNTAXES = [
     JPEG2000,
     RLELossless,
 ]
-
-
-@dataclass
-class ScpSettings:
-    #: pynetdicom (this module) or dcmtk (:mod:`pacs_bridge.dcmtk_front`).
-    engine: str = "pynetdicom"
-    ae_title: str = "TRIAGE"
-    host: str = "127.0.0.1"
-    port: int = 11112
-    allowed_calling_aets: list[str] = field(default_factory=list)
-    max_pdu: int = 131072
-    #: Negotiated associations served at once; connections that have not asked for an association yet do not count.
-    max_associations: int = 10
-    network_timeout_s: float = 60.0
-    #: Seconds a new connection may take to send its A-ASSOCIATE-RQ (TLS handshake included) before it is closed.
-    association_request_timeout_s: float = 5.0
-    #: Calling AE title -> IP addresses/CIDR networks it may connect from (see :class:`PeerBindings`).
-    ae_hosts: dict[str, list[str]] = field(default_factory=dict)
-    #: DICOM TLS on the listener; None: plain TCP.
-    tls: TlsFiles | None = None
-    #: Datasets larger than this many bytes are refused (Out of Resources); 0: no limit.
-    max_object_bytes: int = 0
-    #: Back-pressure: while the bookkeeper is this many instances behind, or the store's disk has less than
-    #: min_free_bytes free, C-STOREs are answered Out of Resources so the sender keeps the images and retries,
-    #: rather than being accepted into a backlog that cannot be recorded or a disk that cannot hold them.
-    max_backlog: int = 20000
-    min_free_bytes: int = 1 << 30
-    #: Back-pressure as well while the database has taken no write for this long (down, locked, out of space): the
-    #: files would be safe, but nothing would complete until it returns, and the senders can hold them meanwhile.
-    max_write_stall_s: float = 5.0
 
 
 #: How often the free space on the store's disk is looked up (a statfs per image would cost more than the write).

@@ -70,15 +70,15 @@ class Receiver:
         self.engine = make_engine(self.settings.database_url)
         self.store = InstanceStore(self.settings.incoming_dir, self.settings.quarantine_dir)
         self.bookkeeper = Bookkeeper(self.engine, flush_interval_s=0.05)
-        scp = self.settings["scp"]
-        self.scp = make_receiver(ScpSettings(engine=scp["engine"], ae_title=scp["ae_title"],
-                                             port=int(scp["port"]) or free_port()),
+        scp = self.settings.scp
+        self.scp = make_receiver(ScpSettings(engine=scp.engine, ae_title=scp.ae_title,
+                                             port=int(scp.port) or free_port()),
                                  self.store, self.bookkeeper, spool_dir=self.settings.var_dir / "spool")
-        assembly = self.settings["assembly"]
+        assembly = self.settings.assembly
         self.assembler = StudyAssembler(
             self.engine, lambda run_id, pipeline, lane: self.dispatched.append((run_id, pipeline, lane)),
-            CompletionPolicy(float(assembly["quiet_period_s"]), float(assembly["max_wait_s"]),
-                             float(assembly["expected_series_settle_s"])),
+            CompletionPolicy(float(assembly.quiet_period_s), float(assembly.max_wait_s),
+                             float(assembly.expected_series_settle_s)),
             active_studies=self.scp.active.current, rules=routing_rules(self.settings),
             forward=self.forwarded.append, store_root=self.settings.incoming_dir,
         )

@@ -111,8 +111,8 @@ def test_a_study_that_cannot_be_processed_fails_alone(queued):
 
 def test_while_a_batch_is_in_the_model_the_next_ready_studies_are_loaded_and_run_in_the_same_task(queued):
     processor, engine, run_ids, settings = queued
-    settings["worker"]["prefetch_batches"] = 2
-    settings["worker"]["load_processes"] = 2
+    settings.worker.prefetch_batches = 2
+    settings.worker.load_processes = 2
     from worker.study_loader import StudyLoader
 
     processor.loader = StudyLoader(2)  # loads in two processes of a pool

@@ -32,7 +32,7 @@ from worker.commands.train_settings import fairness_config
 from worker.config import load_settings
 
 #: The analysis's parameters as the default configuration gives them.
-DEFAULT_FAIRNESS = fairness_config(load_settings(environ={})["fairness"])
+DEFAULT_FAIRNESS = fairness_config(load_settings(environ={}).fairness)
 
 
 @pytest.fixture

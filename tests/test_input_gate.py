@@ -20,7 +20,7 @@ from pacs_bridge.results import NotAnalysed
 from pacs_bridge.sr import read_outcome
 from sql.schema import deliveries, events, processing_runs, studies
 from tests.intake_fixtures import phantom, receiver_for
-from worker.config import DEFAULTS
+from worker.config import Settings
 from worker.input_gate import GateConfigError, GatePolicy, SeriesInput, assess
 
 FULL = ("AX T2 FLAIR", "AX DWI", "AX DWI ADC")
@@ -28,7 +28,7 @@ EXPECTED = ["(?i)flair", "(?i)dwi", "(?i)adc"]
 
 
 def neuro_policy(**changes) -> GatePolicy:
-    return GatePolicy.from_config("neuro_mri", {**DEFAULTS["input_gate"]["neuro_mri"], **changes})
+    return GatePolicy.from_config("neuro_mri", {**Settings().input_gate.neuro_mri.model_dump(), **changes})
 
 
 def series(description: str, slices: int = 24, spacing: float = 6.0, modality: str = "MR",

@@ -139,7 +139,7 @@ def test_nightly_promotes_a_better_candidate_and_the_running_worker_serves_it_ne
     assert worker.process(run_ids[0]).status == "done"
     assert _served_version(engine, run_ids[0]) == "baseline-random-tiny"
 
-    backbone = bundle_backbone_id(load_bundle(settings["model"]["bundle"]))
+    backbone = bundle_backbone_id(load_bundle(settings.model.bundle))
     _label_studies(engine, backbone, 0, 96, seed=1)
     outcome = run_nightly(engine, nightly_config(settings),
                           after_run=lambda result: rebuild_vector_index(settings, result))
@@ -175,7 +175,7 @@ def test_nightly_promotes_a_better_candidate_and_the_running_worker_serves_it_ne
 def test_nightly_refuses_a_worse_candidate_and_the_serving_model_stays(site):
     settings, engine = site
     config = nightly_config(settings)
-    backbone = bundle_backbone_id(load_bundle(settings["model"]["bundle"]))
+    backbone = bundle_backbone_id(load_bundle(settings.model.bundle))
     _label_studies(engine, backbone, 0, 96, seed=1)
     first = run_nightly(engine, config)
     assert first.decision == "promoted", first.reason
@@ -201,7 +201,7 @@ def test_nightly_refuses_a_worse_candidate_and_the_serving_model_stays(site):
 def test_an_interrupted_nightly_run_resumes_from_its_checkpoint(site):
     settings, engine = site
     config = nightly_config(settings)
-    backbone = bundle_backbone_id(load_bundle(settings["model"]["bundle"]))
+    backbone = bundle_backbone_id(load_bundle(settings.model.bundle))
     _label_studies(engine, backbone, 0, 96, seed=1)
 
     stopped = run_nightly(engine, config, should_stop=lambda step: step == 60)
@@ -247,7 +247,7 @@ def test_a_candidate_less_fair_than_the_serving_model_fails_the_fairness_gates()
                "calibration_error": 0.05, "worst_disparity": 0.05, "flagged_disparities": 0}
     candidate = {**serving, "mean_auroc": 0.93, "auroc_by_label": {"x": 0.93}, "worst_disparity": 0.25,
                  "flagged_disparities": 1}
-    gates = gate_candidate(candidate, serving, gate_config(load_settings(environ={})["training"]["gates"]))
+    gates = gate_candidate(candidate, serving, gate_config(load_settings(environ={}).training.gates))
     assert gates["mean_auroc"]["passed"]  # better on average ...
     assert not gates["fairness"]["passed"] and not gates["flagged_disparities"]["passed"]  # ... but less fair
 

@@ -44,7 +44,7 @@ def test_one_sign_in_opens_the_worklist_and_the_fairness_report(tmp_path, postgr
     engine = make_engine(postgres_url)
     write_cohort(make_cohort(studies=400, seed=5), tmp_path / "cohort.csv")
     write_cohort_db(engine, tmp_path / "cohort.csv")
-    refresh(engine, fairness_config(settings["fairness"]), AttributePolicy.from_settings(settings["fairness"]))
+    refresh(engine, fairness_config(settings.fairness), AttributePolicy.from_settings(settings.fairness.model_dump()))
     engine.dispose()
 
     env = {**os.environ, "TRIAGE_CONFIG": str(tmp_path / "triage.yaml")}

@@ -255,9 +255,10 @@ def mllp():
 def configure(tmp_path: Path, database_url: str, publishers: list[dict], **publishing) -> object:
     (tmp_path / "hook.secret").write_text(SECRET)
     settings = load_settings(environ={})
-    settings.raw.update(var_dir=str(tmp_path / "var"), publishers=publishers)
-    settings.raw["database"]["url"] = database_url
-    settings.raw["publishing"].update(publishing)
+    settings.var_dir, settings.publishers = tmp_path / "var", publishers
+    settings.database.url = database_url
+    for key, value in publishing.items():
+        setattr(settings.publishing, key, value)
     return settings
 
 
@@ -435,7 +436,7 @@ def test_hl7_sends_an_urgent_raise_only_once_the_order_is_known_to_be_routine(tm
     [unknown] = publish_result(settings, engine, run_id, result(study_uid, "urgent"))
     assert unknown.action == UNCHANGED and "might lower it" in unknown.reason and mllp.messages == []
 
-    publisher = build_publishers(settings["publishers"], settings["publishing"])[0]
+    publisher = build_publishers(settings.publishers, settings.publishing.model_dump())[0]
     [known] = publisher.publish(PriorityUpdate(study_uid, "urgent", "AI priority urgent", ACCESSION), "R")
 
     assert known.action == RAISED and (known.original, known.new) == ("R", "A")
@@ -693,10 +694,9 @@ def test_a_study_processed_by_the_pipeline_reaches_the_ups_worklist(tmp_path, tm
         {"name": "down", "kind": "webhook", "url": f"http://127.0.0.1:{free_port()}/hook",
          "min_priority": "routine", "timeout_s": 1},
         {"name": "ups", "kind": "ups_rs", "url": f"{ris.url}/dicom-web"}])
-    settings.raw["model"].update(bundle=str(bundle_dir), device="cpu",
-                                 # A random model has no opinion: the clinical map makes its output read as
-                                 # stat.
-                                 priority_map=dict.fromkeys(("none", "low", "medium", "high"), "stat"))
+    settings.model.bundle, settings.model.device = str(bundle_dir), "cpu"
+    # A random model has no opinion: the clinical map makes its output read as stat.
+    settings.model.priority_map = dict.fromkeys(("none", "low", "medium", "high"), "stat")
     run_id = ingest(engine, phantom.files)
 
     outcome = NeuroMriPipeline(RunBook(settings, engine, enqueue_delivery=lambda _: None)).process(run_id)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port, wait_for
-from worker.config import DEFAULTS
+from worker.config import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -41,9 +41,9 @@ def get(url: str, token: str | None = None) -> tuple[int, str]:
 
 def test_the_quickstart_names_the_default_ports_and_ae_title():
     section = quickstart()
-    assert f"AE title `{DEFAULTS['scp']['ae_title']}`, port {DEFAULTS['scp']['port']}" in section
-    assert f"http://127.0.0.1:{DEFAULTS['api']['port']}/worklist/" in section
-    assert f"http://127.0.0.1:{DEFAULTS['metrics']['serve_port']}/metrics" in section
+    assert f"AE title `{Settings().scp.ae_title}`, port {Settings().scp.port}" in section
+    assert f"http://127.0.0.1:{Settings().api.port}/worklist/" in section
+    assert f"http://127.0.0.1:{Settings().metrics.serve_port}/metrics" in section
     for variable in ("TRIAGE_SCP__PORT", "TRIAGE_API__PORT", "TRIAGE_METRICS__SERVE_PORT"):
         assert variable in section
 

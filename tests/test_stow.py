@@ -205,7 +205,7 @@ def test_a_study_stored_by_stow_rs_is_processed_into_the_same_result_as_one_sent
 
     results = []
     for receiver in receivers:
-        receiver.settings.raw["model"].update(bundle=str(bundle_dir), device="cpu")
+        receiver.settings.model.bundle, receiver.settings.model.device = str(bundle_dir), "cpu"
         processor = NeuroMriPipeline(RunBook(receiver.settings, receiver.engine, enqueue_delivery=lambda _id: None))
         [(run_id, _, _)] = receiver.dispatched
         outcome = processor.process(run_id)

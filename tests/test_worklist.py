@@ -33,12 +33,12 @@ def api(tmp_path, postgres_url):
     (tmp_path / "r.token").write_text(RADIOLOGIST)
     (tmp_path / "a.token").write_text(ADMIN)
     settings = load_settings(environ={})
-    settings.raw.update(var_dir=str(tmp_path / "var"))
-    settings.raw["database"]["url"] = postgres_url
-    settings.raw["api"]["tokens"] = [
+    settings.var_dir = tmp_path / "var"
+    settings.database.url = postgres_url
+    settings.api.tokens = [
         {"name": "dr-grey", "role": "radiologist", "token_file": str(tmp_path / "r.token")},
         {"name": "ops", "role": "admin", "token_file": str(tmp_path / "a.token")}]
-    settings.raw["worklist"]["viewer_url"] = "https://viewer.example.org/?study={study_uid}&acc={accession}"
+    settings.worklist.viewer_url = "https://viewer.example.org/?study={study_uid}&acc={accession}"
     client = TestClient(create_app(settings))
     client.engine = make_engine(postgres_url)
     yield client

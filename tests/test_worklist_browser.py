@@ -171,7 +171,7 @@ def process(settings, engine, files, priority: str) -> str:
     from worker.pipelines.neuro_mri import NeuroMriPipeline
     from worker.run_book import RunBook
 
-    settings.raw["model"]["priority_map"] = {k: priority for k in ("none", "low", "medium", "high")}
+    settings.model.priority_map = {k: priority for k in ("none", "low", "medium", "high")}
     run_id = ingest(engine, files)
     outcome = NeuroMriPipeline(RunBook(settings, engine, enqueue_delivery=lambda _: None)).process(run_id)
     assert outcome.status == "done", outcome

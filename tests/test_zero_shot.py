@@ -24,8 +24,8 @@ from worker.zero_shot import PrimaZeroShot, SliceZeroShot, zero_shot_findings
 
 def settings_for(tmp_path: Path) -> Settings:
     settings = Settings()
-    settings.raw["var_dir"] = str(tmp_path / "var")
-    settings.raw["slice_evidence"].update(config="tiny", weights="")
+    settings.var_dir = str(tmp_path / "var")
+    settings.slice_evidence.config, settings.slice_evidence.weights = "tiny", ""
     return settings
 
 
@@ -100,7 +100,7 @@ def test_an_edited_prompt_table_gets_new_text_embeddings(tmp_path: Path) -> None
     table["labels"]["chest_mass"].append("CT chest large mass")
     site = tmp_path / "site.json"
     site.write_text(json.dumps(table))
-    settings.raw["zero_shot"]["slice_prompts"] = str(site)
+    settings.zero_shot.slice_prompts = str(site)
     edited = SliceZeroShot(settings, embedder)
     edited.class_embeddings()
     assert edited.cache.misses == 1

@@ -77,7 +77,7 @@ def test_a_slice_knn_ct_gets_zero_shot_findings_combined_with_knn_in_its_sr(worl
 
 
 def test_zero_shot_switched_off_leaves_the_slice_knn_result_as_it_was(world):  # noqa: F811
-    world.settings.raw["zero_shot"]["enabled"] = False
+    world.settings.zero_shot.enabled = False
     outcome = world.processor.process(world.run_of[world.uids[0]], worker_name="cpu0")
     assert outcome.status == "done" and outcome.result.zero_shot is None
     assert read_sr(pydicom.dcmread(outcome.sr_path)).zero_shot is None

@@ -31,11 +31,11 @@ FAIRNESS_REFRESH = "triage.fairness_refresh"
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or load_settings()
     app = Celery("triage", broker=settings.broker_url, include=["worker.tasks"])
-    hard_limit = float(settings["worker"]["task_time_limit_s"])
+    hard_limit = float(settings.worker.task_time_limit_s)
     # A message taken by a worker that then dies is redelivered once the visibility timeout has passed; it
     # must outlast the longest run (twice the hard limit), and the sweep for such messages runs a few times
     # within it rather than kombu's default of every 100 s.
-    visibility = max(float(settings["broker"]["visibility_timeout_s"]), hard_limit * 2)
+    visibility = max(float(settings.broker.visibility_timeout_s), hard_limit * 2)
     transport_options: dict[str, object] = {
         "visibility_timeout": visibility,
         "unacked_restore_interval": max(visibility / 5, 1.0),
@@ -96,23 +96,23 @@ def beat_schedule(settings: Settings) -> dict[str, dict]:
     schedule = {
         "nightly-retraining": {
             "task": TRAIN_NIGHTLY, "options": {"queue": TRAINING_QUEUE},
-            "schedule": crontab_of(settings["training"]["nightly_cron"], "training.nightly_cron"),
+            "schedule": crontab_of(settings.training.nightly_cron, "training.nightly_cron"),
         },
     }
     # An interval of 0 or an empty crontab turns a job off (each can be run by hand: `triage fairness refresh
     # --every 0`, `triage index rebuild`).
-    fairness_every = float(settings["fairness"]["refresh_interval_s"])
+    fairness_every = float(settings.fairness.refresh_interval_s)
     if fairness_every > 0:
         schedule["fairness-refresh"] = {"task": FAIRNESS_REFRESH, "options": {"queue": TRAINING_QUEUE},
                                         "schedule": timedelta(seconds=fairness_every)}
-    maintenance = settings["maintenance"]
-    if maintenance["index_cron"]:
+    maintenance = settings.maintenance
+    if maintenance.index_cron:
         schedule["index-maintenance"] = {"task": INDEX_MAINTENANCE, "options": {"queue": MAINTENANCE_QUEUE},
-                                         "schedule": crontab_of(maintenance["index_cron"], "maintenance.index_cron")}
-    if maintenance["reconcile_cron"]:
+                                         "schedule": crontab_of(maintenance.index_cron, "maintenance.index_cron")}
+    if maintenance.reconcile_cron:
         schedule["store-reconciliation"] = {
             "task": RECONCILE_STORE, "options": {"queue": MAINTENANCE_QUEUE},
-            "schedule": crontab_of(maintenance["reconcile_cron"], "maintenance.reconcile_cron")}
+            "schedule": crontab_of(maintenance.reconcile_cron, "maintenance.reconcile_cron")}
     return schedule
 
 

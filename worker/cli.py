@@ -101,7 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
     _upgrade_when_reachable(settings.database_url)
     service = build_receiving_service(settings)
     service.start()
-    print(f"triage: SCP {settings['scp']['ae_title']} listening on {settings['scp']['host']}:{service.scp.port}",
+    print(f"triage: SCP {settings.scp.ae_title} listening on {settings.scp.host}:{service.scp.port}",
           flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -163,7 +163,7 @@ def _api(args: argparse.Namespace) -> int:
     from worker.api.server import serve
     from worker.commands.api import create_app
 
-    return serve(args.config, api_tls_options(load_settings(args.config)["api"]["tls"]), create_app)
+    return serve(args.config, api_tls_options(load_settings(args.config).api.tls.model_dump()), create_app)
 
 
 def api_tls_options(tls: dict) -> dict:

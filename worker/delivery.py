@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 def configured_destinations(settings: Settings) -> dict[str, Destination]:
     """The destinations of the configuration by name; a malformed entry raises naming it."""
     found: dict[str, Destination] = {}
-    for entry in settings["destinations"]:
+    for entry in settings.destinations:
         name, kind = entry.get("name"), entry.get("kind", "dicom")
         if not name:
             raise ValueError(f"destination {entry!r} has no name")
@@ -63,9 +63,9 @@ class RetryPolicy:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "RetryPolicy":
-        cfg = settings["delivery"]
-        policy = cls(float(cfg["backoff_s"]), float(cfg["max_backoff_s"]), float(cfg["retry_for_s"]),
-                     int(cfg["attempts"] or 0))
+        cfg = settings.delivery
+        policy = cls(float(cfg.backoff_s), float(cfg.max_backoff_s), float(cfg.retry_for_s),
+                     int(cfg.attempts or 0))
         for key in ("backoff_s", "max_backoff_s", "retry_for_s"):
             if getattr(policy, key) < 0:
                 raise ValueError(f"delivery.{key} must not be negative, not {getattr(policy, key)}")
@@ -193,7 +193,7 @@ class DeliveryBook:
         try:
             # A forward sends the study's images as received; an SR delivery, the SR's file.
             paths = [Path(p) for p in row.files or []] if row.kind == "images" else [Path(row.path)]
-            send_files(destination, paths, self.settings["delivery"]["ae_title"])
+            send_files(destination, paths, self.settings.delivery.ae_title)
         except (DeliveryError, OSError) as exc:
             DELIVERIES.labels(outcome="failed").inc()
             self._record(row, "pending", str(exc))
@@ -268,7 +268,7 @@ class DeliveryBook:
 
 def result_destinations(settings: Settings) -> list[str]:
     """The destinations that get SRs (all but those marked ``results: false``, which only receive forwards)."""
-    return [entry["name"] for entry in settings["destinations"] if entry.get("results", True)]
+    return [entry["name"] for entry in settings.destinations if entry.get("results", True)]
 
 
 def _study_uid(connection, row) -> str | None:

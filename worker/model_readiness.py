@@ -43,7 +43,7 @@ class ModelReadiness:
         serving = serving_version(self.engine)
         if serving is not None:
             return Path(serving.bundle_path)
-        configured = self.settings["model"]["bundle"]
+        configured = self.settings.model.bundle
         if not configured:
             raise ModelNotReady("no model: none is promoted in the registry and model.bundle is not set; "
                                 "install one with `triage models install`")

@@ -56,7 +56,7 @@ EVENT_KIND = "publication"
 
 
 def configured_publishers(settings: Settings) -> list[Publisher]:
-    return build_publishers(settings["publishers"], settings["publishing"])
+    return build_publishers(settings.publishers, settings.publishing.model_dump())
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def patient_id(info: StudyInfo) -> str | None:
 
 def priority_update(settings: Settings, info: StudyInfo, result: TriageResult, run_id: int | None,
                     with_patient_id: bool = False) -> PriorityUpdate:
-    base = settings["publishing"]["worklist_url"].rstrip("/")
+    base = settings.publishing.worklist_url.rstrip("/")
     return PriorityUpdate(
         study_instance_uid=info.study_instance_uid, priority=result.priority, reason=ai_reason(result),
         accession_number=info.accession_number, study_description=info.study_description,

@@ -68,13 +68,13 @@ def redis_depths(broker_url: str, queues: Iterable[str] = WATCHED_QUEUES,
 
 def routed_queues(settings: Settings) -> dict[str, list[str]]:
     """The queues work is sent to, each with what sends work there (rule names, deliveries)."""
-    routing = settings["routing"]
+    routing = settings.routing
     found: dict[str, list[str]] = {}
-    for rule in [*routing["rules"], routing["fallback"]]:
+    for rule in [*routing.rules, routing.fallback]:
         pipeline = rule.get("pipeline")
         if pipeline and pipeline != "ignore":
             found.setdefault(pipeline, []).append(f"rule {rule.get('name', '?')!r}")
-    if settings["destinations"] or settings["publishers"]:
+    if settings.destinations or settings.publishers:
         found.setdefault(DELIVERY_QUEUE, []).append("deliveries and publications")
     for name, entry in beat_schedule(settings).items():  # a job nobody runs: no retraining, no fairness refresh
         found.setdefault(entry["options"]["queue"], []).append(f"beat entry {name!r}")

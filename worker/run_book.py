@@ -115,8 +115,8 @@ class RunBook:
         for one run race safely: exactly one of them gets it.
         """
         now = utcnow()
-        stale_before = now - timedelta(seconds=float(self.settings["worker"]["task_time_limit_s"]))
-        max_attempts = int(self.settings["worker"]["max_attempts"])
+        stale_before = now - timedelta(seconds=float(self.settings.worker.task_time_limit_s))
+        max_attempts = int(self.settings.worker.max_attempts)
         with self.engine.begin() as connection:
             claimed = connection.execute(
                 update(processing_runs)
@@ -160,7 +160,7 @@ class RunBook:
         if wanted <= 0:
             return []
         deadline = time.monotonic() + wait_s
-        starving_before = utcnow() - timedelta(seconds=float(self.settings["worker"]["starvation_after_s"]))
+        starving_before = utcnow() - timedelta(seconds=float(self.settings.worker.starvation_after_s))
         pipeline = self.pipeline_of(first_run_id)
         companions: list[Claimed] = []
         tried: set[int] = {first_run_id}
@@ -258,8 +258,8 @@ class RunBook:
             sop_instance_uid=generate_uid(entropy_srcs=seed + ["sr"]),
             instance_number=claim.version,
             device_uid=self.settings.device_uid,
-            device_name=self.settings["worker"]["name"],
-            institution_name=self.settings["worker"]["institution_name"] or None,
+            device_name=self.settings.worker.name,
+            institution_name=self.settings.worker.institution_name or None,
             previous_sr=previous,
         )
         folder = self.settings.outbox_dir / claim.study_uid
@@ -333,10 +333,10 @@ class RunBook:
         The required series are the gate's own, or the routing rule's ``expected_series`` (looked up by the
         rule name the run was created under), searched in SeriesDescription as completion searches them.
         """
-        gate = self.settings["input_gate"]
-        if not gate["enabled"] or pipeline not in gate:
+        gate = self.settings.input_gate
+        if not gate.enabled or pipeline not in type(gate).model_fields:
             return None
-        policy = GatePolicy.from_config(pipeline, gate[pipeline])
+        policy = GatePolicy.from_config(pipeline, getattr(gate, pipeline).model_dump())
         expected: tuple = ()
         if policy.required_series is None:
             from pacs_bridge.rules import RuleSet
@@ -345,7 +345,7 @@ class RunBook:
                 routing = connection.execute(
                     select(processing_runs.c.routing)
                     .where(processing_runs.c.id == claim.run_id)).scalar_one_or_none()
-            rule = RuleSet.from_config(self.settings["routing"]).rule(str((routing or {}).get("rule") or ""))
+            rule = RuleSet.from_config(self.settings.routing.model_dump()).rule(str((routing or {}).get("rule") or ""))
             expected = rule.expected_series if rule is not None else ()
         return assess(series_inputs(headers), policy, expected)
 
@@ -359,7 +359,7 @@ class RunBook:
         log.info("run %d study %s v%d (%s): not analysed: %s", run_id, claim.study_uid, claim.version,
                  pipeline, "; ".join(verdict.reasons))
         sr_path, delivery_ids = None, []
-        if self.settings["input_gate"]["write_sr"]:
+        if self.settings.input_gate.write_sr:
             sr_path, sr = self.write_sr(claim, outcome, image_paths)
             self.stamp(run_id, "sr_created_at", sr_sop_instance_uid=str(sr.SOPInstanceUID),
                        sr_path=str(sr_path))

@@ -11,7 +11,6 @@ from prometheus_client import REGISTRY
 from pacs_bridge.assembly import CompletionPolicy, StudyAssembler
 from pacs_bridge.bookkeeping import Bookkeeper
 from pacs_bridge.dcmtk_front import DcmtkFront
-from pacs_bridge.dicom_tls import TlsFiles
 from pacs_bridge.periodic import PeriodicLoop
 from pacs_bridge.reconcile import StoreReconciler
 from pacs_bridge.rules import RuleSet
@@ -99,10 +98,10 @@ class ReceivingService:
         self._startup.start()
         if self.queue_watch is not None:
             self.queue_watch.start()
-        port = int(self.settings["metrics"]["serve_port"])
+        port = int(self.settings.metrics.serve_port)
         if port:
             try:
-                self.health = HealthServer(self.settings["metrics"]["host"], port,
+                self.health = HealthServer(self.settings.metrics.host, port,
                                            checks=readiness_checks(self)).start()
                 self._collector = ReceiverCollector(self)
                 REGISTRY.register(self._collector)
@@ -162,7 +161,7 @@ def readiness_checks(service: "ReceivingService") -> dict:
 
 def routing_rules(settings: Settings) -> RuleSet:
     """The configured routing rules, checked against the configured destinations (raises naming the problem)."""
-    return RuleSet.from_config(settings["routing"], destinations=[d.get("name") for d in settings["destinations"]])
+    return RuleSet.from_config(settings.routing.model_dump(), destinations=[d.get("name") for d in settings.destinations])
 
 
 def make_receiver(settings: ScpSettings, store: InstanceStore, bookkeeper: Bookkeeper,
@@ -177,48 +176,34 @@ def make_receiver(settings: ScpSettings, store: InstanceStore, bookkeeper: Bookk
 
 def build_receiving_service(settings: Settings) -> ReceivingService:
     engine = make_engine(settings.database_url)
-    scp_settings = settings["scp"]
-    store_settings = settings["store"]
-    store = InstanceStore(settings.incoming_dir, settings.quarantine_dir, fsync=bool(store_settings["fsync"]))
+    store_settings = settings.store
+    store = InstanceStore(settings.incoming_dir, settings.quarantine_dir, fsync=bool(store_settings.fsync))
     bookkeeper = Bookkeeper(engine, quarantine_file=store.quarantine_file)
-    receiver_settings = ScpSettings(
-        engine=str(scp_settings["engine"]),
-        ae_title=scp_settings["ae_title"], host=scp_settings["host"], port=int(scp_settings["port"]),
-        allowed_calling_aets=list(scp_settings["allowed_calling_aets"] or []),
-        max_pdu=int(scp_settings["max_pdu"]), max_associations=int(scp_settings["max_associations"]),
-        network_timeout_s=float(scp_settings["network_timeout_s"]),
-        association_request_timeout_s=float(scp_settings["association_request_timeout_s"]),
-        ae_hosts=dict(scp_settings["ae_hosts"] or {}), tls=TlsFiles.from_config(scp_settings["tls"]),
-        max_object_bytes=int(scp_settings["max_object_bytes"] or 0),
-        max_backlog=int(scp_settings["max_backlog"]),
-        min_free_bytes=int(scp_settings["min_free_bytes"]),
-        max_write_stall_s=float(scp_settings["max_write_stall_s"]),
-    )
-    scp = make_receiver(receiver_settings, store, bookkeeper, spool_dir=settings.var_dir / "spool")
-    reconciler = StoreReconciler(engine, store, bookkeeper, grace_s=float(store_settings["reconcile_grace_s"]))
-    assembly = settings["assembly"]
+    scp = make_receiver(settings.scp, store, bookkeeper, spool_dir=settings.var_dir / "spool")
+    reconciler = StoreReconciler(engine, store, bookkeeper, grace_s=float(store_settings.reconcile_grace_s))
+    assembly = settings.assembly
     celery_app = make_celery(settings)
     dispatch_run = dispatcher(celery_app)
     sweeper = Sweeper(
         engine, dispatch_run,
         lambda delivery_id: celery_app.send_task(DELIVER, args=[delivery_id], queue=DELIVERY_QUEUE),
-        redispatch_after_s=float(settings["worker"]["redispatch_after_s"]),
-        stale_running_s=float(settings["worker"]["task_time_limit_s"]),
-        interval_s=max(float(assembly["poll_interval_s"]), 1.0),
+        redispatch_after_s=float(settings.worker.redispatch_after_s),
+        stale_running_s=float(settings.worker.task_time_limit_s),
+        interval_s=max(float(assembly.poll_interval_s), 1.0),
     )
     assembler = StudyAssembler(
         engine,
         dispatch=dispatch_run,
-        policy=CompletionPolicy(float(assembly["quiet_period_s"]), float(assembly["max_wait_s"]),
-                                float(assembly["expected_series_settle_s"])),
+        policy=CompletionPolicy(float(assembly.quiet_period_s), float(assembly.max_wait_s),
+                                float(assembly.expected_series_settle_s)),
         active_studies=lambda: scp.active.current() | reconciler.active.current(),
-        poll_interval_s=float(assembly["poll_interval_s"]),
+        poll_interval_s=float(assembly.poll_interval_s),
         rules=routing_rules(settings),
         forward=lambda delivery_id: celery_app.send_task(DELIVER, args=[delivery_id], queue=DELIVERY_QUEUE),
         store_root=settings.incoming_dir,
     )
     # Only Redis answers the workers' broadcast cheaply; the embedded broker serves one host's demo.
-    watch = QueueWatch(celery_app, settings, engine, float(settings["broker"]["consumer_check_interval_s"])) \
+    watch = QueueWatch(celery_app, settings, engine, float(settings.broker.consumer_check_interval_s)) \
         if settings.broker_url.startswith("redis") else None
     return ReceivingService(settings, scp, bookkeeper, assembler, sweeper, reconciler=reconciler,
-                            reconcile_interval_s=float(store_settings["reconcile_interval_s"]), queue_watch=watch)
+                            reconcile_interval_s=float(store_settings.reconcile_interval_s), queue_watch=watch)

@@ -40,20 +40,20 @@ FINAL_REPORT_STATUSES = ("F", "C")
 
 def model_key(settings: Settings) -> str:
     """Which model made a vector: the configuration and the weights file's name."""
-    cfg = settings["slice_evidence"]
-    weights = Path(cfg["weights"]).name if cfg["weights"] else "random-seed0"
-    return f"medimageinsight-{cfg['config']}:{weights}"[:128]
+    cfg = settings.slice_evidence
+    weights = Path(cfg.weights).name if cfg.weights else "random-seed0"
+    return f"medimageinsight-{cfg.config}:{weights}"[:128]
 
 
 def index_path(settings: Settings) -> Path:
-    configured = settings["slice_evidence"]["index_path"]
+    configured = settings.slice_evidence.index_path
     return Path(configured) if configured else settings.var_dir / "index" / "slices.faiss"
 
 
 def _settings_dim(settings: Settings) -> int:
     from models.medimageinsight import CONFIGS
 
-    return CONFIGS[settings["slice_evidence"]["config"]].projection_dim
+    return CONFIGS[settings.slice_evidence.config].projection_dim
 
 
 # -- the index book, as configured -----------------------------------------------------------------------
@@ -61,10 +61,10 @@ def index_files(settings: Settings) -> IndexFiles:
     """Where the configured index files are and how they are made (``slice_evidence.*``)."""
     from models.vector_index import IndexError_, IndexSettings, VectorIndex, partition_path
 
-    cfg = settings["slice_evidence"]
+    cfg = settings.slice_evidence
     return IndexFiles(path=index_path(settings), index_type=VectorIndex,
-                      index_settings=IndexSettings(exact_max=int(cfg["exact_max"]),
-                                                   approximate=cfg["approximate"], nprobe=int(cfg["nprobe"])),
+                      index_settings=IndexSettings(exact_max=int(cfg.exact_max),
+                                                   approximate=cfg.approximate, nprobe=int(cfg.nprobe)),
                       unreadable=IndexError_, partition_path=partition_path)
 
 
@@ -97,7 +97,7 @@ def study_reference_key(settings: Settings) -> bytes:
     made once under ``<var_dir>/keys`` (readable by this user only). Workers on several hosts must share it."""
     import os
 
-    configured = settings["slice_evidence"]["reference_key_file"]
+    configured = settings.slice_evidence.reference_key_file
     path = Path(configured) if configured else settings.var_dir / "keys" / "study-reference.key"
     if not path.exists() and not configured:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,12 +180,12 @@ class SliceEvidence:
     def __init__(self, settings: Settings, engine) -> None:
         from models.slice_embedder import SliceEmbedder, load_slice_model, resolve_device
 
-        cfg = settings["slice_evidence"]
+        cfg = settings.slice_evidence
         self.settings, self.engine, self.cfg = settings, engine, cfg
-        device = resolve_device(cfg["device"])
-        precision = cfg["precision"] if cfg["precision"] != "auto" else ("bf16" if device == "cuda" else "fp32")
-        model = load_slice_model(cfg["weights"] or None, cfg["config"], device=device, precision=precision)
-        self.embedder = SliceEmbedder(model, device=device, batch_size=int(cfg["batch_size"]))
+        device = resolve_device(cfg.device)
+        precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
+        model = load_slice_model(cfg.weights or None, cfg.config, device=device, precision=precision)
+        self.embedder = SliceEmbedder(model, device=device, batch_size=int(cfg.batch_size))
         self._books: dict[str, SliceIndexBook] = {}
         self.model_version = model_key(settings).split(":", 1)[1]
         self.reference_key = study_reference_key(settings)
@@ -201,12 +201,12 @@ class SliceEvidence:
                                                                         dict[str, str]]:
         from models.slice_embedder import median_embedding
 
-        chosen = sorted(image_paths, key=lambda uid: (-len(image_paths[uid]), uid))[: int(self.cfg["max_series"])]
+        chosen = sorted(image_paths, key=lambda uid: (-len(image_paths[uid]), uid))[: int(self.cfg.max_series)]
         per_series: dict[str, tuple[np.ndarray, int]] = {}
         problems: dict[str, str] = {}
         for uid in chosen:
             vector, slices, trouble = self.embedder.embed_series(sorted(image_paths[uid]),
-                                                                 int(self.cfg["max_slices_per_series"]))
+                                                                 int(self.cfg.max_slices_per_series))
             problems.update(trouble)
             if vector is not None:
                 per_series[uid] = (vector, len(slices))
@@ -230,18 +230,18 @@ class SliceEvidence:
         if study_vector is None:
             raise ValueError(f"study {study_uid}: no slice could be embedded ({len(problems)} files failed)")
         t0 = time.perf_counter()
-        k = max(int(self.cfg["k"]), int(self.cfg["evidence_k"]))
+        k = max(int(self.cfg.k), int(self.cfg.evidence_k))
         book = self.book(partition)
         found = book.neighbours(study_vector, k, exclude_study=study_uid)
         truth = confirmed_findings(self.engine, [uid for uid, _ in found])
         neighbours = [Neighbour(uid, s, truth[uid]) for uid, s in found]
-        minimum = float(self.cfg["min_similarity"])
+        minimum = float(self.cfg.min_similarity)
         similar = tuple(SimilarStudy(n.key, float(n.similarity), tuple(sorted(n.labels or ())),
                                      reference=reference(self.reference_key, n.key))
-                        for n in neighbours[: int(self.cfg["evidence_k"])] if n.similarity >= minimum)
+                        for n in neighbours[: int(self.cfg.evidence_k)] if n.similarity >= minimum)
         book.add_study(study_uid, run_id, study_vector, per_series)
         timings["slice_search_s"] = time.perf_counter() - t0
-        return StudyEvidence(similar, neighbours[: int(self.cfg["k"])], len(per_series),
+        return StudyEvidence(similar, neighbours[: int(self.cfg.k)], len(per_series),
                              sum(n for _, n in per_series.values()), study_vector)
 
 
@@ -253,11 +253,11 @@ def evidence_for(owner) -> SliceEvidence | None:
     ``engine``), built once; None when switched off or not configured (said once)."""
     if owner in _EVIDENCE:
         return _EVIDENCE[owner]
-    cfg = owner.settings["slice_evidence"]
+    cfg = owner.settings.slice_evidence
     evidence = None
-    if not cfg["enabled"]:
+    if not cfg.enabled:
         log.info("slice evidence is switched off (slice_evidence.enabled)")
-    elif not cfg["weights"] and cfg["config"] != "tiny":
+    elif not cfg.weights and cfg.config != "tiny":
         log.warning("slice evidence: slice_evidence.weights is not set (the MedImageInsight weights file); "
                     "results go out without similar prior studies")
     else:

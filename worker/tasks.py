@@ -35,7 +35,7 @@ def _serve_health(**_) -> None:
     from worker.metrics import HealthServer, sample_gpu_utilisation
 
     settings = app.conf.triage_settings
-    port = int(settings["metrics"]["worker_port"])
+    port = int(settings.metrics.worker_port)
     if not port:
         return
     engine = run_book().engine
@@ -55,7 +55,7 @@ def _serve_health(**_) -> None:
     # Ready only with a servable model: a worker without one would take studies off the queue and fail them.
     model_ready = ModelReadiness(settings, engine, lambda: neuro_mri().loaded_version)
     try:
-        HealthServer(settings["metrics"]["host"], port,
+        HealthServer(settings.metrics.host, port,
                      checks={"database": database_ready, "broker": broker_ready, "model": model_ready},
                      before_scrape=sample_gpu_utilisation).start()
     except OSError as exc:
@@ -155,7 +155,7 @@ def index_maintenance() -> str:
     """Periodic rebuild of the slice-evidence vector index from its table: rows deleted elsewhere are compacted
     away and the index kind (exact, ivf, hnsw) is chosen anew for its size."""
     settings = app.conf.triage_settings
-    if not settings["slice_evidence"]["enabled"]:
+    if not settings.slice_evidence.enabled:
         return "disabled"
     from worker.slice_evidence import index_book
 
@@ -176,6 +176,6 @@ def reconcile_store() -> str:
 
     settings = app.conf.triage_settings
     report = reconcile(processor_engine(), settings.incoming_dir, settings.quarantine_dir,
-                       grace_s=float(settings["store"]["reconcile_grace_s"]), fsync=bool(settings["store"]["fsync"]))
+                       grace_s=float(settings.store.reconcile_grace_s), fsync=bool(settings.store.fsync))
     log.info("store reconciliation: %s", report.as_dict())
     return f"recorded:{report.recorded} quarantined:{report.quarantined}"

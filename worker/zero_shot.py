@@ -73,15 +73,15 @@ class SliceZeroShot:
     """MedImageInsight zero-shot scoring of slice_knn studies, for one worker process."""
 
     def __init__(self, settings, embedder, cache: TextEmbeddingCache | None = None) -> None:
-        cfg = settings["zero_shot"]
+        cfg = settings.zero_shot
         self.settings = settings
         self.embedder = embedder  # models.slice_embedder.SliceEmbedder (image and text towers)
-        self.table = PromptTable.load(cfg["slice_prompts"])
+        self.table = PromptTable.load(cfg.slice_prompts)
         self.cache = cache or cache_for(settings)
-        evidence_cfg = settings["slice_evidence"]
-        self.weights_id = weights_id(evidence_cfg["weights"] or None,
-                                     f"random-medimageinsight-{evidence_cfg['config']}-seed0")
-        self.knn_weight = float(cfg["knn_weight"])
+        evidence_cfg = settings.slice_evidence
+        self.weights_id = weights_id(evidence_cfg.weights or None,
+                                     f"random-medimageinsight-{evidence_cfg.config}-seed0")
+        self.knn_weight = float(cfg.knn_weight)
 
     def class_embeddings(self) -> ClassEmbeddings:
         return self.cache.get(self.weights_id, self.table, self.embedder.embed_texts)
@@ -101,7 +101,7 @@ class PrimaZeroShot:
         from models.gpt2_tokenizer import GPT2Tokenizer
 
         self.prima, self.text_model = prima, text_model
-        self.table = PromptTable.load(settings["zero_shot"]["prima_prompts"])
+        self.table = PromptTable.load(settings.zero_shot.prima_prompts)
         self.cache = cache or cache_for(settings)
         self.weights_id = text_weights_id
         self.tokenizer = tokenizer or GPT2Tokenizer()
@@ -147,8 +147,8 @@ _PRIMA: dict[int, tuple[weakref.ref, PrimaZeroShot | None]] = {}
 def as_findings(scores: ZeroShotScores, version: str, settings, parameters: Sequence[str] = ()):
     """The scores as :class:`pacs_bridge.results.ZeroShotFindings`: the method, the model version, the labels the
     SR reports (``zero_shot.threshold``, topped up to ``model.report_top_k``) and how they were made."""
-    findings = zero_shot_findings(scores, float(settings["zero_shot"]["threshold"]),
-                                  max(int(settings["model"]["report_top_k"]), 1), codable=FINDING_CODES)
+    findings = zero_shot_findings(scores, float(settings.zero_shot.threshold),
+                                  max(int(settings.model.report_top_k), 1), codable=FINDING_CODES)
     return ZeroShotFindings(scores.method, version[:64], findings,
                             (f"prompts={scores.table}"[:64], *parameters))
 
@@ -159,7 +159,7 @@ def slice_zero_shot_for(evidence) -> SliceZeroShot | None:
     if evidence in _SLICE:
         return _SLICE[evidence]
     scorer = None
-    if evidence.settings["zero_shot"]["enabled"]:
+    if evidence.settings.zero_shot.enabled:
         try:
             scorer = SliceZeroShot(evidence.settings, evidence.embedder)
         except (ValueError, OSError) as exc:
@@ -196,7 +196,7 @@ def prima_zero_shot_for(settings, bundle) -> PrimaZeroShot | None:
     if known is not None and known[0]() is bundle:
         return known[1]
     scorer = None
-    if settings["zero_shot"]["enabled"] and getattr(bundle, "text", None) is not None:
+    if settings.zero_shot.enabled and getattr(bundle, "text", None) is not None:
         try:
             scorer = PrimaZeroShot(settings, bundle.prima, bundle.text, bundle.text_weights_id)
         except (ValueError, OSError) as exc:

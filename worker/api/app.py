@@ -37,11 +37,11 @@ def create_app(settings: Settings | None = None, config_path: str | os.PathLike[
     app.state.settings = settings
     app.state.engine = make_engine(settings.database_url)
     app.state.reload_settings = (lambda: load_settings(config_path)) if config_path else (lambda: settings)
-    app.state.token_store = TokenStore(app.state.engine, float(settings["api"]["token_cache_s"]))
+    app.state.token_store = TokenStore(app.state.engine, float(settings.api.token_cache_s))
     # The configuration is the truth: this replica's start writes its tokens for all replicas (a wrong entry
     # stops the start, naming it).
-    app.state.token_store.replace(read_configured_tokens(settings["api"]["tokens"], strict=True))
-    app.state.oidc = verifier_from_settings(settings["api"])
+    app.state.token_store.replace(read_configured_tokens(settings.api.tokens, strict=True))
+    app.state.oidc = verifier_from_settings(settings.api)
     app.state.fairness = fairness
 
     @app.get("/healthz", tags=["operations"])

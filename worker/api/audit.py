@@ -142,9 +142,9 @@ class AuditMiddleware:
                 await _send_json(send, status.HTTP_503_SERVICE_UNAVAILABLE,
                                  {"detail": "the audit log cannot be written; no data is served without it"})
 
-        limits = application.state.settings["api"]
-        body_limit = 0 if path.startswith(UNLIMITED_BODY_PREFIX) else int(limits["max_body_bytes"])
-        guarded = guarded_receive(receive, body_limit, float(limits["body_timeout_s"]))
+        limits = application.state.settings.api
+        body_limit = 0 if path.startswith(UNLIMITED_BODY_PREFIX) else int(limits.max_body_bytes)
+        guarded = guarded_receive(receive, body_limit, float(limits.body_timeout_s))
         try:
             await self.app(scope, guarded, capture)
         except Exception:
@@ -212,7 +212,7 @@ def _refusal(application, method: str, path: str, raw_headers, found: Authentica
     if principal is None and _has_body(raw_headers):
         # No route takes a body from an anonymous client: refuse before reading (or parsing) a byte of it.
         return status.HTTP_401_UNAUTHORIZED, found.reason
-    limit = 0 if path.startswith(UNLIMITED_BODY_PREFIX) else int(application.state.settings["api"]["max_body_bytes"])
+    limit = 0 if path.startswith(UNLIMITED_BODY_PREFIX) else int(application.state.settings.api.max_body_bytes)
     length = _content_length(raw_headers)
     if limit and length is not None and length > limit:
         return status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, f"the body is larger than {limit} bytes (api.max_body_bytes)"
@@ -360,7 +360,7 @@ Admin = Annotated[Principal, Depends(require_role("admin"))]
 
 @router.get("/config", summary="The effective configuration, secrets redacted")
 def admin_config(request: Request, principal: Admin) -> dict:
-    return redact(request.app.state.settings.raw)
+    return redact(request.app.state.settings.model_dump(mode="json"))
 
 
 @router.post("/tokens/reload", summary="Read the configuration and token files again (rotate or revoke keys, "
@@ -373,7 +373,7 @@ def admin_reload_tokens(request: Request, principal: Admin) -> dict:
         settings = request.app.state.reload_settings()
     except (OSError, ValueError, KeyError) as exc:
         raise HTTPException(UNPROCESSABLE, f"the configuration cannot be read; tokens unchanged: {exc}") from exc
-    return request.app.state.token_store.replace(read_configured_tokens(settings["api"]["tokens"], strict=False))
+    return request.app.state.token_store.replace(read_configured_tokens(settings.api.tokens, strict=False))
 
 
 @router.get("/audit", summary="Audit log entries, newest first")

@@ -19,6 +19,7 @@ from typing import Any
 import jwt
 
 from worker.api.tokens import ROLES, Principal
+from worker.config import ApiSettings
 
 log = logging.getLogger(__name__)
 
@@ -33,30 +34,30 @@ class OidcError(ValueError):
 
 
 class OidcVerifier:
-    def __init__(self, settings: dict) -> None:
-        self.issuer = str(settings.get("issuer") or "")
-        self.audience = str(settings.get("audience") or "")
+    def __init__(self, oidc: dict) -> None:
+        self.issuer = str(oidc.get("issuer") or "")
+        self.audience = str(oidc.get("audience") or "")
         if not self.issuer or not self.audience:
             raise ValueError("api.oidc needs issuer and audience")
-        self.algorithms = [str(a) for a in settings.get("algorithms") or ("RS256", "ES256")]
+        self.algorithms = [str(a) for a in oidc.get("algorithms") or ("RS256", "ES256")]
         unsafe = [a for a in self.algorithms if a not in ALLOWED_ALGORITHMS]
         if unsafe:
             raise ValueError(f"api.oidc.algorithms: {unsafe} not allowed (asymmetric only: {ALLOWED_ALGORITHMS})")
-        self.role_claim = str(settings.get("role_claim") or "roles")
-        self.name_claim = str(settings.get("name_claim") or "preferred_username")
-        self.role_map = {str(k): str(v) for k, v in (settings.get("role_map") or {}).items()}
+        self.role_claim = str(oidc.get("role_claim") or "roles")
+        self.name_claim = str(oidc.get("name_claim") or "preferred_username")
+        self.role_map = {str(k): str(v) for k, v in (oidc.get("role_map") or {}).items()}
         bad = sorted(set(self.role_map.values()) - set(ROLES))
         if bad:
             raise ValueError(f"api.oidc.role_map maps to unknown roles {bad}; roles are {ROLES}")
-        self.leeway_s = float(settings.get("leeway_s", 30))
+        self.leeway_s = float(oidc.get("leeway_s", 30))
         self._client: jwt.PyJWKClient | None = None
         self._keys: jwt.PyJWKSet | None = None
-        if settings.get("jwks_url"):
-            self._client = jwt.PyJWKClient(str(settings["jwks_url"]), cache_keys=True,
-                                           lifespan=int(settings.get("jwks_cache_s", 300)),
-                                           timeout=int(settings.get("jwks_timeout_s", 5)))
-        elif settings.get("jwks_file"):
-            self._keys = jwt.PyJWKSet.from_dict(json.loads(Path(settings["jwks_file"]).read_text()))
+        if oidc.get("jwks_url"):
+            self._client = jwt.PyJWKClient(str(oidc["jwks_url"]), cache_keys=True,
+                                           lifespan=int(oidc.get("jwks_cache_s", 300)),
+                                           timeout=int(oidc.get("jwks_timeout_s", 5)))
+        elif oidc.get("jwks_file"):
+            self._keys = jwt.PyJWKSet.from_dict(json.loads(Path(oidc["jwks_file"]).read_text()))
         else:
             raise ValueError("api.oidc needs jwks_url or jwks_file")
 
@@ -100,6 +101,6 @@ def looks_like_jwt(token: str) -> bool:
     return token.count(".") == 2 and token.startswith("eyJ")
 
 
-def verifier_from_settings(api_settings: dict) -> OidcVerifier | None:
-    oidc = api_settings.get("oidc") or {}
+def verifier_from_settings(api_settings: ApiSettings) -> OidcVerifier | None:
+    oidc = api_settings.oidc.model_dump()
     return OidcVerifier(oidc) if oidc.get("issuer") else None

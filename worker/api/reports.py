@@ -76,7 +76,7 @@ class ReportOut(BaseModel):
 def _attribute_policy(request: Request) -> AttributePolicy:
     state = request.app.state
     if getattr(state, "attribute_policy", None) is None:
-        state.attribute_policy = AttributePolicy.from_settings(state.settings["fairness"])
+        state.attribute_policy = AttributePolicy.from_settings(state.settings.fairness.model_dump())
     return state.attribute_policy
 
 

@@ -71,10 +71,10 @@ class GuardedH11Protocol(H11Protocol):
 
 def uvicorn_options(settings: Settings) -> dict:
     """uvicorn's limits from ``api`` (TLS options come from ``worker.cli.api_tls_options``)."""
-    api = settings["api"]
-    protocol = type("GuardedH11Protocol", (GuardedH11Protocol,), {"header_timeout_s": float(api["header_timeout_s"])})
-    return {"http": protocol, "timeout_keep_alive": int(api["keep_alive_s"]),
-            "limit_concurrency": int(api["max_connections"]) or None}
+    api = settings.api
+    protocol = type("GuardedH11Protocol", (GuardedH11Protocol,), {"header_timeout_s": float(api.header_timeout_s)})
+    return {"http": protocol, "timeout_keep_alive": int(api.keep_alive_s),
+            "limit_concurrency": int(api.max_connections) or None}
 
 
 def config_path_of(config: str | None) -> str | None:
@@ -88,6 +88,6 @@ def serve(config: str | None, tls_options: dict, create_app: Callable[..., Any])
     :func:`worker.commands.api.create_app`)."""
     path = config_path_of(config)
     settings = load_settings(path)
-    uvicorn.run(create_app(settings, config_path=path), host=settings["api"]["host"],
-                port=int(settings["api"]["port"]), **uvicorn_options(settings), **tls_options)
+    uvicorn.run(create_app(settings, config_path=path), host=settings.api.host,
+                port=int(settings.api.port), **uvicorn_options(settings), **tls_options)
     return 0

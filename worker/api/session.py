@@ -61,7 +61,7 @@ def page_role(*roles: str):
 @router.post("", summary="Open a browser session for the pages (send the bearer token; sets an HttpOnly cookie)")
 def open_session(request: Request, response: Response,
                  principal: Principal = Depends(current_principal)) -> dict:
-    max_age = int(request.app.state.settings["api"].get("session_max_age_s", 43200))
+    max_age = int(request.app.state.settings.api.session_max_age_s)
     expires = int(time.time()) + max_age
     value = session_value(request.app.state.token_store, principal, expires)
     if value is None:

@@ -49,7 +49,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """The API's own store handle and bookkeeper, for as long as the application serves."""
     settings = app.state.settings
     app.state.stow_store = InstanceStore(settings.incoming_dir, settings.quarantine_dir,
-                                         fsync=bool(settings["store"]["fsync"]))
+                                         fsync=bool(settings.store.fsync))
     bookkeeper = Bookkeeper(app.state.engine, quarantine_file=app.state.stow_store.quarantine_file)
     bookkeeper.start()
     app.state.stow_bookkeeper = bookkeeper
@@ -213,7 +213,7 @@ async def _store(request: Request, principal: Principal, study: str | None) -> J
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "STOW-RS is not started (application lifespan)")
     peer = request.client.host if request.client else None
     outcomes: list[IngestOutcome] = []
-    limit = int(request.app.state.settings["scp"]["max_object_bytes"]) or MAX_PART_BYTES
+    limit = int(request.app.state.settings.scp.max_object_bytes) or MAX_PART_BYTES
     try:
         async for part in iter_parts(request.stream(), boundary, limit):
             part_type = (part.headers.get_content_type() if part.headers.get("content-type") else

@@ -254,10 +254,10 @@ class WorklistReader:
 
     def __init__(self, request: Request) -> None:
         self.engine = engine_of(request)
-        self.settings = request.app.state.settings["worklist"]
+        self.settings = request.app.state.settings.worklist
 
     def _links(self, study_uid: str, accession: str | None, sr_path: str | None) -> LinksOut:
-        viewer = self.settings["viewer_url"]
+        viewer = self.settings.viewer_url
         return LinksOut(
             detail=f"study?uid={study_uid}",
             sr=f"studies/{study_uid}/sr" if sr_path else None,
@@ -281,10 +281,10 @@ class WorklistReader:
                  .where(studies.c.status != "ignored"))
         if study_uid is not None:  # one study, as linked: shown whatever its age or report
             query = query.where(studies.c.study_instance_uid == study_uid)
-        if study_uid is None and float(self.settings["max_age_days"]) > 0:
-            cutoff = datetime.now(UTC) - timedelta(days=float(self.settings["max_age_days"]))
+        if study_uid is None and float(self.settings.max_age_days) > 0:
+            cutoff = datetime.now(UTC) - timedelta(days=float(self.settings.max_age_days))
             query = query.where(studies.c.last_received_at >= cutoff)
-        if study_uid is None and self.settings["hide_reported"]:
+        if study_uid is None and self.settings.hide_reported:
             final = reports.c.status.in_(("F", "C"))
             reported = select(reports.c.id).where(and_(final, or_(
                 reports.c.study_instance_uid == studies.c.study_instance_uid,
@@ -391,10 +391,10 @@ def reading_order(items: list[WorklistItem]) -> list[WorklistItem]:
 @router.get("/config", response_model=PageConfigOut,
             summary="How the worklist page logs in and how often it polls")
 def page_config(request: Request) -> PageConfigOut:
-    settings = request.app.state.settings["worklist"]
-    oidc = {k: str(v) for k, v in settings["oidc"].items()} if settings["login"] == "oidc" else {}
-    return PageConfigOut(login=settings["login"], oidc=oidc,
-                         poll_interval_s=float(settings["poll_interval_s"]))
+    settings = request.app.state.settings.worklist
+    oidc = {k: str(v) for k, v in settings.oidc.model_dump().items()} if settings.login == "oidc" else {}
+    return PageConfigOut(login=settings.login, oidc=oidc,
+                         poll_interval_s=float(settings.poll_interval_s))
 
 
 @router.get("/me", response_model=PrincipalOut, summary="Who the bearer token belongs to (the login check)")
@@ -412,7 +412,7 @@ def worklist_items(request: Request, response: Response, principal: Reader) -> W
     reader = WorklistReader(request)
     rows = {row["study_instance_uid"]: row for row in reader.rows(principal=principal)}
     items = reading_order([reader.item(row, count_similar=False, principal=principal) for row in rows.values()])
-    items = items[:int(reader.settings["max_rows"])]
+    items = items[:int(reader.settings.max_rows)]
     for item in items:  # only for the rows shown: counting reads the SR file (cached afterwards)
         if item.ai_status == "done":
             item.similar_studies = similar_count(rows[item.study_instance_uid].get("sr_path"))
@@ -423,7 +423,7 @@ def worklist_items(request: Request, response: Response, principal: Reader) -> W
     response.headers["ETag"] = etag
     response.headers["Cache-Control"] = "no-cache"
     return WorklistOut(generated_at=datetime.now(UTC),
-                       poll_interval_s=float(reader.settings["poll_interval_s"]), items=items)
+                       poll_interval_s=float(reader.settings.poll_interval_s), items=items)
 
 
 def _study_row(reader: WorklistReader, study_uid: str, principal: Principal | None = None) -> dict[str, Any]:

@@ -91,7 +91,7 @@ def run_demo(lesion: str = "subdural_haemorrhage", seed: int = 7, workdir: str |
                               cwd=REPO, env=env, stdout=worker_log.open("wb"), stderr=subprocess.STDOUT,
                               start_new_session=True)
     try:
-        destination = DicomDestination("triage", "127.0.0.1", service.scp.port, settings["scp"]["ae_title"])
+        destination = DicomDestination("triage", "127.0.0.1", service.scp.port, settings.scp.ae_title)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console) as progress:
             task = progress.add_task("Sending over DICOM (C-STORE)", total=len(study.files))

@@ -33,9 +33,9 @@ class TrainFairness:
     """The fairness analysis, as the API's fairness pages use it (``worker.api.fairness.FairnessAnalysis``)."""
 
     def __init__(self, settings: Settings) -> None:
-        fairness = settings["fairness"]
+        fairness = settings.fairness
         self.config = fairness_config(fairness)
-        self.policy = AttributePolicy.from_settings(fairness)
+        self.policy = AttributePolicy.from_settings(fairness.model_dump())
 
     def latest(self, connection: Connection) -> FairnessResults | None:
         return load_latest(connection)
@@ -67,7 +67,7 @@ def write_report(settings: Settings, url: str, refresh_first: bool, out: Path) -
         with engine.connect() as connection:
             results = None if refresh_first else load_latest(connection)
         if results is None:
-            refresh(engine, fairness_config(settings["fairness"]), AttributePolicy.from_settings(settings["fairness"]))
+            refresh(engine, fairness_config(settings.fairness), AttributePolicy.from_settings(settings.fairness.model_dump()))
         with engine.connect() as connection:
             results = load_latest(connection)
             cohort = load_cohort_db(connection)
@@ -83,7 +83,7 @@ def _report(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else fairness_report_path(settings)
     if args.cohort:
         cohort = load_cohort_csv(args.cohort)
-        results = analyse(cohort, fairness_config(settings["fairness"]))
+        results = analyse(cohort, fairness_config(settings.fairness))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(render_html(results, cohort))
         summary = headline(results)

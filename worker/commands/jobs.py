@@ -39,7 +39,7 @@ FAIRNESS_REFRESH_TASK = FAIRNESS_REFRESH
 
 def rebuild_vector_index(settings: Settings, outcome=None) -> None:
     """Rebuild the slice-evidence index of prior studies from its table (when slice evidence is on)."""
-    if not settings["slice_evidence"]["enabled"]:
+    if not settings.slice_evidence.enabled:
         return
     engine = make_engine(settings.database_url)
     try:
@@ -80,15 +80,15 @@ def fairness_refresh(task) -> str:
 
 
 def fairness_report_path(settings: Settings) -> Path:
-    return Path(settings["fairness"]["report_path"] or settings.var_dir / "fairness" / "report.html")
+    return Path(settings.fairness.report_path or settings.var_dir / "fairness" / "report.html")
 
 
 def refresh_fairness(settings: Settings) -> str:
     """One scheduled fairness refresh: analyse and store, set the Prometheus gauges, write the HTML report."""
-    fairness = settings["fairness"]
+    fairness = settings.fairness
     engine = make_engine(settings.database_url)
     try:
-        results = refresh(engine, fairness_config(fairness), AttributePolicy.from_settings(fairness))
+        results = refresh(engine, fairness_config(fairness), AttributePolicy.from_settings(fairness.model_dump()))
         publish(results, time.time())
         with engine.connect() as connection:
             stored, cohort = load_latest(connection), load_cohort_db(connection)

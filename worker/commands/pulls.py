@@ -64,14 +64,14 @@ class _Session:
 
     def __init__(self, args: argparse.Namespace, pause_s: float | None = None) -> None:
         settings = load_settings(args.config)
-        pull = settings["pull"]
+        pull = settings.pull
         self.engine = make_engine(settings.database_url)
         self.store = InstanceStore(settings.incoming_dir, settings.quarantine_dir,
-                                   fsync=bool(settings["store"]["fsync"]))
+                                   fsync=bool(settings.store.fsync))
         self.bookkeeper = Bookkeeper(self.engine, quarantine_file=self.store.quarantine_file)
         self.bookkeeper.start()
         self.stop = threading.Event()
-        calling_aet = pull["calling_aet"] or settings["scp"]["ae_title"]
+        calling_aet = pull.calling_aet or settings.scp.ae_title
 
         def receive_factory(source, how):
             calling = source.ae_title if isinstance(source, DimseSource) else None
@@ -84,11 +84,11 @@ class _Session:
             return receive
 
         self.puller = Puller(
-            self.engine, configured_sources(pull["sources"]), calling_aet=calling_aet,
-            move_destination=pull["move_destination"] or settings["scp"]["ae_title"],
+            self.engine, configured_sources(pull.sources), calling_aet=calling_aet,
+            move_destination=pull.move_destination or settings.scp.ae_title,
             receive_factory=receive_factory, wait_recorded=lambda: self.bookkeeper.wait_idle(120),
-            pause_s=float(pull["pause_s"] if pause_s is None else pause_s),
-            query_window_days=int(pull["query_window_days"]), timeout_s=float(pull["timeout_s"]),
+            pause_s=float(pull.pause_s if pause_s is None else pause_s),
+            query_window_days=int(pull.query_window_days), timeout_s=float(pull.timeout_s),
             stop=self.stop, report=lambda line: print(line, flush=True),
         )
 

@@ -32,33 +32,33 @@ log = logging.getLogger(__name__)
 
 
 def kept_dir(settings: Settings) -> Path:
-    return Path(settings["fairness"]["hl7_kept_dir"] or settings.var_dir / "hl7")
+    return Path(settings.fairness.hl7_kept_dir or settings.var_dir / "hl7")
 
 
 def build_intake(settings: Settings, engine=None) -> ReportIntake:
     """The HL7 intake as configured, with the default report labeller."""
-    fairness = settings["fairness"]
-    return ReportIntake(engine or make_engine(settings.database_url), AttributePolicy.from_settings(fairness),
+    fairness = settings.fairness
+    return ReportIntake(engine or make_engine(settings.database_url), AttributePolicy.from_settings(fairness.model_dump()),
                         kept_dir(settings), labeller=default_labeller(),
-                        application=fairness["mllp_application"], facility=fairness["mllp_facility"],
-                        senders=SenderAllowList.from_config(fairness["mllp_senders"]))
+                        application=fairness.mllp_application, facility=fairness.mllp_facility,
+                        senders=SenderAllowList.from_config(fairness.mllp_senders))
 
 
 def listener_limits(settings: Settings) -> MllpLimits:
-    fairness = settings["fairness"]
-    return MllpLimits(max_connections=int(fairness["mllp_max_connections"]),
-                      idle_timeout_s=float(fairness["mllp_idle_timeout_s"]),
-                      message_timeout_s=float(fairness["mllp_message_timeout_s"]))
+    fairness = settings.fairness
+    return MllpLimits(max_connections=int(fairness.mllp_max_connections),
+                      idle_timeout_s=float(fairness.mllp_idle_timeout_s),
+                      message_timeout_s=float(fairness.mllp_message_timeout_s))
 
 
 def _listen(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     upgrade(settings.database_url)
-    fairness = settings["fairness"]
-    listener = MllpReportListener(build_intake(settings), host=args.host or fairness["mllp_host"],
-                                  port=int(args.port if args.port is not None else fairness["mllp_port"]),
+    fairness = settings.fairness
+    listener = MllpReportListener(build_intake(settings), host=args.host or fairness.mllp_host,
+                                  port=int(args.port if args.port is not None else fairness.mllp_port),
                                   limits=listener_limits(settings),
-                                  ssl_context=mllp_tls_context(fairness["mllp_tls"])).start()
+                                  ssl_context=mllp_tls_context(fairness.mllp_tls.model_dump())).start()
     print(f"triage: HL7 MLLP report listener on {listener.host}:{listener.port}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -91,9 +91,9 @@ def _relabel(args: argparse.Namespace) -> int:
 
 def _send(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    fairness = settings["fairness"]
+    fairness = settings.fairness
     messages = [Path(path).read_bytes() for path in args.files]
-    acks = send_messages(args.host or fairness["mllp_host"], int(args.port or fairness["mllp_port"]), messages)
+    acks = send_messages(args.host or fairness.mllp_host, int(args.port or fairness.mllp_port), messages)
     for path, ack in zip(args.files, acks):
         print(json.dumps({"file": path, "ack": ack_code(ack)}))
     return 0 if all(ack_code(a) == "AA" for a in acks) else 1

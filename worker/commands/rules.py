@@ -33,8 +33,8 @@ def register(subparsers) -> None:
 def _test(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     try:
-        rules = RuleSet.from_config(settings["routing"],
-                                    destinations=[d.get("name") for d in settings["destinations"]])
+        rules = RuleSet.from_config(settings.routing.model_dump(),
+                                    destinations=[d.get("name") for d in settings.destinations])
     except RuleError as exc:
         print(f"routing configuration error: {exc}", file=sys.stderr)
         return 2

@@ -39,11 +39,11 @@ def _nightly_command(args: argparse.Namespace) -> int:
 def _worker_command(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     app = training_app(settings)
-    port = int(settings["fairness"]["metrics_port"])
+    port = int(settings.fairness.metrics_port)
     if port:  # the gauges the scheduled fairness refresh sets in this process
         from prometheus_client import start_http_server
 
-        start_http_server(port, addr=settings["metrics"]["host"])
+        start_http_server(port, addr=settings.metrics.host)
     app.worker_main(["worker", "--pool", "solo", "--concurrency", "1", "--queues", TRAINING_QUEUE,
                      "--loglevel", args.loglevel, "--without-gossip", "--without-mingle"])
     return 0

@@ -51,11 +51,11 @@ def make_result(prediction, settings: Settings, study_uid: str, model_name: str,
                 regions: dict[str, tuple[ImageRegion, ...]] | None = None) -> TriageResult:
     """Turn the model's probabilities into the reported result, by the configured clinical rules."""
     regions = regions or {}
-    model_settings = settings["model"]
+    model_settings = settings.model
     by_probability = sorted(prediction.diagnosis_probs.items(), key=lambda kv: kv[1], reverse=True)
     reported = [label for label, p in by_probability if p >= prediction.thresholds[label]]
     for label, _ in by_probability:
-        if len(reported) >= max(int(model_settings["report_top_k"]), 1):
+        if len(reported) >= max(int(model_settings.report_top_k), 1):
             break
         if label not in reported:
             reported.append(label)
@@ -69,17 +69,17 @@ def make_result(prediction, settings: Settings, study_uid: str, model_name: str,
     findings += tuple(
         Finding(label=label, probability=float(prediction.diagnosis_probs[label]),
                 threshold=float(prediction.thresholds[label]), reported_absent=True)
-        for label in model_settings["report_absent"]
+        for label in model_settings.report_absent
         if label in prediction.diagnosis_probs and label not in reported
         and prediction.diagnosis_probs[label] < prediction.thresholds[label]
     )
     top_class = max(prediction.priority_probs, key=prediction.priority_probs.get)
-    priority = model_settings["priority_map"].get(top_class)
+    priority = model_settings.priority_map.get(top_class)
     if priority is None:
         raise RunFailed(f"priority class {top_class!r} has no entry in model.priority_map")
     referrals = tuple(sorted(
         name for name, p in prediction.referral_probs.items()
-        if p >= float(model_settings["referral_threshold"])
+        if p >= float(model_settings.referral_threshold)
     ))
     return TriageResult(
         study_instance_uid=study_uid, priority=priority, findings=findings, referrals=referrals,
@@ -99,7 +99,7 @@ class NeuroMriPipeline:
         self._predictor = None
         self._bundle = None
         #: Loads studies in processes of its own (worker.load_processes), so that loads run side by side.
-        self.loader = StudyLoader(pool_size(int(book.settings["worker"]["load_processes"])))
+        self.loader = StudyLoader(pool_size(int(book.settings.worker.load_processes)))
 
     @property
     def settings(self) -> Settings:
@@ -148,19 +148,19 @@ class NeuroMriPipeline:
         if serving is not None:
             key, bundle_dir = f"registry:{serving.version}", serving.bundle_path
         else:
-            bundle_dir = self.settings["model"]["bundle"]
+            bundle_dir = self.settings.model.bundle
             if not bundle_dir:
                 raise RunFailed("model.bundle is not configured and no model is promoted in the registry: "
                                 "set model.bundle to a model bundle folder (weights are never downloaded)")
             key = f"configured:{bundle_dir}"
         if self._predictor is not None and getattr(self, "_loaded_key", None) == key:
             return self._predictor
-        device = self.settings["model"]["device"]
+        device = self.settings.model.device
         if device == "auto":
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        threads = int(self.settings["model"]["cpu_threads"])
+        threads = int(self.settings.model.cpu_threads)
         if device == "cpu" and threads > 0:
             import torch
 
@@ -173,7 +173,7 @@ class NeuroMriPipeline:
             log.error("model %s cannot be loaded (%s); %s keeps serving", key, exc, self._bundle.version)
             return self._predictor
         predictor = StudyPredictor(bundle, device=device,
-                                   study_description=self.settings["model"]["study_description"])
+                                   study_description=self.settings.model.study_description)
         previous = None if self._bundle is None else self._bundle.version
         self._bundle, self._loaded_key = bundle, key
         self._predictor = EmbeddingRecordingPredictor(predictor, self.engine, bundle_backbone_id(bundle))
@@ -210,10 +210,10 @@ class NeuroMriPipeline:
             self.predictor()  # the bundle, loaded once per process, before the threads that read it
         except Exception as exc:
             return {claim.run_id: self._fail(claim, exc) for claim in batch}
-        worker = self.settings["worker"]
-        batch_size = max(1, int(worker["batch_size"]))
-        more = max(0, int(worker["prefetch_batches"]) - 1) if worker_host is not None else 0
-        deadline = time.monotonic() + 0.5 * float(worker["task_time_limit_s"])
+        worker = self.settings.worker
+        batch_size = max(1, int(worker.batch_size))
+        more = max(0, int(worker.prefetch_batches) - 1) if worker_host is not None else 0
+        deadline = time.monotonic() + 0.5 * float(worker.task_time_limit_s)
         first_run_id = batch[0].run_id
         # Threads only wait: on the database, on the input gate's header reads and on the loader's processes.
         with concurrent.futures.ThreadPoolExecutor(2 * min(batch_size, 4)) as pool:
@@ -297,11 +297,11 @@ class NeuroMriPipeline:
                           wait: bool = True) -> list[Claimed]:
         """Other ready runs of this pipeline for the same model pass: up to ``wanted`` (the batch size less
         one), waiting up to ``worker.batch_wait_s`` for them if ``wait``."""
-        worker = self.settings["worker"]
+        worker = self.settings.worker
         if wanted is None:
-            wanted = int(worker["batch_size"]) - 1
+            wanted = int(worker.batch_size) - 1
         return self.book.claim_companions(first_run_id, worker_host, wanted,
-                                          wait_s=float(worker["batch_wait_s"]) if wait else 0.0)
+                                          wait_s=float(worker.batch_wait_s) if wait else 0.0)
 
     def _prepare(self, claim: Claimed) -> Prepared:
         """CPU work before the model: the study's image files, judged by the input gate and loaded as volumes
@@ -361,18 +361,18 @@ class NeuroMriPipeline:
     def _explain(self, predictor, volumes, prediction) -> dict[str, tuple[ImageRegion, ...]]:
         """LIME regions for the positive findings (the most probable first, up to ``explain.max_findings``).
         """
-        settings = self.settings["explain"]
-        if not settings["enabled"]:
+        settings = self.settings.explain
+        if not settings.enabled:
             return {}
         positive = sorted((label for label, p in prediction.diagnosis_probs.items()
                            if p >= prediction.thresholds[label]),
                           key=lambda label: prediction.diagnosis_probs[label], reverse=True)
-        labels = positive[: int(settings["max_findings"])]
+        labels = positive[: int(settings.max_findings)]
         if not labels:
             return {}
         # The predict pass's tokens and features: the study is not tokenised nor encoded a second time.
-        explained = predictor.explain(volumes, labels, samples=int(settings["samples"]),
-                                      top_tokens=int(settings["top_tokens"]),
+        explained = predictor.explain(volumes, labels, samples=int(settings.samples),
+                                      top_tokens=int(settings.top_tokens),
                                       inputs=getattr(prediction, "explain_inputs", None))
         regions = {}
         for label, explanation in explained.items():

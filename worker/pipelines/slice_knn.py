@@ -38,15 +38,15 @@ def knn_result(study_uid: str, neighbours: list, settings: Settings,
     from models.knn import label_scores
     from pacs_bridge.codes import DIAGNOSIS_CODES
 
-    cfg = settings["slice_evidence"]
-    scores = label_scores(neighbours, k=int(cfg["k"]))
-    threshold = float(cfg["finding_threshold"])
+    cfg = settings.slice_evidence
+    scores = label_scores(neighbours, k=int(cfg.k))
+    threshold = float(cfg.finding_threshold)
     # Only labels the SR can code become findings; the others are still scored (predictions table).
     ranked = sorted((label for label in scores if label in DIAGNOSIS_CODES),
                     key=lambda label: (-scores[label], label))
     reported = [label for label in ranked if scores[label] >= threshold]
     for label in ranked:
-        if len(reported) >= max(int(settings["model"]["report_top_k"]), 1):
+        if len(reported) >= max(int(settings.model.report_top_k), 1):
             break
         if label not in reported:
             reported.append(label)
@@ -55,10 +55,10 @@ def knn_result(study_uid: str, neighbours: list, settings: Settings,
     # Labels the site has the model rule out: reported as explicitly absent when below the threshold.
     findings += tuple(Finding(label=label, probability=min(max(scores.get(label, 0.0), 0.0), 1.0),
                               threshold=threshold, reported_absent=True)
-                      for label in settings["model"]["report_absent"]
+                      for label in settings.model.report_absent
                       if label in DIAGNOSIS_CODES and label not in reported
                       and scores.get(label, 0.0) < threshold)
-    levels = [cfg["priority_of_findings"].get(f.label, "routine") for f in findings if f.positive]
+    levels = [cfg.priority_of_findings.get(f.label, "routine") for f in findings if f.positive]
     for level in levels:
         if level not in PRIORITIES:
             raise ValueError(f"slice_evidence.priority_of_findings: {level!r} is not one of {PRIORITIES}")
@@ -115,7 +115,7 @@ class SliceKnnPipeline:
         book.stamp(claim.run_id, "sr_created_at", sr_sop_instance_uid=str(sr.SOPInstanceUID),
                    sr_path=str(sr_path), priority=result.priority)
         reported = {f.label for f in result.findings}
-        threshold = float(settings["slice_evidence"]["finding_threshold"])
+        threshold = float(settings.slice_evidence.finding_threshold)
         book.record_predictions(claim.run_id, [
             Score("diagnosis", label, float(score), threshold, label in reported)
             for label, score in scores.items()])
