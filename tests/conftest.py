@@ -5,9 +5,8 @@ for the session (tests.support.orthanc), a tiny random model bundle, and `cpu_st
 
 Markers: each test is marked with the services it uses (`needs_postgres`, `needs_redis`, `needs_orthanc`,
 `needs_dcmtk`, `needs_chromium`), from the fixtures it asks for; a test that runs a tool itself (storescu,
-dciodvfy) carries the marker explicitly. Tests under tests/unit must carry none: that is checked at collection,
-so `ops/test.sh tests/unit` stays runnable with no service at all.
-"""
+dciodvfy) carries the marker explicitly. Tests under tests/unit must carry none: that is checked at
+collection, so `ops/test.sh tests/unit` stays runnable with no service at all."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -46,17 +45,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for fixture, marker in SERVICE_FIXTURES.items():
             if fixture in item.fixturenames:
                 item.add_marker(marker)
-        # bookkeeping_url reaches PostgreSQL through getfixturevalue, for its "postgresql" parameter only.
+        # Fixtures run once on SQLite and once on PostgreSQL (bookkeeping_url, ...) reach postgres_url through
+        # getfixturevalue, for their "postgresql" parameter only: item.fixturenames does not show it.
         callspec = getattr(item, "callspec", None)
-        if callspec is not None and callspec.params.get("bookkeeping_url") == "postgresql":
+        if callspec is not None and "postgresql" in callspec.params.values():
             item.add_marker("needs_postgres")
         if Path(str(item.path)).is_relative_to(UNIT):
             used = sorted({m.name for m in item.iter_markers() if m.name in SERVICE_MARKERS})
             if used:
                 misplaced.append(f"{item.nodeid}: {', '.join(used)}")
     if misplaced:
-        raise pytest.UsageError("tests under tests/unit must need no service; move these to tests/integration:\n  "
-                                + "\n  ".join(misplaced))
+        raise pytest.UsageError("tests under tests/unit must need no service (move these to tests/integration):"
+                                "\n  " + "\n  ".join(misplaced))
 
 
 @pytest.fixture(scope="session")

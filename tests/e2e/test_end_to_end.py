@@ -24,7 +24,7 @@ from pacs_bridge.schema import deliveries, instances, predictions, processing_ru
 from tests.support.processes import REPO, free_port, wait_for
 from worker.processes import stop_process_groups
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.needs_dcmtk]
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 

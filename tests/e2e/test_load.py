@@ -14,7 +14,7 @@ import pytest
 
 from worker.bench_e2e import make_studies, run_load
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.needs_dcmtk]
 
 #: "A few hundred" studies, as the issue asks (about 5 minutes on two cores); TRIAGE_LOAD_STUDIES sets another count.
 STUDIES = int(os.environ.get("TRIAGE_LOAD_STUDIES", "200"))

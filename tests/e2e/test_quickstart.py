@@ -16,7 +16,7 @@ import pytest
 from tests.support.processes import REPO, free_port, wait_for
 from worker.config import DEFAULTS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.needs_dcmtk]
 
 SECTION = "## Quickstart: day one"
 

@@ -29,7 +29,7 @@ from pacs_bridge.intake import STATUS_SUCCESS
 from tests.support.dicom_factory import mr_slice
 from tests.support.processes import free_port, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.needs_dcmtk]
 
 
 # --- real peers ------------------------------------------------------------------------------------------------

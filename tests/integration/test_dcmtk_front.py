@@ -25,8 +25,12 @@ from tests.support.dicom_factory import mr_slice, write_mr_series
 from tests.support.processes import free_port, wait_for
 from worker.database import upgrade
 
-pytestmark = pytest.mark.skipif(shutil.which("storescp") is None or shutil.which("storescu") is None,
-                                reason="dcmtk is not installed (run ops/setup.sh)")
+pytestmark = [
+    pytest.mark.skipif(shutil.which("storescp") is None or shutil.which("storescu") is None,
+                       reason="dcmtk is not installed (run ops/setup.sh)"),
+    pytest.mark.needs_dcmtk,
+]
+
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 

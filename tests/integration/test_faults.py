@@ -19,7 +19,7 @@ from tests.support.processes import wait_for
 from tests.support.service import Service
 from worker.database import upgrade
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.needs_dcmtk]
 
 
 @pytest.fixture(autouse=True)

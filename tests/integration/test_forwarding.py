@@ -20,7 +20,7 @@ from tests.support.orthanc import Orthanc
 from tests.support.planted_lesion import PlantedLesionModel, PlantedLesionProcessor
 from worker.delivery import DeliveryBook
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.needs_dcmtk]
 
 
 @pytest.fixture(scope="module")

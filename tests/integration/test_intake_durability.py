@@ -30,6 +30,8 @@ from tests.support.processes import wait_for
 from tests.support.service import DCMTK_ENV, Service
 from worker.database import upgrade
 
+pytestmark = pytest.mark.needs_dcmtk
+
 MR = "1.2.840.10008.5.1.4.1.1.4"
 
 

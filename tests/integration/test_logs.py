@@ -22,6 +22,8 @@ from tests.support.intake import storescu
 from tests.support.processes import REPO, free_port, wait_for
 from worker.database import upgrade
 
+pytestmark = pytest.mark.needs_dcmtk
+
 PATIENT_NAME, PATIENT_ID = "LOGTEST^SECRET", "PID-LOGTEST-4242"
 
 

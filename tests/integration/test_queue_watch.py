@@ -18,6 +18,8 @@ from worker.celery_app import dispatcher, make_celery
 from worker.config import load_settings
 from worker.service import queue_depths
 
+pytestmark = pytest.mark.needs_dcmtk
+
 
 def _depths(families) -> dict[str, float]:
     return {s.labels["queue"]: s.value for f in families if f.name == "triage_queue_depth" for s in f.samples}

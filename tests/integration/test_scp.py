@@ -21,6 +21,8 @@ from tests.support.dicom_factory import mr_slice, write_mr_series
 from tests.support.processes import free_port
 from worker.database import upgrade
 
+pytestmark = pytest.mark.needs_dcmtk
+
 STORESCU = shutil.which("storescu")
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 from prometheus_client import REGISTRY
 
 from models.volume import load_series
 from tests.support.dicom_factory import write_mr_series
 from tests.support.raw_dicom import RawStoreSCU, _encode, _storescu, make_receiver  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.needs_dcmtk
 
 NAME, PATIENT_ID = "SECRETNAME^PATIENT", "MRN-99887766"
 

@@ -16,6 +16,8 @@ from pacs_bridge.sr import build_sr, read_outcome
 from pacs_bridge.study_reference import study_reference
 from tests.support.sr_checks import DEVICE_UID, SITE_KEY, dciodvfy_errors, dsrdump, pixelmed_report
 
+pytestmark = pytest.mark.needs_dcmtk
+
 #: What a good model would say about each phantom: priority and referral by lesion (a clinical configuration).
 EXPECTED = {
     "normal": ("routine", ()),

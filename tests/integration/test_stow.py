@@ -18,6 +18,8 @@ from tests.support.intake import phantom, receiver_for
 from tests.support.processes import free_port, wait_for
 from worker.api.app import create_app
 
+pytestmark = pytest.mark.needs_dcmtk
+
 SENDER, READER = "stow-sender-token", "radiologist-token"
 RULES = [{"name": "brain-mr", "pipeline": "neuro_mri", "lane": "urgent",
           "match": {"all": [{"tag": "Modality", "equals": "MR"}, {"tag": "BodyPartExamined", "equals": "BRAIN"}]}}]

@@ -17,8 +17,8 @@ def api_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database_url: str,
             tokens: dict[str, tuple[str, str, str]], sections: str = "", api_options: str = "") -> Iterator:
     """The API app on `database_url` (migrated first), disposed of afterwards; for a fixture to `yield from`.
 
-    `tokens` maps an environment variable to (token, name, role); `sections` is YAML for other top-level sections
-    of the configuration, `api_options` YAML lines for the `api` section (indented by two spaces)."""
+    `tokens` maps an environment variable to (token, name, role); `sections` is YAML for other top-level
+    sections of the configuration, `api_options` YAML lines for the `api` section (indented by two spaces)."""
     for variable, (token, _name, _role) in tokens.items():
         monkeypatch.setenv(variable, token)
     config = tmp_path / "triage.yaml"

@@ -1,5 +1,5 @@
-"""What the browser tests share: headless Chromium driven over the DevTools protocol, a real `triage api` process
-to point it at, the sign-in form, and the worklist page's rows selector and screenshot folder."""
+"""What the browser tests share: headless Chromium driven over the DevTools protocol, a real `triage api`
+process to point it at, the sign-in form, and the worklist page's rows selector and screenshot folder."""
 from __future__ import annotations
 
 import base64
@@ -122,7 +122,7 @@ def submit_token(browser: Chromium, token: str) -> None:
 
 
 class ApiServer:
-    """`triage api` with a given configuration file, in a process group of its own, for a browser to talk to."""
+    """`triage api` with a given configuration file, in a process group of its own, for a browser."""
 
     def __init__(self, config: Path, log: Path, port: int) -> None:
         self.config, self.log = config, log
@@ -133,8 +133,8 @@ class ApiServer:
         """Start it and wait until /healthz answers (it is stopped again if it does not)."""
         env = {**os.environ, "TRIAGE_CONFIG": str(self.config)}
         with self.log.open("wb") as out:
-            self.process = start_process([sys.executable, "-m", "worker.cli", "api"], cwd=REPO, env=env, stdout=out,
-                                         stderr=subprocess.STDOUT)
+            self.process = start_process([sys.executable, "-m", "worker.cli", "api"], cwd=REPO, env=env,
+                                         stdout=out, stderr=subprocess.STDOUT)
         try:
             wait_for(self._up, 60, what="the API to answer")
         except BaseException:

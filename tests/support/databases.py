@@ -1,6 +1,6 @@
-"""PostgreSQL and Redis for the tests: a fresh database (or Redis database number) per test on the servers that
-ops/services.sh runs on loopback. Where a server is not reachable the fixture fails with that message, once per
-test, instead of a connection error deep in the code under test."""
+"""PostgreSQL and Redis for the tests: a fresh database (or Redis database number) per test on the servers
+that ops/services.sh runs on loopback. Where a server is not reachable the fixture fails with that message,
+once per test, instead of a connection error deep in the code under test."""
 from __future__ import annotations
 
 import os

@@ -1,10 +1,9 @@
 """A real Orthanc (Debian package) with the DICOMweb plugin, on free loopback ports.
 
 `orthanc` is one Orthanc for the whole session, emptied before each test that asks for it (through its REST
-API: deleting every patient deletes their instances). Tests that need an Orthanc of their own (other AE titles,
-known modalities, one that is down and comes up later) construct `Orthanc` and stop it in a `finally`; whatever
-they forget is stopped at session end by the process reaper (tests.support.processes).
-"""
+API: deleting every patient deletes their instances). Tests that need an Orthanc of their own (other AE
+titles, known modalities, one that is down and comes up later) construct `Orthanc` and stop it in a `finally`;
+whatever they forget is stopped at session end by the process reaper (tests.support.processes)."""
 from __future__ import annotations
 
 import json
@@ -56,7 +55,8 @@ class Orthanc:
         config_path.write_text(json.dumps(config))
         with (self.workdir / "orthanc.log").open("wb") as log:
             env = {**os.environ, "TCP_NODELAY": "1"}
-            self.process = start_process([binary, str(config_path)], stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.process = start_process([binary, str(config_path)], stdout=log, stderr=subprocess.STDOUT,
+                                         env=env)
         try:
             wait_for(self._alive, 60, what="Orthanc to answer")
         except BaseException:

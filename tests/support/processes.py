@@ -1,10 +1,9 @@
 """Ports, polling waits and child processes for the tests.
 
-Every server a fixture starts goes through `start_process`: it runs in a process group of its own and is recorded,
-so that `stop_process` ends the whole group (a server's own children too) and `stop_all` ends whatever is left
-when the session ends, when pytest exits (atexit) or when pytest is sent SIGTERM/SIGHUP — a test that fails, or one
-that pytest-timeout interrupts, leaves no Orthanc, storescp or API process behind.
-"""
+Every server a fixture starts goes through `start_process`: it runs in a process group of its own and is
+recorded, so that `stop_process` ends the whole group (a server's own children too) and `stop_all` ends
+whatever is left when the session ends, when pytest exits (atexit) or when pytest is sent SIGTERM/SIGHUP — a
+test that fails, or one that pytest-timeout interrupts, leaves no Orthanc, storescp or API process behind."""
 from __future__ import annotations
 
 import atexit
@@ -69,7 +68,7 @@ def stop_process(process: subprocess.Popen | None, grace_s: float = 10.0) -> Non
     _signal_group(process, signal.SIGKILL)
     try:
         process.wait(5)
-    except subprocess.TimeoutExpired:  # pragma: no cover - a process that survives SIGKILL is the kernel's business
+    except subprocess.TimeoutExpired:  # pragma: no cover - one that survives SIGKILL is the kernel's business
         pass
 
 
@@ -93,7 +92,7 @@ def _stop_all_then_die(signum: int, _frame) -> None:
 
 
 def install_reaper() -> None:
-    """Run `stop_all` at interpreter exit and on SIGTERM/SIGHUP (pytest's own default is to die without cleanup)."""
+    """Run `stop_all` at exit and on SIGTERM/SIGHUP (where by default pytest dies, cleaning nothing)."""
     atexit.register(stop_all)
     for signum in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(signum) in (signal.SIG_DFL, None):

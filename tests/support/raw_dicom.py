@@ -1,8 +1,9 @@
-"""Raw DICOM for the receiver's security tests: a C-STORE client that writes PDUs byte by byte, storescu, and a
-receiver factory."""
+"""Raw DICOM for the receiver's security tests: a C-STORE client that writes PDUs byte by byte, storescu, and
+a receiver factory."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -15,11 +16,14 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pynetdicom import AE
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import split_dataset
+from sqlalchemy import func, select
 
 from pacs_bridge.bookkeeping import Bookkeeper
-from pacs_bridge.schema import make_engine
+from pacs_bridge.schema import instances, make_engine
 from pacs_bridge.scp import ScpSettings, StorageSCP
 from pacs_bridge.storage import InstanceStore
+from tests.support.dicom_factory import write_mr_series
 from tests.support.processes import free_port
 from worker.database import upgrade
 
@@ -103,3 +107,58 @@ def _encode(ds: pydicom.Dataset, implicit: bool = False) -> bytes:
     buffer = io.BytesIO()
     pydicom.dcmwrite(buffer, ds, implicit_vr=implicit, little_endian=True)
     return buffer.getvalue()
+
+
+#: Broken files from pydicom's test data (pydicom and pydicom-data), by what is wrong with their dataset bytes.
+BAD_TEST_FILES = {
+    "MR_truncated.dcm": "truncated",  # pixel data cut short
+    "badVR.dcm": "",  # Rows/Columns hold text that is not a number
+    "bad_sequence.dcm": "not a valid DICOM UID",  # a broken sequence; UIDs that are not UIDs
+    "emri_small_jpeg_2k_lossless_too_short.dcm": "",  # encapsulated pixel data cut short
+    "UN_sequence.dcm": "",  # a sequence hidden in a UN element, no identifying attributes
+    "nested_priv_SQ.dcm": "",  # private sequences only
+    "zipMR.gz": "",  # a gzip archive, not a dataset
+    "crayons.icc": "",  # an ICC colour profile
+    "rtplan.dump": "",  # dcmdump text
+    "test1.json": "",  # DICOM JSON, not the binary encoding
+    "DICOMDIR-empty.dcm": "",  # a media directory, not a composite object
+}
+
+
+def _count(engine, table=instances, **where) -> int:
+    query = select(func.count()).select_from(table)
+    for column, value in where.items():
+        query = query.where(table.c[column] == value)
+    with engine.connect() as c:
+        return c.execute(query).scalar_one()
+
+
+def _quarantined(root: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((root / "quarantine").glob("*.json"))]
+
+
+def _still_serves(scp: StorageSCP, engine, tmp_path: Path) -> None:
+    before = _count(engine)
+    good = write_mr_series(tmp_path / f"good{time.monotonic_ns()}", n=1)
+    result = _storescu(scp.port, *good)
+    assert result.returncode == 0, result.stderr
+    assert scp.bookkeeper.wait_idle()
+    assert _count(engine) == before + 1
+
+
+def _files_outside_store(root: Path) -> list[Path]:
+    allowed = (root / "incoming", root / "quarantine")
+    return [p for p in root.rglob("*") if p.is_file() and not p.name.startswith("triage.db")
+            and not any(folder in p.parents for folder in allowed)]
+
+
+def _dataset_bytes_of(path: Path) -> tuple[bytes, str | None]:
+    """The dataset bytes of a test file as a sender would put them on the wire (its file meta removed)."""
+    data = path.read_bytes()
+    try:
+        meta, offset = split_dataset(path)
+    except Exception:
+        return data, None
+    if offset and "TransferSyntaxUID" in meta:
+        return data[offset:], str(meta.get("MediaStorageSOPInstanceUID", "") or "") or None
+    return data, None

@@ -1,5 +1,5 @@
-"""Studies put into the bookkeeping database as the receiver and the assembler would: received files, completed
-runs, an analysed study with its SR, one the model refused."""
+"""Studies put into the bookkeeping database as the receiver and the assembler would: received files,
+completed runs, an analysed study with its SR, one the model refused."""
 from __future__ import annotations
 
 import hashlib

@@ -2,12 +2,6 @@
 and HTTPS when `triage api` runs with a certificate."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-
-import httpx
 import pytest
 import yaml
 from fastapi.testclient import TestClient
@@ -15,8 +9,6 @@ from sqlalchemy import insert, select, text
 
 from pacs_bridge.audit_schema import audit_log, audit_studies
 from pacs_bridge.schema import studies, utcnow
-from tests.support.pki import TestPKI
-from tests.support.processes import free_port, wait_for
 from worker.api.app import create_app
 from worker.api.audit import redact
 from worker.config import load_settings
@@ -159,43 +151,3 @@ def test_secrets_can_come_from_files_named_in_the_environment(tmp_path):
     assert settings.database_url == "postgresql+psycopg2://triage:from-a-file@db/triage"
 
 
-def test_triage_api_serves_https_and_refuses_plain_http(tmp_path):
-    pki = TestPKI(tmp_path / "pki")
-    server = pki.issue("triage-api", server=True)
-    port = free_port()
-    (tmp_path / "admin.token").write_text("tok-admin-" + "z" * 30)
-    config = {
-        "var_dir": str(tmp_path / "var"), "database": {"url": f"sqlite:///{tmp_path / 'api.db'}"},
-        "api": {"host": "127.0.0.1", "port": port,
-                "tls": {"cert": str(server.cert), "key": str(server.key)},
-                "tokens": [{"name": "ops", "role": "admin", "token_file": str(tmp_path / "admin.token")}]},
-    }
-    (tmp_path / "triage.yaml").write_text(yaml.safe_dump(config))
-    upgrade(f"sqlite:///{tmp_path / 'api.db'}")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
-    process = subprocess.Popen([sys.executable, "-m", "worker.cli", "--config", str(tmp_path / "triage.yaml"), "api"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    try:
-        def up() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(process.stdout.read().decode())
-            try:
-                return httpx.get(f"https://127.0.0.1:{port}/healthz", verify=str(pki.ca), timeout=2).is_success
-            except httpx.HTTPError:
-                return False
-
-        wait_for(up, 60, interval=0.3, what="triage api over HTTPS")
-        response = httpx.get(f"https://127.0.0.1:{port}/admin/config", verify=str(pki.ca),
-                             headers={"Authorization": "Bearer tok-admin-" + "z" * 30})
-        assert response.status_code == 200
-        with pytest.raises(httpx.HTTPError):
-            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
-        with pytest.raises(httpx.ConnectError):  # a client that does not trust the certificate stops
-            httpx.get(f"https://127.0.0.1:{port}/healthz", timeout=5)
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        time.sleep(0.1)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import re
-from pathlib import Path
 
 import highdicom as hd
 import pydicom
@@ -22,189 +21,23 @@ from pacs_bridge.sr import (
     read_sr,
 )
 from pacs_bridge.study_reference import study_reference
-from tests.support.sr_checks import DEVICE_UID, SITE_KEY, dciodvfy_errors, dsrdump, mr_study, pixelmed_report
-
-#: Prima's diagnosis names in class-index order (reference/prima.md §5).
-PRIMA_LABELS = (
-    "cyst_arachnoid_cyst", "cyst_colloid_cyst", "developmental_dandy_walker_malformation",
-    "developmental_dysgenesis_corpus_callosum", "developmental_heterotopia", "infectious_brain_abscess",
-    "infectious_viral_encephalitis", "inflammatory_multiple_sclerosis", "inflammatory_neurosarcoid",
-    "sellar_craniopharyngioma", "sellar_pituitary_adenoma", "sellar_rathkes_cleft_cyst", "spine_syrinx",
-    "structural_brain_herniation", "structural_cephaloceles", "structural_cerebral_atrophy",
-    "structural_chiari_malformation", "structural_edema", "structural_encephalomalacia",
-    "structural_mass_effect", "structural_midline_shift", "surgical_catheter", "surgical_craniotomy",
-    "surgical_resection_cavity", "trauma_brain_contusion", "trauma_diffuse_axonal_injury",
-    "trauma_subdural_hematoma", "tumor_adult_brain_metastasis", "tumor_adult_glioma",
-    "tumor_adult_high_grade_glioma", "tumor_adult_low_grade_glioma", "tumor_adult_lymphoma",
-    "tumor_adult_meningioma", "tumor_adult_pineal_tumor", "tumor_adult_schwannoma",
-    "tumor_pediatric_brainstem_glioma", "tumor_pediatric_ependymoma", "tumor_pediatric_germ_cell_tumor",
-    "tumor_pediatric_medulloblastoma", "tumor_pediatric_pilocytic_astrocytoma",
-    "vascular_hemorrhagic_intracranial_hemorrhage", "vascular_hemorrhagic_intraventricular_hemorrhage",
-    "vascular_hemorrhagic_subarachnoid_hemorrahage", "vascular_ischemic_lacunar_stroke",
-    "vascular_ischemic_large_vessel_stroke", "vascular_ischemic_moyamoya",
-    "vascular_ischemic_small_vessel_disease", "vascular_malformation_arteriovenous_malformation",
-    "vascular_malformation_cavernoma", "vascular_malformation_cerebral_aneurysm",
-    "ventricular_intracranial_hypotension", "ventricular_ventriculomegaly",
+from tests.support.sr_cases import (  # noqa: F401 (fixtures)
+    CASES,
+    PRIMA_LABELS,
+    hydrocephalus,
+    infarct,
+    region,
+    study,
+    subdural_haemorrhage,
+    tumour,
+    written,
 )
-
-
-# --- evidence: the headers of a brain MR study, as the receiver reads them (stop_before_pixels) -------------
-
-
-
-def square(column: float, row: float, size: float) -> tuple[tuple[float, float], ...]:
-    """A closed 5-point polyline around a token patch, in pixel coordinates (column, row)."""
-    right, bottom = column + size, row + size
-    return ((column, row), (right, row), (right, bottom), (column, bottom), (column, row))
-
-
-def region(image: pydicom.Dataset, column: float, row: float, weight: float) -> ImageRegion:
-    return ImageRegion(image.SOPInstanceUID, image.SOPClassUID, image.SeriesInstanceUID,
-                       square(column, row, 8.0), weight)
-
+from tests.support.sr_checks import DEVICE_UID, SITE_KEY, mr_study
 
 # --- one result per phantom lesion type ---------------------------------------------------------------------
 
-def subdural_haemorrhage(study: list[pydicom.Dataset]) -> TriageResult:
-    return TriageResult(
-        study_instance_uid=study[0].StudyInstanceUID,
-        priority="stat",
-        findings=(
-            Finding("trauma_subdural_hematoma", 0.9731418204307556, 0.41,
-                    regions=(region(study[40], 24.0, 8.0, 0.3125), region(study[41], 24.0, 8.5, 0.1171875),
-                             region(study[190], 23.5, 8.0, -0.015625))),
-            Finding("structural_mass_effect", 0.6120000123977661, 0.5),
-            Finding("structural_midline_shift", 0.21, 0.55),
-        ),
-        referrals=("neurosurgery",),
-        model_version="1.0.7+tiny",
-        priority_scores={"none": 0.0123, "low": 0.0877, "high": 0.9},
-        similar_studies=(
-            # As read back: the SR names another patient's study by its pseudonymous reference only.
-            SimilarStudy("", 0.9412345678901234, ("trauma_subdural_hematoma", "structural_mass_effect"),
-                         reference=study_reference(SITE_KEY, generate_uid())),
-            SimilarStudy("", 0.8875, ("trauma_subdural_hematoma",), reference=study_reference(SITE_KEY, generate_uid())),
-        ),
-    )
-
-
-def tumour(study: list[pydicom.Dataset]) -> TriageResult:
-    return TriageResult(
-        study_instance_uid=study[0].StudyInstanceUID,
-        priority="urgent",
-        findings=(
-            Finding("tumor_adult_high_grade_glioma", 0.8421, 0.35,
-                    regions=(region(study[200], 12.0, 16.0, 0.5),)),
-            Finding("structural_edema", 0.77, 0.5, regions=(region(study[60], 8.0, 16.0, 0.25),)),
-            Finding("tumor_adult_brain_metastasis", 0.3, 0.45),
-        ),
-        referrals=("oncology", "neurosurgery"),
-        model_version="1.0.7+tiny",
-        priority_scores={"none": 0.05, "low": 0.7, "high": 0.25},
-    )
-
-
-def infarct(study: list[pydicom.Dataset]) -> TriageResult:
-    return TriageResult(
-        study_instance_uid=study[0].StudyInstanceUID,
-        priority="stat",
-        findings=(Finding("vascular_ischemic_large_vessel_stroke", 0.88, 0.3,
-                          regions=(region(study[100], 40.0, 40.0, 1.0),)),),
-        referrals=("stroke", "neurology"),
-        model_version="1.0.7+tiny",
-    )
-
-
-def hydrocephalus(study: list[pydicom.Dataset]) -> TriageResult:
-    return TriageResult(
-        study_instance_uid=study[0].StudyInstanceUID,
-        priority="urgent",
-        findings=(Finding("ventricular_ventriculomegaly", 0.66, 0.5),
-                  Finding("structural_cerebral_atrophy", 0.4, 0.5),
-                  Finding("trauma_subdural_hematoma", 0.02, 0.41, reported_absent=True)),
-        model_version="1.0.7+tiny",
-    )
-
-
-def normal_top_k(study: list[pydicom.Dataset]) -> TriageResult:
-    """A normal study: nothing above its threshold, the top 3 of the differential reported all the same."""
-    return TriageResult(
-        study_instance_uid=study[0].StudyInstanceUID,
-        priority="routine",
-        findings=(Finding("structural_cerebral_atrophy", 0.12, 0.5), Finding("cyst_colloid_cyst", 0.031, 0.6),
-                  Finding("inflammatory_multiple_sclerosis", 0.02, 0.5)),
-        model_version="1.0.7+tiny",
-        priority_scores={"none": 0.97, "low": 0.02, "high": 0.01},
-    )
-
-
-def no_finding(study: list[pydicom.Dataset]) -> TriageResult:
-    """A result that reports no diagnosis at all (e.g. from a bundle that reports positives only)."""
-    return TriageResult(study_instance_uid=study[0].StudyInstanceUID, priority="routine", findings=(),
-                        model_version="1.0.7+tiny")
-
-
-def not_analysed(study: list[pydicom.Dataset]) -> NotAnalysed:
-    """A study the input gate turned away."""
-    return NotAnalysed(study[0].StudyInstanceUID, "neuro_mri",
-                       ("required series /(?i)adc/ is missing (series present: 'AX T2 FLAIR', 'AX T1 POST')",
-                        "no series is adequate for neuro_mri: the best, series 'AX T2 FLAIR', has 1 slice (minimum "
-                        "12)"), model_name="prima", model_version="1.0.7+tiny")
-
-
-CASES = {make.__name__: make
-         for make in (subdural_haemorrhage, tumour, infarct, hydrocephalus, normal_top_k, no_finding, not_analysed)}
-
-
-@pytest.fixture(scope="module")
-def study() -> list[pydicom.Dataset]:
-    return mr_study()
-
-
-@pytest.fixture(scope="module")
-def written(study, tmp_path_factory) -> dict[str, tuple[TriageResult, Path]]:
-    """Each case's result and the file of the SR built for it."""
-    folder = tmp_path_factory.mktemp("sr")
-    out = {}
-    for name, make in CASES.items():
-        result = make(study)
-        path = folder / f"{name}.dcm"
-        sr = build_sr(result, study, device_uid=DEVICE_UID, institution_name="General Hospital")
-        sr.save_as(path, enforce_file_format=True)
-        out[name] = (result, path)
-    return out
-
 
 # --- validators ---------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("case", CASES)
-def test_dciodvfy_reports_no_errors(written, case):
-    _, path = written[case]
-    assert dciodvfy_errors(path) == []
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_dsrdump_parses_the_content_tree_without_errors(written, case):
-    _, path = written[case]
-    run = dsrdump(path)
-    assert run.returncode == 0, run.stderr
-    assert [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("E:")] == []
-    assert "Imaging Measurement Report" in run.stdout
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case", CASES)
-def test_pixelmed_validates_iod_and_tid_1500_without_errors(written, case):
-    _, path = written[case]
-    report = pixelmed_report(path)
-    assert "Found Root Template TID_1500 (MeasurementReport)" in report, report
-    assert "IOD validation complete" in report, report
-    assert [line for line in report.splitlines() if line.startswith("Error")] == []
-    # PixelMed's 2022 TID 1501 lacks the qualitative-evaluation rows of PS3.16 (highdicom writes them): it warns
-    # "not in template" for a finding's Presence and a similar study's confirmed findings, and for nothing else.
-    warnings = [line for line in report.splitlines() if line.startswith("Warning")]
-    assert all("Content Item not in template" in w and ("(705057003,SCT,\"Presence\")" in w or "CONFIRMED-DX" in w)
-               for w in warnings), warnings
 
 
 # --- round trip and content ---------------------------------------------------------------------------------
@@ -401,25 +234,6 @@ def test_editing_the_sr_leaves_the_evidence_alone(study):
 
 
 # --- revision -----------------------------------------------------------------------------------------------
-
-def test_a_revised_sr_references_its_predecessor_in_the_same_series(study, tmp_path):
-    first = build_sr(infarct(study), study, device_uid=DEVICE_UID)
-    late = copy.deepcopy(study[0])
-    late.SOPInstanceUID, late.InstanceNumber = generate_uid(), 151
-    revised_result = infarct([*study, late])
-    revised = build_sr(revised_result, [*study, late], device_uid=DEVICE_UID, previous_sr=first,
-                       instance_number=2)
-
-    [predecessor] = revised.PredecessorDocumentsSequence
-    assert predecessor.StudyInstanceUID == first.StudyInstanceUID
-    [series] = predecessor.ReferencedSeriesSequence
-    assert series.SeriesInstanceUID == first.SeriesInstanceUID == revised.SeriesInstanceUID
-    assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first.SOPInstanceUID
-    assert revised.SOPInstanceUID != first.SOPInstanceUID
-    path = tmp_path / "revised.dcm"
-    revised.save_as(path, enforce_file_format=True)
-    assert dciodvfy_errors(path) == []
-    assert read_sr(pydicom.dcmread(path)) == revised_result
 
 
 def test_a_revision_tracks_each_finding_under_the_same_uid(study):
