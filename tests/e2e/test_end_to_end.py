@@ -21,7 +21,7 @@ import yaml
 from sqlalchemy import create_engine, func, select
 
 from pacs_bridge.schema import deliveries, instances, predictions, processing_runs, studies
-from tests.support.processes import REPO, free_port, wait_for
+from tests.support.processes import REPO, free_port, start_process, wait_for
 from worker.processes import stop_process_groups
 
 pytestmark = [pytest.mark.slow, pytest.mark.needs_dcmtk]
@@ -37,8 +37,8 @@ def phantom_study(tmp_path_factory):
 
 
 def _start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "worker.cli", *args], cwd=REPO, env=env,
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    return start_process([sys.executable, "-m", "worker.cli", *args], cwd=REPO, env=env,
+                         stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.processes import REPO, free_port, wait_for
+from tests.support.processes import REPO, free_port, start_process, wait_for
 from worker.config import DEFAULTS
 
 pytestmark = [pytest.mark.slow, pytest.mark.needs_dcmtk]
@@ -56,8 +56,8 @@ def test_the_quickstart_commands_reach_the_worklist_page(tmp_path):
                PYTHONPATH=str(REPO), TRIAGE_SCP__PORT=str(scp_port), TRIAGE_API__PORT=str(api_port),
                TRIAGE_METRICS__SERVE_PORT=str(metrics_port))
     # Its own session: the commands leave the receiver and the API running in the background, as a user's would.
-    shell = subprocess.Popen(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
-                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    shell = start_process(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
+                          start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     site = tmp_path / "triage-site"
     try:
         output, _ = shell.communicate(timeout=180)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.processes import REPO, free_port, wait_for
+from tests.support.processes import REPO, free_port, start_process, wait_for
 
 PACKAGES = ("pacs_bridge", "worker", "models", "train", "sql")
 #: Folders of the checkout that never belong in a wheel (build outputs, environments, run-time state).
@@ -139,8 +139,8 @@ def test_serve_from_the_installed_wheel_answers_c_echo_and_stops_on_sigterm(inst
     env = {**installed.env, "TRIAGE_DATABASE__URL": postgres_url, "TRIAGE_SCP__PORT": str(port),
            "TRIAGE_METRICS__SERVE_PORT": "0"}
     with log.open("wb") as out:
-        process = subprocess.Popen([installed.triage, "serve"], cwd=installed.cwd, env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = start_process([installed.triage, "serve"], cwd=installed.cwd, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for(lambda: b"listening" in log.read_bytes() or process.poll() is not None, 120,
                  what="triage serve to listen")
@@ -171,8 +171,8 @@ def test_the_worklist_page_is_served_from_the_installed_wheel(installed: Install
     log = installed.root / "api.log"
     env = {**installed.env, "TRIAGE_DATABASE__URL": url, "TRIAGE_API__PORT": str(port)}
     with log.open("wb") as out:
-        process = subprocess.Popen([installed.triage, "api"], cwd=installed.cwd, env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = start_process([installed.triage, "api"], cwd=installed.cwd, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
     def page() -> str | None:
         assert process.poll() is None, log.read_text(errors="replace")[-3000:]

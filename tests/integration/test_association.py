@@ -27,7 +27,7 @@ from pacs_bridge import association, pynetdicom_requestor
 from pacs_bridge.dicom_send import DeliveryError, DicomDestination, c_store
 from pacs_bridge.intake import STATUS_SUCCESS
 from tests.support.dicom_factory import mr_slice
-from tests.support.processes import free_port, wait_for
+from tests.support.processes import free_port, start_process, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.needs_dcmtk]
 
@@ -41,9 +41,9 @@ def storescp(tmp_path):
         pytest.skip("dcmtk is not installed (run ops/setup.sh)")
     port, out = free_port(), tmp_path / "storescp"
     out.mkdir()
-    process = subprocess.Popen([binary, "-aet", "STORESCP", "-od", str(out), str(port)],
-                               env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = start_process([binary, "-aet", "STORESCP", "-od", str(out), str(port)],
+                            env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: _listening(port), 10, what="storescp to listen")
         yield DicomDestination("archive", "127.0.0.1", port, "STORESCP"), out

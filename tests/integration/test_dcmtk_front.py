@@ -22,7 +22,7 @@ from pacs_bridge.schema import events, instances, make_engine, series, studies
 from pacs_bridge.scp import ScpSettings
 from pacs_bridge.storage import InstanceStore
 from tests.support.dicom_factory import mr_slice, write_mr_series
-from tests.support.processes import free_port, wait_for
+from tests.support.processes import free_port, start_process, wait_for
 from worker.database import upgrade
 
 pytestmark = [
@@ -374,7 +374,7 @@ def test_serve_killed_mid_send_leaves_no_storescp_and_every_acknowledged_image_c
     spool = tmp_path / "var" / "spool"
     try:
         service.start_serve()
-        sender = subprocess.Popen(
+        sender = start_process(
             ["storescu", "-v", "-aet", "MODALITY", "-aec", "TRIAGE", "127.0.0.1", str(service.scp_port),
              *sop_uids], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=DCMTK_ENV)
         acknowledged, sending = [], None

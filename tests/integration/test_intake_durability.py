@@ -26,7 +26,7 @@ from pacs_bridge.reconcile import StoreReconciler
 from pacs_bridge.schema import events, instances, make_engine, processing_runs, series, studies
 from pacs_bridge.storage import InstanceStore
 from tests.support.dicom_factory import mr_slice
-from tests.support.processes import wait_for
+from tests.support.processes import start_process, wait_for
 from tests.support.service import DCMTK_ENV, Service
 from worker.database import upgrade
 
@@ -393,7 +393,7 @@ def test_sigkill_mid_association_loses_no_acknowledged_image(tmp_path, postgres_
     study_uid = _write_study(folder, 150)
     try:
         service.start_serve()
-        sender = subprocess.Popen(
+        sender = start_process(
             ["storescu", "-v", "-aet", "MODALITY", "-aec", "TRIAGE", "+sd", "127.0.0.1", str(service.scp_port),
              str(folder)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=DCMTK_ENV)
         wait_for(lambda: len(_stored_files(service)) >= kill_after, 60, interval=0.01, what="images to arrive")

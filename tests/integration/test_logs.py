@@ -19,7 +19,7 @@ from pydicom.uid import generate_uid
 from pacs_bridge.schema import make_engine
 from tests.support.dicom_factory import mr_slice
 from tests.support.intake import storescu
-from tests.support.processes import REPO, free_port, wait_for
+from tests.support.processes import REPO, free_port, start_process, wait_for
 from worker.database import upgrade
 
 pytestmark = pytest.mark.needs_dcmtk
@@ -55,8 +55,8 @@ def test_serve_logs_one_line_per_study_step_and_none_per_image(database, tmp_pat
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")},
            "TRIAGE_CONFIG": str(tmp_path / "triage.yaml"), "PYTHONPATH": str(REPO)}
     log_path = tmp_path / "serve.log"
-    serve = subprocess.Popen([sys.executable, "-m", "worker.cli", "serve"], cwd=tmp_path, env=env,
-                             start_new_session=True, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
+    serve = start_process([sys.executable, "-m", "worker.cli", "serve"], cwd=tmp_path, env=env,
+                          start_new_session=True, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: serve.poll() is None and "listening on" in log_path.read_text(), 60,
                  what="the receiver to listen")

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from models.bundle import map_bundle, random_bundle, save_bundle, sha256_of
-from tests.support.processes import REPO, free_port, wait_for
+from tests.support.processes import REPO, free_port, start_process, wait_for
 from worker.cli import main
 from worker.database import upgrade
 from worker.processes import stop_process_groups
@@ -204,9 +204,9 @@ def test_worker_is_not_ready_without_a_model_and_ready_once_one_is_installed(
     (tmp_path / "triage.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "TRIAGE_CONFIG": str(tmp_path / "triage.yaml")}
     log = tmp_path / "worker.log"
-    worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker", "--hostname", "ready@localhost",
+    worker = start_process([sys.executable, "-m", "worker.cli", "worker", "--hostname", "ready@localhost",
                                "--metrics-port", str(port)], cwd=tmp_path, env=env, stdout=log.open("wb"),
-                              stderr=subprocess.STDOUT, start_new_session=True)
+                           stderr=subprocess.STDOUT, start_new_session=True)
     try:
         def answered():
             assert worker.poll() is None, log.read_text(errors="replace")[-5000:]

@@ -21,7 +21,7 @@ from pacs_bridge.pull_schema import pull_items, pull_jobs
 from pacs_bridge.schema import events, instances, processing_runs, series, studies
 from tests.support.intake import phantom, receiver_for, storescu
 from tests.support.orthanc import Orthanc
-from tests.support.processes import REPO, free_port, wait_for
+from tests.support.processes import REPO, free_port, start_process, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.needs_dcmtk]
 
@@ -136,8 +136,8 @@ def test_backfill_retrieves_a_date_range_survives_a_kill_and_resumes_without_fet
                 "--from", first.isoformat(), "--to", last.isoformat(), "--modality", "MR", "--via", "cmove"]
 
     # A slow backfill (30 s between studies), killed outright once its first study is in.
-    process = subprocess.Popen([*backfill, "--pause", "30"], cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    process = start_process([*backfill, "--pause", "30"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for(lambda: _items("done", receiver) >= 1 or process.poll() is not None, 60,
                  what="the first study of the backfill")

@@ -18,7 +18,7 @@ from pacs_bridge.registry_schema import training_runs
 from pacs_bridge.report_schema import fairness_refreshes
 from pacs_bridge.schema import instances, make_engine
 from tests.support.dicom_factory import mr_slice
-from tests.support.processes import wait_for
+from tests.support.processes import start_process, wait_for
 from tests.support.service import Service
 from train.nightly_commands import FAIRNESS_REFRESH_TASK, NIGHTLY_TASK, TRAINING_QUEUE
 from worker.celery_app import FAIRNESS_REFRESH, TRAIN_NIGHTLY, beat_schedule, make_celery
@@ -124,10 +124,10 @@ def test_the_deployments_beat_command_sends_the_jobs_when_due(tmp_path, redis_ur
                                       "fairness": {"refresh_interval_s": 1}}))
     celery = Path(sys.executable).parent / "celery"
     log = (tmp_path / "beat.log").open("wb")
-    beat = subprocess.Popen([str(celery), "-A", "worker.tasks", "beat", "--loglevel", "INFO",
+    beat = start_process([str(celery), "-A", "worker.tasks", "beat", "--loglevel", "INFO",
                              "--schedule", str(tmp_path / "celerybeat-schedule")],
-                            cwd=tmp_path, env={**os.environ, "TRIAGE_CONFIG": str(config)}, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                         cwd=tmp_path, env={**os.environ, "TRIAGE_CONFIG": str(config)}, stdout=log,
+                         stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for(lambda: redis_depths(redis_url, ["training"])["training"] >= 2, 120,
                  what="beat to send the fairness refresh twice")

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from tests.support.pki import TestPKI
-from tests.support.processes import free_port, wait_for
+from tests.support.processes import free_port, start_process, wait_for
 from worker.database import upgrade
 
 
@@ -29,8 +29,8 @@ def test_triage_api_serves_https_and_refuses_plain_http(tmp_path):
     (tmp_path / "triage.yaml").write_text(yaml.safe_dump(config))
     upgrade(f"sqlite:///{tmp_path / 'api.db'}")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
-    process = subprocess.Popen([sys.executable, "-m", "worker.cli", "--config", str(tmp_path / "triage.yaml"), "api"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    process = start_process([sys.executable, "-m", "worker.cli", "--config", str(tmp_path / "triage.yaml"), "api"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:
         def up() -> bool:
             if process.poll() is not None:

@@ -11,7 +11,7 @@ import yaml
 from pydicom.uid import generate_uid
 
 from tests.support.dicom_factory import mr_slice
-from tests.support.processes import REPO, free_port, wait_for
+from tests.support.processes import REPO, free_port, start_process, wait_for
 from tests.support.raw_dicom import RawStoreSCU, _encode
 
 FORGED = "2026-01-01 00:00:00,000 ERROR a: FORGED deleted"  # after "1.2.3" and a newline: 64 characters at most
@@ -25,9 +25,9 @@ def test_a_newline_in_a_command_uid_does_not_forge_a_log_line(tmp_path):
                                       "scp": {"port": port, "allowed_calling_aets": ["PYSCU"]}}))
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
-        serve = subprocess.Popen([sys.executable, "-m", "worker.cli", "serve"], cwd=REPO, stdout=log,
-                                 stderr=subprocess.STDOUT, start_new_session=True,
-                                 env={**os.environ, "TRIAGE_CONFIG": str(config)})
+        serve = start_process([sys.executable, "-m", "worker.cli", "serve"], cwd=REPO, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True,
+                              env={**os.environ, "TRIAGE_CONFIG": str(config)})
     try:
         wait_for(lambda: b"listening" in log_path.read_bytes() or serve.poll() is not None, 90,
                  what="triage serve to listen")

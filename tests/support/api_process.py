@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from tests.support.processes import REPO, free_port, wait_for
+from tests.support.processes import REPO, free_port, start_process, stop_process, wait_for
 from worker.database import upgrade
 
 
@@ -67,9 +66,8 @@ class ApiProcess:
     def start(self) -> ApiProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRIAGE_")}
         log = (self.workdir / "api.log").open("ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "worker.cli", "--config", str(self.config_path), "api"],
-                                        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        self.process = start_process([sys.executable, "-m", "worker.cli", "--config", str(self.config_path), "api"],
+                                     cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
         def up() -> bool:
             if self.process.poll() is not None:
@@ -79,7 +77,11 @@ class ApiProcess:
             except httpx.HTTPError:
                 return False
 
-        wait_for(up, 60, interval=0.2, what="triage api")
+        try:
+            wait_for(up, 60, interval=0.2, what="triage api")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def log(self) -> str:
@@ -93,11 +95,4 @@ class ApiProcess:
         raise RuntimeError(f"no {field} for {self.process.pid}")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(5)
+        stop_process(self.process, grace_s=15)

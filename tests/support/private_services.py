@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.processes import free_port, wait_for
+from tests.support.processes import free_port, start_process, stop_process, wait_for
 
 
 class PrivateRedis:
@@ -32,7 +32,7 @@ class PrivateRedis:
         if binary is None:
             pytest.skip("redis-server is not installed")
         # No persistence, like the machine's Redis: a restart loses every queued message.
-        self.process = subprocess.Popen(
+        self.process = start_process(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis
@@ -44,6 +44,7 @@ class PrivateRedis:
         if self.process is not None:
             self.process.kill()
             self.process.wait(10)
+            stop_process(self.process)  # forget it (and anything left in its group)
             self.process = None
 
 

@@ -7,10 +7,12 @@ test that fails, or one that pytest-timeout interrupts, leaves no Orthanc, store
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 T = TypeVar("T")
 
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 #: Process groups started by `start_process` and not yet stopped (pid -> the Popen).
 _RUNNING: dict[int, subprocess.Popen] = {}
 
@@ -46,9 +49,17 @@ def wait_for(condition: Callable[[], T], timeout: float, what: str = "condition"
         time.sleep(interval)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when pytest dies, even by SIGKILL, which no handler of ours sees."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def start_process(args: list[str], **popen_kwargs) -> subprocess.Popen:
     """`subprocess.Popen` in a new process group, recorded so that it is stopped even if the test is not."""
-    process = subprocess.Popen(args, start_new_session=True, **popen_kwargs)
+    popen_kwargs["start_new_session"] = True
+    if sys.platform == "linux" and "preexec_fn" not in popen_kwargs:
+        popen_kwargs["preexec_fn"] = _die_with_parent
+    process = subprocess.Popen(args, **popen_kwargs)
     _RUNNING[process.pid] = process
     return process
 

@@ -11,7 +11,7 @@ import yaml
 from sqlalchemy import create_engine, select
 
 from pacs_bridge.schema import processing_runs
-from tests.support.processes import REPO, free_port, wait_for
+from tests.support.processes import REPO, free_port, start_process, stop_process, wait_for
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -44,8 +44,8 @@ class Service:
 
     def _start(self, name: str, args: list[str]) -> subprocess.Popen:
         log = (self.workdir / f"{name}.log").open("ab")
-        process = subprocess.Popen([sys.executable, "-m", "worker.cli", *args], cwd=REPO, env=self.env,
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = start_process([sys.executable, "-m", "worker.cli", *args], cwd=REPO, env=self.env,
+                                stdout=log, stderr=subprocess.STDOUT)
         self.processes[name] = process
         return process
 
@@ -77,11 +77,8 @@ class Service:
             engine.dispose()
 
     def stop(self) -> None:
-        for process in self.processes.values():
+        for process in self.processes.values():  # all asked at once: each takes a while to shut down
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
         for process in self.processes.values():
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+            stop_process(process, grace_s=20)
