@@ -19,6 +19,7 @@ from pacs_bridge.hl7_senders import MllpLimits, SenderAllowList, mllp_tls_contex
 from pacs_bridge.report_schema import hl7_messages, reports
 from tests.support.hl7 import POLICY, MllpClient, add_study, engine, msa, oru  # noqa: F401 (fixture)
 from tests.support.pki import TestPKI
+from tests.support.processes import wait_for
 from train.labeller import KeywordLabeller
 
 RIS_ONLY = [{"application": "RIS", "facility": "GENERAL", "hosts": ["127.0.0.0/8"]}]
@@ -197,7 +198,7 @@ def test_an_idle_connection_is_closed_and_connections_are_limited(start_listener
     listener = start_listener(limits=MllpLimits(max_connections=2, idle_timeout_s=2.0))
     first, second = (socket.create_connection(("127.0.0.1", listener.port)) for _ in range(2))
     try:
-        time.sleep(0.3)
+        wait_for(lambda: listener.open_connections == 2, 30, what="the listener to hold both connections")
         third = socket.create_connection(("127.0.0.1", listener.port))
         assert _closed_by_listener(third, 5)  # over the limit: closed at once
         third.close()

@@ -17,6 +17,7 @@ from pydicom.uid import generate_uid
 
 from tests.support.api_process import ApiProcess
 from tests.support.dicom_factory import mr_slice
+from tests.support.processes import wait_for
 from worker.api.stow import MultipartError, iter_parts
 
 ADMIN_TOKEN = "tok-admin-" + "a" * 36
@@ -192,9 +193,12 @@ def test_a_request_body_that_stops_arriving_is_answered_408_and_closed(api):
 def test_idle_connections_beyond_the_limit_do_not_keep_the_api_unavailable(api):
     idle = [socket.create_connection(("127.0.0.1", api.port)) for _ in range(8)]
     try:
-        time.sleep(0.3)
+        wait_for(lambda: httpx.get(f"{api.url}/healthz", timeout=5).status_code == 503, 30,
+                 what="the idle connections to take every slot")
         assert httpx.get(f"{api.url}/healthz", timeout=5).status_code == 503  # at most max_connections
-        time.sleep(3)  # the idle ones are closed after header_timeout_s
+        # The idle ones are closed after header_timeout_s.
+        wait_for(lambda: httpx.get(f"{api.url}/healthz", timeout=5).status_code == 200, 60,
+                 what="the idle connections to be closed")
         assert httpx.get(f"{api.url}/healthz", timeout=5).status_code == 200
     finally:
         for sock in idle:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-
 from prometheus_client import REGISTRY
 
 from models.volume import load_series

@@ -17,6 +17,7 @@ from pynetdicom import AE
 
 from pacs_bridge.intake import STATUS_DATASET_MISMATCH
 from tests.support.dicom_factory import mr_slice
+from tests.support.processes import wait_for
 from tests.support.raw_dicom import (
     BAD_TEST_FILES,
     RawStoreSCU,
@@ -49,9 +50,7 @@ def test_stalled_connections_are_cut_off_and_do_not_use_up_the_association_slots
             except (ConnectionResetError, socket.timeout):
                 pass
         # The slots are free again: a normal sender gets in at once.
-        deadline = time.monotonic() + 10
-        while scp.ae.active_associations and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for(lambda: not scp.ae.active_associations, 30, what="the association slots to be free")
         assert scp.ae.active_associations == []
         _still_serves(scp, engine, tmp_path)
     finally:
@@ -87,9 +86,7 @@ def test_a_sender_that_goes_quiet_mid_association_is_aborted(make_receiver, tmp_
     ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", scp.port, ae_title="TRIAGE")
     assert assoc.is_established
-    deadline = time.monotonic() + 10
-    while assoc.is_established and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: not assoc.is_established, 30, what="the quiet association to end")
     assert assoc.is_aborted
     _still_serves(scp, engine, tmp_path)
 

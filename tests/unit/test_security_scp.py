@@ -17,6 +17,7 @@ from sqlalchemy import select
 from pacs_bridge.intake import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS
 from pacs_bridge.schema import events
 from tests.support.dicom_factory import mr_slice
+from tests.support.processes import wait_for
 from tests.support.raw_dicom import RawStoreSCU, _count, _encode, _quarantined, _storescu, make_receiver  # noqa: F401 (the fixture)
 
 # --- who may connect -------------------------------------------------------------------------------------------
@@ -107,11 +108,12 @@ def test_negotiated_associations_over_the_limit_are_refused_transiently_and_reco
     assert over.acceptor.primitive.result_str == "Rejected Transient"
     assert over.acceptor.primitive.reason_str == "Local limit exceeded"
     held.pop().release()
-    deadline = time.monotonic() + 10
-    again = _associate(scp.port)
-    while not again.is_established and time.monotonic() < deadline:  # the released thread may take a moment
-        time.sleep(0.2)
-        again = _associate(scp.port)
+
+    def established():
+        association = _associate(scp.port)
+        return association if association.is_established else None
+
+    again = wait_for(established, 30, what="a slot after a release")  # the released thread may take a moment
     assert again.is_established
     again.release()
     held[0].release()
