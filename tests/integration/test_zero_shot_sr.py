@@ -12,13 +12,14 @@ import pytest
 from pydicom.sr.codedict import codes as dcm_codes
 from sqlalchemy import select
 
-from models.bundle import load_bundle, random_bundle, save_bundle
+from models.bundle import load_bundle
 from pacs_bridge import codes
 from pacs_bridge.assembly import CompletionPolicy, StudyAssembler
 from pacs_bridge.schema import make_engine, processing_runs, utcnow
 from pacs_bridge.slice_index_schema import slice_embeddings
 from pacs_bridge.sr import read_sr
 from pacs_bridge.storage import InstanceStore
+from tests.support.bundles import text_bundle  # noqa: F401 (the fixture)
 from tests.support.slice_evidence import world  # noqa: F401 (the slice_knn CT fixture)
 from tests.support.sr_checks import dciodvfy_errors
 from tests.support.studies import _receive
@@ -72,15 +73,6 @@ def test_a_slice_knn_ct_gets_zero_shot_findings_combined_with_knn_in_its_sr(worl
     assert {v for k, v in algorithms.items() if k.startswith("dx-")} == {"medimageinsight-knn"}
     assert all(codes.label_for_code(codes.code_for_label(f.label)) == f.label for f in last.zero_shot.findings)
     assert dciodvfy_errors(Path(outcomes[4].sr_path)) == []
-
-
-@pytest.fixture(scope="module")
-def text_bundle(tmp_path_factory) -> Path:
-    """A tiny random Prima bundle that carries a tiny random text tower."""
-    folder = tmp_path_factory.mktemp("text-bundle")
-    bundle = random_bundle("tiny", seed=0, text=True)
-    save_bundle(folder, bundle.vqvae, bundle.prima, bundle.manifest, text=bundle.text)
-    return folder
 
 
 def test_a_neuro_mri_study_with_a_text_tower_gets_prima_zero_shot_findings_in_its_sr(tmp_path, text_bundle,

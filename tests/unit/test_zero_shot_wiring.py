@@ -11,6 +11,7 @@ import torch
 
 from models.bundle import TEXT_FILE, BundleError, load_bundle, random_bundle, save_bundle
 from pacs_bridge.sr import read_sr
+from tests.support.bundles import text_bundle  # noqa: F401 (the fixture)
 from tests.support.slice_evidence import world  # noqa: F401 (the slice_knn CT fixture)
 
 
