@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.databases import POSTGRES_ADMIN_URL, REDIS_URL, bookkeeping_url, postgres_url, redis_url  # noqa: F401
-from tests.support.orthanc import Orthanc, orthanc, orthanc_server  # noqa: F401
-from tests.support.processes import REPO, free_port, install_reaper, stop_all, wait_for  # noqa: F401
+from tests.support.databases import bookkeeping_url, postgres_url, redis_url  # noqa: F401 (fixtures)
+from tests.support.orthanc import orthanc, orthanc_server  # noqa: F401 (fixtures)
+from tests.support.processes import install_reaper, stop_all
 from tests.support.stress import cpu_stress_fixture as cpu_stress  # noqa: F401  (a fixture for every test module)
 
 UNIT = Path(__file__).resolve().parent / "unit"
@@ -55,8 +55,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if used:
                 misplaced.append(f"{item.nodeid}: {', '.join(used)}")
     if misplaced:
-        raise pytest.UsageError("tests under tests/unit must need no service (move these to tests/integration):"
-                                "\n  " + "\n  ".join(misplaced))
+        raise pytest.UsageError("tests under tests/unit must need no service (move these to tests/integration)"
+                                ":\n  " + "\n  ".join(misplaced))
 
 
 @pytest.fixture(scope="session")

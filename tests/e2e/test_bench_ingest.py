@@ -10,7 +10,7 @@ import pytest
 
 from tests.support.processes import REPO
 
-pytestmark = pytest.mark.needs_dcmtk
+pytestmark = [pytest.mark.needs_dcmtk, pytest.mark.needs_orthanc]
 
 KEYS = {"ours_images_per_s", "dcmtk_images_per_s", "orthanc_images_per_s", "ours_cpu_ms_per_image",
         "ratio_vs_orthanc", "ratio_vs_dcmtk", "ours_pynetdicom_images_per_s", "associations", "engine"}

@@ -25,6 +25,8 @@ from worker.database import upgrade
 from worker.delivery import DeliveryBook
 from worker.publishing import dead_letter_publications
 
+pytestmark = pytest.mark.needs_orthanc
+
 
 @pytest.fixture(autouse=True, params=["idle", pytest.param("every core busy", marks=pytest.mark.slow)])
 def load(request):

@@ -20,7 +20,7 @@ from tests.support.orthanc import Orthanc
 from tests.support.planted_lesion import PlantedLesionModel, PlantedLesionProcessor
 from worker.delivery import DeliveryBook
 
-pytestmark = [pytest.mark.slow, pytest.mark.needs_dcmtk]
+pytestmark = [pytest.mark.slow, pytest.mark.needs_dcmtk, pytest.mark.needs_orthanc]
 
 
 @pytest.fixture(scope="module")

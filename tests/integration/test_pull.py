@@ -23,7 +23,7 @@ from tests.support.intake import phantom, receiver_for, storescu
 from tests.support.orthanc import Orthanc
 from tests.support.processes import REPO, free_port, start_process, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.needs_dcmtk]
+pytestmark = [pytest.mark.slow, pytest.mark.needs_dcmtk, pytest.mark.needs_orthanc]
 
 RULES = [{"name": "brain-mr", "pipeline": "neuro_mri",
           "match": {"all": [{"tag": "Modality", "equals": "MR"}, {"tag": "source", "present": True}]}}]
