@@ -55,7 +55,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if used:
                 misplaced.append(f"{item.nodeid}: {', '.join(used)}")
     if misplaced:
-        raise pytest.UsageError("tests under tests/unit must need no service (move these to tests/integration)"
+        raise pytest.UsageError("tests under tests/unit must need no service (move them to tests/integration)"
                                 ":\n  " + "\n  ".join(misplaced))
 
 
