@@ -50,7 +50,9 @@ def wait_for(condition: Callable[[], T], timeout: float, what: str = "condition"
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when pytest dies, even by SIGKILL, which no handler of ours sees."""
+    """In the child before exec: SIGKILL when pytest dies, even by SIGKILL, which no handler of ours sees.
+
+    Linux sends it when the *thread* that started the child ends: start servers from the test's own thread."""
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
