@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import UID
 
-from models.dicom_frames import FrameHeader, decode_frames, frame_headers, read_dataset
+from models.dicom_frames import DicomImage, FrameHeader, decode_frames, frame_headers, read_dataset
 from models.orientation import reorient_to_lps
 from models.resample import TARGET_IN_PLANE, resample_in_plane
 
@@ -152,7 +151,7 @@ def prima_series_name(series_description: str, protocol_name: str, series_instan
     return f"UNK-{series_instance_uid}"
 
 
-def _has_pixels(ds: Dataset) -> bool:
+def _has_pixels(ds: DicomImage) -> bool:
     return any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
 
 
@@ -160,7 +159,7 @@ def _sop_class_name(uid: str) -> str:
     return UID(uid).name or uid
 
 
-def _read_series_datasets(paths: Sequence[Path]) -> tuple[list[tuple[Path, Dataset]], list[str]]:
+def _read_series_datasets(paths: Sequence[Path]) -> tuple[list[tuple[Path, DicomImage]], list[str]]:
     datasets, notes = [], []
     for path in paths:
         try:
@@ -393,7 +392,7 @@ def _sortable(value: object) -> tuple:
 def _stack_volume(
     kept: list[FrameHeader],
     normal: np.ndarray,
-    dataset_by_path: Mapping[Path, Dataset],
+    dataset_by_path: Mapping[Path, DicomImage],
     in_plane_size: int,
     min_slices: int,
     min_slice_spacing_mm: float | None,
