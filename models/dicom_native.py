@@ -1,16 +1,17 @@
-"""Uncompressed little-endian DICOM files read straight from their bytes: the elements a volume needs and the pixels.
+"""Uncompressed little-endian DICOM files read straight from their bytes: the elements a volume needs, pixels.
 
-pydicom builds an object per element and converts each value through its value-representation machinery: about
-2.5 ms for a small MR file, slower than GDCM's reader. A volume needs some twenty elements of a file. For the two
-transfer syntaxes that hold pixels as plain little-endian integers (Implicit and Explicit VR Little Endian,
-PS3.5 A.1 and A.2) this module walks the element headers with ``struct``, keeps those elements' values and views
-the pixel data as a NumPy array: a few hundred microseconds a file.
+pydicom builds an object per element and converts each value through its value-representation machinery:
+about 2.5 ms for a small MR file, slower than GDCM's reader. A volume needs some twenty elements of a file.
+For the two transfer syntaxes that hold pixels as plain little-endian integers (Implicit and Explicit VR
+Little Endian, PS3.5 A.1 and A.2) this module walks the element headers with ``struct``, keeps those
+elements' values and views the pixel data as a NumPy array: a few hundred microseconds a file.
 
-Every value is what :mod:`models.dicom_frames` gets from pydicom for the same element (single values as a value,
-several as a list, text stripped as pydicom strips it), and the pixels are pydicom's, unused high bits cleared or
-sign-extended as it does. Whatever this reader does not handle -- a compressed, deflated or big-endian transfer
-syntax, a multi-frame or enhanced file, floating-point pixels, colour, non-ASCII text, several values where one
-is expected, a value pydicom would reject -- raises :class:`NotNative`, and the caller reads the file with pydicom.
+Every value is what :mod:`models.dicom_frames` gets from pydicom for the same element (one value as a value,
+several as a list, text stripped as pydicom strips it), and the pixels are pydicom's, unused high bits cleared
+or sign-extended as it does. Whatever this reader does not handle -- a compressed, deflated or big-endian
+transfer syntax, a multi-frame or enhanced file, floating-point pixels, colour, non-ASCII text, several values
+where one is expected, a value pydicom would reject -- raises :class:`NotNative`, and the caller reads the
+file with pydicom.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 
 #: Explicit VRs whose length field is 4 bytes after 2 reserved ones (PS3.5 7.1.2); all others have 2 bytes.
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
 _SHORT_VRS = frozenset(
     {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN", b"SH", b"SL",
      b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
@@ -73,8 +76,8 @@ _WANTED: dict[int, tuple[str, str]] = {
 #: the offset tables of encapsulated pixel data.
 _NOT_NATIVE_TAGS = frozenset({0x52009229, 0x52009230, 0x7FE00001, 0x7FE00002, 0x7FE00008, 0x7FE00009})
 #: Text elements where pydicom would give a list for several values (what code downstream expects one of).
-_SINGLE_TEXT = frozenset({"SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Modality", "SeriesDescription",
-                          "ProtocolName", "PhotometricInterpretation"})
+_SINGLE_TEXT = frozenset({"SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Modality",
+                          "SeriesDescription", "ProtocolName", "PhotometricInterpretation"})
 
 _unpack = struct.unpack_from
 
@@ -84,10 +87,11 @@ class NotNative(Exception):
 
 
 class NativeImage:
-    """The volume elements of one uncompressed single-frame file: a read-only stand-in for the pydicom Dataset
-    that :func:`models.dicom_frames.read_dataset` would give (``get``, ``in``; pixels by :meth:`frames`)."""
+    """The volume elements of one uncompressed single-frame file: a read-only stand-in for the pydicom
+    Dataset that :func:`models.dicom_frames.read_dataset` would give (``get``, ``in``; pixels by
+    :meth:`frames`)."""
 
-    __slots__ = ("_values", "_pixel_bytes")
+    __slots__ = ("_pixel_bytes", "_values")
 
     def __init__(self, values: dict[str, object], pixel_bytes: bytes | None) -> None:
         self._values = values
@@ -106,8 +110,8 @@ class NativeImage:
         bits_allocated, bits_stored = values["BitsAllocated"], values["BitsStored"]
         dtype = np.dtype(f"<{'i' if values['PixelRepresentation'] else 'u'}{bits_allocated // 8}")
         count = rows * columns  # type: ignore[operator]
-        pixels = np.frombuffer(self._pixel_bytes, dtype=dtype, count=count).reshape(1, rows, columns)  # type: ignore[arg-type]
-        pixels = pixels.copy()
+        pixels = np.frombuffer(self._pixel_bytes, dtype=dtype, count=count)  # type: ignore[arg-type]
+        pixels = pixels.reshape(1, rows, columns).copy()  # type: ignore[arg-type]
         if bits_stored < bits_allocated:  # type: ignore[operator]
             # The bits above Bits Stored carry nothing (PS3.5 8.1.1): pydicom clears them, or sign-extends
             # signed values, by shifting left then right; so do we.

@@ -1,4 +1,4 @@
-"""The native reader of uncompressed files (models.dicom_native) gives what pydicom gives: values, pixels, volumes."""
+"""The native reader of uncompressed files (models.dicom_native) gives pydicom's values, pixels, volumes."""
 
 from __future__ import annotations
 
@@ -36,7 +36,10 @@ def _series_view(ds: object) -> dict[str, object]:
         "samples": int(ds.get("SamplesPerPixel", 1) or 1),  # type: ignore[attr-defined]
         "description": str(ds.get("SeriesDescription", "") or ""),  # type: ignore[attr-defined]
         "protocol": str(ds.get("ProtocolName", "") or ""),  # type: ignore[attr-defined]
-        "has_pixels": [k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")],  # type: ignore[operator]
+        "has_pixels": [
+            k in ds  # type: ignore[operator]
+            for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+        ],
     }
 
 
@@ -49,7 +52,7 @@ def _assert_same_as_pydicom(path: Path) -> NativeImage | None:
     """Native and pydicom reading of ``path`` agree on everything a volume uses; returns the native image."""
     try:
         expected, expected_view, expected_headers = _read_as_volume_reads(path, native=False)
-    except Exception as error:  # the native path must fail the same way: it hands such files to pydicom
+    except Exception as error:  # noqa: BLE001 - whatever pydicom raises, the native path must raise too
         with pytest.raises(type(error)):
             _read_as_volume_reads(path, native=True)
         return None
@@ -65,7 +68,9 @@ def _assert_same_as_pydicom(path: Path) -> NativeImage | None:
 
 
 @pytest.mark.parametrize("name", NATIVE_TEST_FILES)
-def test_uncompressed_mr_and_ct_test_files_are_read_natively_with_pydicoms_values_and_pixels(name: str) -> None:
+def test_uncompressed_mr_and_ct_test_files_are_read_natively_with_pydicoms_values_and_pixels(
+    name: str,
+) -> None:
     path = _test_file(name)
     assert isinstance(read_native(path), NativeImage)
     assert _assert_same_as_pydicom(path) is not None
@@ -80,8 +85,16 @@ def test_every_pydicom_test_file_reads_as_pydicom_reads_it_natively_or_by_fallin
 
 
 @pytest.mark.parametrize(
-    "name", ["MR_small_bigendian.dcm", "MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm", "emri_small.dcm",
-             "liver_1frame.dcm", "SC_rgb_small_odd.dcm", "no_meta.dcm"]
+    "name",
+    [
+        "MR_small_bigendian.dcm",
+        "MR_small_RLE.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "emri_small.dcm",
+        "liver_1frame.dcm",
+        "SC_rgb_small_odd.dcm",
+        "no_meta.dcm",
+    ],
 )
 def test_compressed_big_endian_multiframe_colour_or_metaless_files_are_left_to_pydicom(name: str) -> None:
     with pytest.raises(NotNative):
@@ -136,7 +149,10 @@ def test_phantom_study_volumes_are_bit_identical_to_the_pydicom_path(
         assert np.array_equal(native.array, reference.array)
         assert np.array_equal(native.affine_lps, reference.affine_lps)
         assert (native.name, native.thin_axis, native.source, native.notes) == (
-            reference.name, reference.thin_axis, reference.source, reference.notes
+            reference.name,
+            reference.thin_axis,
+            reference.source,
+            reference.notes,
         )
 
 
