@@ -270,8 +270,8 @@ def compare(
         "studies": len(studies),
         "repeats": repeats,
         "images_per_study": counts["images"],
-        "ours_read_s": round(statistics.median(runs["ours_read_s"]), 4),
-        "ours_preprocess_s": round(statistics.median(runs["ours_preprocess_s"]), 4),
+        "ours_read_s": round(statistics.median(runs["ours_read_s"]), 6),
+        "ours_preprocess_s": round(statistics.median(runs["ours_preprocess_s"]), 6),
         "ours_vqvae_patches": counts["patches"],
     }
     if reference is not None:
@@ -279,14 +279,15 @@ def compare(
         reference_preprocess = statistics.median(runs["reference_preprocess_s"])
         if runs["simpleitk_read_s"]:
             simpleitk_read = statistics.median(runs["simpleitk_read_s"])
-            result["simpleitk_read_s"] = round(simpleitk_read, 4)
+            result["simpleitk_read_s"] = round(simpleitk_read, 6)
             result["read_ratio_simpleitk_alone"] = round(
                 simpleitk_read / statistics.median(runs["ours_read_s"]), 2
             )
         result.update(
             {
-                "reference_read_s": round(reference_read, 4),
-                "reference_preprocess_s": round(reference_preprocess, 4),
+                "reference_read_s": round(reference_read, 6),
+                "reference_preprocess_s": round(reference_preprocess, 6),
+                "reference_images_per_study": counts["reference_images"],
                 "reference_vqvae_patches": counts["reference_patches"],
                 "read_ratio": round(reference_read / statistics.median(runs["ours_read_s"]), 2),
                 "preprocess_ratio": round(
@@ -300,7 +301,7 @@ def compare(
                 },
             }
         )
-    result["runs_s"] = {name: [round(v, 4) for v in values] for name, values in runs.items() if values}
+    result["runs_s"] = {name: [round(v, 6) for v in values] for name, values in runs.items() if values}
     return result
 
 
