@@ -261,6 +261,8 @@ def read_native(path: Path) -> NativeImage:
                 break
     except struct.error as error:
         raise NotNative(f"truncated: {error}") from None
+    except RecursionError:  # sequences nested deeper than Python's stack: pydicom's reader decides
+        raise NotNative("sequences nested too deeply") from None
 
     values: dict[str, object] = {}
     for tag, (keyword, raw) in raw_values.items():

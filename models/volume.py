@@ -440,10 +440,26 @@ def _stack_volume(
             )
         stored.append(frame)
     integer_dtype = _integer_dtype(stored, kept)
-    stack = np.stack(
-        [frame.astype(np.float64) * h.rescale_slope + h.rescale_intercept for frame, h in zip(stored, kept)]
-    )
-    resampled = resample_in_plane(stack, in_plane_size, integer_dtype)
+    rescales = {(h.rescale_slope, h.rescale_intercept) for h in kept}
+    if (
+        rescales == {(1.0, 0.0)}
+        and integer_dtype == stored[0].dtype
+        and (rows, columns) == (in_plane_size, in_plane_size)
+    ):
+        # Stored integers already on the target grid: resampling, and clamping to their own type, change
+        # nothing; skip the float64 copies of the whole stack (a 3D T1 is 90 MB of them).
+        resampled = np.stack(stored).astype(np.float32)
+    else:
+        stack = np.stack(stored).astype(np.float64)
+        if len(rescales) > 1:
+            for values, h in zip(stack, kept):
+                values *= h.rescale_slope
+                values += h.rescale_intercept
+        elif rescales != {(1.0, 0.0)}:  # x * 1.0 + 0.0 is x for the integers and floats stored here
+            ((slope, intercept),) = rescales
+            stack *= slope
+            stack += intercept
+        resampled = resample_in_plane(stack, in_plane_size, integer_dtype)
     slice_index = np.arange(len(kept), dtype=np.float64)  # source slice position of each volume slice
     if min_slice_spacing_mm is not None and len(kept) > 1 and slice_spacing < min_slice_spacing_mm:
         resampled, slice_index = resample_slices(
