@@ -158,6 +158,12 @@ def _serve_reference(checkout: Path) -> int:
     return 0
 
 
+def _without_this_project(search_path: str) -> str:
+    """PYTHONPATH less this project's root: the reference's process runs the checkout's code, not ours."""
+    root = Path(__file__).resolve().parents[1]
+    return os.pathsep.join(p for p in search_path.split(os.pathsep) if p and Path(p).resolve() != root)
+
+
 class ReferenceProcess:
     """The reference pipeline in a process of ``python``, kept running so that its imports are paid once."""
 
@@ -177,7 +183,7 @@ class ReferenceProcess:
             stderr=self._stderr,
             text=True,
             cwd=self.checkout,
-            env={**os.environ, "PYTHONPATH": ""},
+            env={**os.environ, "PYTHONPATH": _without_this_project(os.environ.get("PYTHONPATH", ""))},
         )
         self.hello = self._answer()
 
