@@ -4,7 +4,8 @@ A series arrives as files; an enhanced MR file holds many images (frames) whose 
 and Per-frame Functional Groups (PS3.3 C.7.6.16) rather than in top-level attributes. This module flattens both
 into one :class:`FrameHeader` per image so that :mod:`models.volume` can sort and stack them without caring
 where an image came from, and decodes the pixels of a dataset (compressed transfer syntaxes through pydicom's
-pixel handlers, i.e. pylibjpeg / its plugins).
+pixel handlers, i.e. pylibjpeg / its plugins). Uncompressed single-frame files, the common case, are read by
+:mod:`models.dicom_native` straight from their bytes, with the same values and pixels; everything else by pydicom.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from models.dicom_native import NativeImage, NotNative, read_native
+
+#: What :func:`read_dataset` gives: a pydicom Dataset, or the same elements of an uncompressed single-frame file.
+DicomImage = Dataset | NativeImage
 Vector3 = tuple[float, float, float]
 
 
@@ -96,11 +101,11 @@ def _functional_attribute(
     return None
 
 
-def _is_multiframe(ds: Dataset) -> bool:
+def _is_multiframe(ds: DicomImage) -> bool:
     return "PerFrameFunctionalGroupsSequence" in ds or int(ds.get("NumberOfFrames", 1) or 1) > 1
 
 
-def frame_headers(ds: Dataset, path: Path) -> list[FrameHeader]:
+def frame_headers(ds: DicomImage, path: Path) -> list[FrameHeader]:
     """One header per image held by ``ds`` (read from ``path``)."""
     common = {
         "path": path,
@@ -191,22 +196,30 @@ VOLUME_KEYWORDS: tuple[str, ...] = (
 )
 
 
-def read_dataset(path: Path) -> Dataset:
+def read_dataset(path: Path, *, native: bool = True) -> DicomImage:
     """The elements of one file that a volume needs (:data:`VOLUME_KEYWORDS`); pixel data stay encoded until
     :func:`decode_frames`.
 
-    Only those elements are read (``specific_tags``: the others are skipped by their length, never converted),
+    An uncompressed single-frame file is read by :func:`models.dicom_native.read_native` (``native=False``
+    forces pydicom, the reference the native reader is tested against). With pydicom, only those elements are read (``specific_tags``: the others are skipped by their length, never converted),
     and each of them is converted here, so a malformed one (an unknown VR, a bad length: pydicom defers these)
     fails while the file is read, where it is dropped with a reason, not later in the middle of geometry.
     """
+    if native:
+        try:
+            return read_native(path)
+        except NotNative:
+            pass
     ds = pydicom.dcmread(path, specific_tags=list(VOLUME_KEYWORDS))
     for _ in ds.iterall():
         pass
     return ds
 
 
-def decode_frames(ds: Dataset) -> np.ndarray:
+def decode_frames(ds: DicomImage) -> np.ndarray:
     """Stored pixel values of every frame as (frames, rows, columns), before any rescale."""
+    if isinstance(ds, NativeImage):
+        return ds.frames()
     pixels = ds.pixel_array
     if pixels.ndim == 2:
         pixels = pixels[np.newaxis]

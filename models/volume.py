@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import UID
 
-from models.dicom_frames import FrameHeader, decode_frames, frame_headers, read_dataset
+from models.dicom_frames import DicomImage, FrameHeader, decode_frames, frame_headers, read_dataset
 from models.orientation import reorient_to_lps
 from models.resample import TARGET_IN_PLANE, resample_in_plane
 
@@ -152,7 +151,7 @@ def prima_series_name(series_description: str, protocol_name: str, series_instan
     return f"UNK-{series_instance_uid}"
 
 
-def _has_pixels(ds: Dataset) -> bool:
+def _has_pixels(ds: DicomImage) -> bool:
     return any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
 
 
@@ -160,7 +159,7 @@ def _sop_class_name(uid: str) -> str:
     return UID(uid).name or uid
 
 
-def _read_series_datasets(paths: Sequence[Path]) -> tuple[list[tuple[Path, Dataset]], list[str]]:
+def _read_series_datasets(paths: Sequence[Path]) -> tuple[list[tuple[Path, DicomImage]], list[str]]:
     datasets, notes = [], []
     for path in paths:
         try:
@@ -393,7 +392,7 @@ def _sortable(value: object) -> tuple:
 def _stack_volume(
     kept: list[FrameHeader],
     normal: np.ndarray,
-    dataset_by_path: Mapping[Path, Dataset],
+    dataset_by_path: Mapping[Path, DicomImage],
     in_plane_size: int,
     min_slices: int,
     min_slice_spacing_mm: float | None,
@@ -441,10 +440,26 @@ def _stack_volume(
             )
         stored.append(frame)
     integer_dtype = _integer_dtype(stored, kept)
-    stack = np.stack(
-        [frame.astype(np.float64) * h.rescale_slope + h.rescale_intercept for frame, h in zip(stored, kept)]
-    )
-    resampled = resample_in_plane(stack, in_plane_size, integer_dtype)
+    rescales = {(h.rescale_slope, h.rescale_intercept) for h in kept}
+    if (
+        rescales == {(1.0, 0.0)}
+        and integer_dtype == stored[0].dtype
+        and (rows, columns) == (in_plane_size, in_plane_size)
+    ):
+        # Stored integers already on the target grid: resampling, and clamping to their own type, change
+        # nothing; skip the float64 copies of the whole stack (a 3D T1 is 90 MB of them).
+        resampled = np.stack(stored).astype(np.float32)
+    else:
+        stack = np.stack(stored).astype(np.float64)
+        if len(rescales) > 1:
+            for values, h in zip(stack, kept):
+                values *= h.rescale_slope
+                values += h.rescale_intercept
+        elif rescales != {(1.0, 0.0)}:  # x * 1.0 + 0.0 is x for the integers and floats stored here
+            ((slope, intercept),) = rescales
+            stack *= slope
+            stack += intercept
+        resampled = resample_in_plane(stack, in_plane_size, integer_dtype)
     slice_index = np.arange(len(kept), dtype=np.float64)  # source slice position of each volume slice
     if min_slice_spacing_mm is not None and len(kept) > 1 and slice_spacing < min_slice_spacing_mm:
         resampled, slice_index = resample_slices(

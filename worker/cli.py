@@ -55,6 +55,7 @@ BENCHMARKS: dict[str, str] = {
     "encoder": "models.bench_encoder:bench",
     "e2e": "worker.commands.bench_e2e:main",
     "ingest": "worker.bench_ingest:main",
+    "preprocess": "worker.commands.bench_reference:main",
     "labeller": "train.labeller_eval:bench",
     "learn": "train.demo_model:bench",
     # MedImageInsight slice embeddings and the kNN evidence index (models/bench_slices.py)
@@ -66,6 +67,7 @@ BENCHMARK_HELP: dict[str, str] = {
     "encoder": "study-encoder throughput at the published size (studies/s, TFLOP/s)",
     "e2e": "phantom studies through serve and workers as processes, under concurrent load",
     "ingest": "our DICOM receiver against dcmtk's storescp and Orthanc (images/s)",
+    "preprocess": "DICOM folder to VQ-VAE input per study, against the Prima pipeline's (--compare-reference)",
     "labeller": "accuracy of the report labeller on the committed labelled sentences",
     "learn": "train the tiny demo model on phantoms (seconds per stage)",
     "embedder": "MedImageInsight slice-embedding throughput",

@@ -39,6 +39,7 @@ from sqlalchemy import create_engine, func, select
 from sql.database import upgrade
 from sql.schema import as_utc, processing_runs, studies
 from train.phantoms import LESIONS, write_phantom_study
+from worker.commands.bench_reference import add_reference_options, compare
 from worker.processes import stop_process_groups
 
 REPO = Path(__file__).resolve().parents[2]
@@ -222,6 +223,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--database-url", help="default: a fresh SQLite file")
     parser.add_argument("--bundle", help="model bundle (default: a tiny bundle with random weights)")
     parser.add_argument("--no-explain", action="store_true", help="skip LIME regions (slow on a CPU)")
+    parser.add_argument("--reference-studies", type=int, default=2,
+                        help="with --compare-reference: how many of the studies both preprocessings run on")
+    parser.add_argument("--reference-repeats", type=int, default=3)
+    add_reference_options(parser)
     args = parser.parse_args(argv)
     if shutil.which("storescu") is None:
         print("storescu is not installed (run ops/setup.sh)", file=sys.stderr)
@@ -241,11 +246,35 @@ def main(argv: list[str]) -> int:
                            broker_url=args.broker_url, bundle=bundle, workers=args.workers,
                            associations=args.associations, quiet_period_s=args.quiet_period,
                            explain=not args.no_explain)
+        if args.compare_reference:
+            figures["reference_comparison"] = compare_with_reference(
+                folders[: max(1, args.reference_studies)], figures["studies_per_hour"],
+                args.compare_reference, args.reference_python, args.reference_repeats)
     figures["device"] = device
     figures["model"] = "given bundle" if args.bundle else "tiny, random weights"
     figures["explain"] = not args.no_explain
     print(json.dumps(figures))
     return 0 if figures["exactly_once"] else 1
+
+
+def compare_with_reference(folders: list[Path], studies_per_hour: float, checkout: Path, python: str,
+                           repeats: int) -> dict:
+    """Both preprocessings on some of the load's studies, after the load (so that they do not compete).
+
+    The reference pipeline has no service: its best rate on this machine is one process per core, each doing
+    one study per preprocessing time, models left out (its tokenizer and Prima passes need weights it fetches
+    by hand); ``studies_per_hour_ratio`` divides ours, models included, by that bound.
+    """
+    figures = compare(folders, repeats=repeats, checkout=checkout, python=python)
+    cores = os.cpu_count() or 1
+    reference_per_hour = 3600 / figures["reference_preprocess_s"] * cores
+    return {
+        **figures,
+        "reference_studies_per_hour_bound": round(reference_per_hour, 1),
+        "reference_bound": f"{cores} processes (one per core), preprocessing alone (DICOM folder to VQ-VAE "
+                           "input), models left out",
+        "studies_per_hour_ratio": round(studies_per_hour / reference_per_hour, 2),
+    }
 
 
 def _random_bundle(folder: Path) -> Path:
