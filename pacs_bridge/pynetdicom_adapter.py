@@ -3,7 +3,7 @@
 pynetdicom's public API has no hook for: a socket read timeout, a bound on the PDU length a peer announces, a bound
 on the bytes of one C-STORE while they arrive, or a rejection sent from an event handler. The functions here do
 those few things against pynetdicom's internals (``Association.dul.socket``, ``Association.dimse.receive_primitive``,
-``Association.acse.send_reject``); ``tests/test_security_pynetdicom_adapter.py`` fails as soon as an upgrade moves
+``Association.acse.send_reject``); ``tests/unit/test_security_pynetdicom_adapter.py`` fails as soon as an upgrade moves
 any of them, so the receiver (:mod:`pacs_bridge.scp`) stays on the public API everywhere else.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 This is the one place where our outbound side reaches inside pynetdicom's
 :class:`~pynetdicom.association.Association`; it was read against pynetdicom :data:`VERIFIED_VERSION` and
-``tests/test_association.py`` fails when another version is installed, so that whoever upgrades reads it again.
+``tests/integration/test_association.py`` fails when another version is installed, so that whoever upgrades reads it again.
 
 1. :func:`install_reactor_gate`: a reactor checkpoint that cannot let the reactor take a response (below).
 2. :func:`send_without_delay`: Nagle's algorithm off on the association's socket. pynetdicom leaves it on, and a

@@ -15,28 +15,28 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
-    JPEGLosslessSV1,
     JPEGLossless,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
 )
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
 
+from pacs_bridge import pynetdicom_adapter as adapter
 from pacs_bridge.bookkeeping import Bookkeeper, ReceivedInstance
 from pacs_bridge.dicom_tls import DeferredHandshakeContext, PeerBindings, server_context
 from pacs_bridge.intake import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, RejectedInstance, check_received
-from pacs_bridge import pynetdicom_adapter as adapter
 from pacs_bridge.scp_settings import ScpSettings
 from pacs_bridge.storage import InstanceStore
 

@@ -22,7 +22,7 @@ import os
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, UTC
+from datetime import UTC, datetime
 from pathlib import Path
 
 #: PS3.5 §9.1: components of digits separated by periods, at most 64 characters, no leading zero in a

@@ -10,17 +10,7 @@ not a birth date; a region and density quartile, not a postcode). A missing valu
 """
 from __future__ import annotations
 
-from sqlalchemy import (
-    JSON,
-    Column,
-    DateTime,
-    ForeignKey,
-    Integer,
-    String,
-    Table,
-    Text,
-    UniqueConstraint,
-)
+from sqlalchemy import JSON, Column, DateTime, ForeignKey, Integer, String, Table, Text, UniqueConstraint
 
 from sql.base import UID, metadata
 

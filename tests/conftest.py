@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.databases import bookkeeping_url, postgres_url, redis_url  # noqa: F401 (fixtures)
+from tests.support.databases import bookkeeping_url, engine, postgres_url, redis_url  # noqa: F401 (fixtures)
 from tests.support.orthanc import orthanc, orthanc_server  # noqa: F401 (fixtures)
 from tests.support.processes import install_reaper, stop_all
 from tests.support.stress import cpu_stress_fixture as cpu_stress  # noqa: F401  (a fixture for every test module)

@@ -37,20 +37,10 @@ from models.prima import PRIMA_CONFIGS, PrimaModel
 from models.tokenizer import SeriesTokens, token_features
 from models.vqvae import build_vqvae
 from train.checkpoint import load_checkpoint
-from train.clip_training import (
-    ClipTrainingConfig,
-    TrainingStudy,
-    study_embeddings,
-    train_clip,
-)
+from train.clip_training import ClipTrainingConfig, TrainingStudy, study_embeddings, train_clip
 from train.evaluation import auroc, expected_calibration_error
 from train.heads_training import HeadData, HeadsTrainingConfig, train_heads
-from train.phantom_corpus import (
-    CachedStudy,
-    build_phantom_corpus,
-    code_fingerprint,
-    phantom_plan,
-)
+from train.phantom_corpus import CachedStudy, build_phantom_corpus, code_fingerprint, phantom_plan
 from train.phantoms import LESION_LABELS, LESIONS
 from train.progress import MetricsSink, discard_metrics
 from train.triage_table import TriageTable, load_triage_table

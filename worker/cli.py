@@ -2,7 +2,7 @@
 ``train``.
 
 Each command imports what it runs inside its function: ``triage --help`` and every other command start without
-pydicom, SQLAlchemy or torch (tests/test_cli.py checks it).
+pydicom, SQLAlchemy or torch (tests/unit/test_cli.py checks it).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ FEATURE_COMMANDS += ("worker.commands.models", "worker.commands.training")
 #: The top-level commands of feature modules, with their help lines: ``triage --help`` and the other commands list
 #: them without importing the modules (pydicom, SQLAlchemy and the publishers at their tops: about a second); a
 #: module is imported when one of its commands runs. A module of FEATURE_COMMANDS missing here is imported at
-#: every start, as before. tests/test_cli.py checks this against what the modules register.
+#: every start, as before. tests/unit/test_cli.py checks this against what the modules register.
 FEATURE_COMMAND_INDEX: dict[str, tuple[str, str]] = {
     "deliveries": ("worker.commands.deliveries", "list undelivered results; retry dead-lettered ones"),
     "fairness": ("worker.commands.fairness", "turnaround and fairness: report, scheduled refresh, cohort"),

@@ -38,15 +38,7 @@ from pacs_bridge.publishers import (
     build_publishers,
 )
 from pacs_bridge.results import Finding, TriageResult
-from sql.schema import (
-    events,
-    instances,
-    predictions,
-    processing_runs,
-    series,
-    studies,
-    utcnow,
-)
+from sql.schema import events, instances, predictions, processing_runs, series, studies, utcnow
 from worker.config import Settings
 from worker.metrics import DEAD_LETTERS
 

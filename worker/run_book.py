@@ -28,16 +28,7 @@ from sqlalchemy.engine import Engine
 
 from pacs_bridge.results import NotAnalysed, TriageResult
 from pacs_bridge.routing import is_derived_object
-from sql.schema import (
-    as_utc,
-    events,
-    instances,
-    predictions,
-    processing_runs,
-    series,
-    studies,
-    utcnow,
-)
+from sql.schema import as_utc, events, instances, predictions, processing_runs, series, studies, utcnow
 from worker.config import Settings
 from worker.delivery import DeliveryBook
 from worker.input_gate import GatePolicy, GateVerdict, assess, series_inputs

@@ -28,9 +28,9 @@ from sqlalchemy import and_, select
 
 from pacs_bridge.results import SimilarStudy, TriageResult
 from sql.schema import studies
-from sql.slice_index_schema import slice_embeddings
 from sql.slice_index import IndexFiles, SliceIndexBook
 from sql.slice_index import rebuild_all as rebuild_partitions
+from sql.slice_index_schema import slice_embeddings
 from worker.config import Settings
 
 log = logging.getLogger(__name__)

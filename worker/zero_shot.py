@@ -24,12 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.zero_shot import (
-    ClassEmbeddings,
-    PromptTable,
-    TextEmbeddingCache,
-    combine_with_knn,
-)
+from models.zero_shot import ClassEmbeddings, PromptTable, TextEmbeddingCache, combine_with_knn
 from pacs_bridge.codes import FINDING_CODES
 from pacs_bridge.results import Finding, ZeroShotFindings
 

@@ -18,13 +18,7 @@ from typing import Any, ClassVar
 
 from pydicom.uid import generate_uid
 
-from pacs_bridge.publishers.base import (
-    PriorityRaiser,
-    PriorityScale,
-    PriorityUpdate,
-    PublisherError,
-    Target,
-)
+from pacs_bridge.publishers.base import PriorityRaiser, PriorityScale, PriorityUpdate, PublisherError, Target
 from pacs_bridge.publishers.http import HttpClient
 
 DICOM_JSON = "application/dicom+json"

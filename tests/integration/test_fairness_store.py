@@ -35,14 +35,6 @@ from worker.config import load_settings
 DEFAULT_FAIRNESS = fairness_config(load_settings(environ={}).fairness)
 
 
-@pytest.fixture
-def engine(postgres_url):
-    upgrade(postgres_url)
-    engine = make_engine(postgres_url)
-    yield engine
-    engine.dispose()
-
-
 @pytest.fixture(scope="module")
 def loaded():
     """One database with the synthetic cohort for the tests that only add refreshes (loading takes seconds)."""

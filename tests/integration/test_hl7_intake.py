@@ -23,7 +23,7 @@ from pacs_bridge.hl7_intake import (
 from sql.database import make_engine
 from sql.report_schema import ground_truth_labels, hl7_messages, reports, study_attributes
 from sql.schema import events
-from tests.support.hl7 import POLICY, STUDY_UID, MllpClient, add_study, engine, msa, oru  # noqa: F401 (the fixture)
+from tests.support.hl7 import POLICY, STUDY_UID, MllpClient, add_study, msa, oru  # noqa: F401 (the fixture)
 from train.fairness.store import link_reports_to_studies
 
 

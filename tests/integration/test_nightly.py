@@ -20,30 +20,14 @@ from pacs_bridge.storage import InstanceStore
 from sql import model_registry
 from sql.database import make_engine, upgrade
 from sql.embedding_store import store_embedding
-from sql.registry_schema import (
-    model_versions,
-    study_embeddings,
-    training_metrics,
-    training_runs,
-)
+from sql.registry_schema import model_versions, study_embeddings, training_metrics, training_runs
 from sql.report_schema import ground_truth_labels, reports, study_attributes
 from sql.schema import processing_runs, utcnow
 from train import registry
-from train.nightly import (
-    StudyTruth,
-    gate_candidate,
-    head_data,
-    run_nightly,
-    split_studies,
-)
+from train.nightly import StudyTruth, gate_candidate, head_data, run_nightly, split_studies
 from train.triage_table import load_triage_table
 from worker.celery_app import beat_schedule
-from worker.commands.jobs import (
-    NIGHTLY_TASK,
-    TRAINING_QUEUE,
-    rebuild_vector_index,
-    training_app,
-)
+from worker.commands.jobs import NIGHTLY_TASK, TRAINING_QUEUE, rebuild_vector_index, training_app
 from worker.commands.train_settings import gate_config, nightly_config
 from worker.config import load_settings
 from worker.pipelines.neuro_mri import NeuroMriPipeline

@@ -36,7 +36,6 @@ from pacs_bridge.publishers import (
     build_publishers,
 )
 from pacs_bridge.results import Finding, TriageResult
-from sql.database import make_engine, upgrade
 from sql.schema import events, predictions, processing_runs, studies, utcnow
 from tests.support.processes import free_port, wait_for
 from tests.support.studies import ingest
@@ -315,14 +314,6 @@ def recorded(engine, study_uid: str) -> dict[str, list[dict]]:
     for reason, detail in rows:
         out.setdefault(detail["publisher"], []).append({**detail, "reason": reason})
     return out
-
-
-@pytest.fixture
-def engine(postgres_url):
-    upgrade(postgres_url)
-    engine = make_engine(postgres_url)
-    yield engine
-    engine.dispose()
 
 
 # --- acceptance: the priority reaches every worklist, and never goes down -----------------------------------

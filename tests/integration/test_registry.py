@@ -7,17 +7,8 @@ import pytest
 
 from models.bundle import random_bundle, save_bundle
 from sql import model_registry
-from sql.database import make_engine, upgrade
 from train import registry
 from worker.cli import main as triage
-
-
-@pytest.fixture
-def engine(postgres_url):
-    upgrade(postgres_url)
-    engine = make_engine(postgres_url)
-    yield engine
-    engine.dispose()
 
 
 def _bundle(folder, seed: int, version: str):

@@ -18,7 +18,7 @@ from models.labeller import KeywordLabeller
 from pacs_bridge.hl7_intake import MllpReportListener, ReportIntake, send_messages
 from pacs_bridge.hl7_senders import MllpLimits, SenderAllowList, mllp_tls_context
 from sql.report_schema import hl7_messages, reports
-from tests.support.hl7 import POLICY, MllpClient, add_study, engine, msa, oru  # noqa: F401 (fixture)
+from tests.support.hl7 import POLICY, MllpClient, add_study, msa, oru  # noqa: F401 (fixture)
 from tests.support.pki import TestPKI
 from tests.support.processes import wait_for
 

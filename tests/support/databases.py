@@ -34,6 +34,17 @@ def postgres_url() -> Iterator[str]:
     admin.dispose()
 
 
+@pytest.fixture
+def engine(postgres_url):
+    """An engine on a fresh, migrated PostgreSQL database (``postgres_url``), disposed of afterwards."""
+    from sql.database import make_engine, upgrade
+
+    upgrade(postgres_url)
+    engine = make_engine(postgres_url)
+    yield engine
+    engine.dispose()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def bookkeeping_url(request, tmp_path) -> str:
     """A migrated database, once on SQLite and once on PostgreSQL: every test that writes bookkeeping runs on both

@@ -4,11 +4,9 @@ from __future__ import annotations
 import socket
 from datetime import UTC, datetime
 
-import pytest
 from sqlalchemy import insert
 
 from pacs_bridge.study_attributes import DEFAULT_POSTCODE_TABLE, AttributePolicy, PostcodeTable
-from sql.database import make_engine, upgrade
 from sql.schema import studies
 
 POLICY = AttributePolicy(timezone="Europe/London", postcodes=PostcodeTable.load(DEFAULT_POSTCODE_TABLE))
@@ -61,14 +59,6 @@ class MllpClient:
 def msa(ack: str) -> list[str]:
     segment = next(s for s in ack.split("\r") if s.startswith("MSA"))
     return segment.split("|")
-
-
-@pytest.fixture
-def engine(postgres_url):
-    upgrade(postgres_url)
-    engine = make_engine(postgres_url)
-    yield engine
-    engine.dispose()
 
 
 def add_study(engine, uid: str = STUDY_UID, accession: str = "ACC1001") -> None:

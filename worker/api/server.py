@@ -9,7 +9,7 @@ idle keep-alive connections close after ``api.keep_alive_s``.
 
 This is the one place that reaches inside uvicorn (its h11 protocol class), written against uvicorn 0.55's
 ``connection_made``/``data_received``/``on_response_complete`` and tested against a real process
-(tests/test_security_http.py).
+(tests/integration/test_security_limits.py).
 """
 from __future__ import annotations
 

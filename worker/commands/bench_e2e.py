@@ -27,13 +27,7 @@ from pathlib import Path
 import pydicom
 import yaml
 from pydicom.uid import generate_uid
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy import create_engine, func, select
 
 from sql.database import upgrade

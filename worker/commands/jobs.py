@@ -21,12 +21,7 @@ from train.fairness.cohort import load_cohort_db
 from train.fairness.metrics import publish
 from train.fairness.report import render_html
 from train.fairness.store import load_latest, refresh
-from worker.celery_app import (
-    FAIRNESS_REFRESH,
-    TRAIN_NIGHTLY,
-    TRAINING_QUEUE,
-    make_celery,
-)
+from worker.celery_app import FAIRNESS_REFRESH, TRAIN_NIGHTLY, TRAINING_QUEUE, make_celery
 from worker.commands.train_settings import fairness_config, nightly_config
 from worker.config import Settings
 from worker.slice_evidence import rebuild_all

@@ -15,12 +15,7 @@ from pathlib import Path
 from sqlalchemy import delete, insert, select
 
 from models.labeller import default_labeller
-from pacs_bridge.hl7_intake import (
-    MllpReportListener,
-    ReportIntake,
-    ack_code,
-    send_messages,
-)
+from pacs_bridge.hl7_intake import MllpReportListener, ReportIntake, ack_code, send_messages
 from pacs_bridge.hl7_senders import MllpLimits, SenderAllowList, mllp_tls_context
 from pacs_bridge.study_attributes import AttributePolicy
 from sql.database import make_engine, upgrade

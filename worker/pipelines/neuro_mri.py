@@ -132,9 +132,9 @@ class NeuroMriPipeline:
             return self._predictor
         from sqlalchemy.exc import SQLAlchemyError
 
+        from models.backbone import bundle_backbone_id
         from models.bundle import BundleError, load_bundle
         from models.inference import StudyPredictor
-        from models.backbone import bundle_backbone_id
         from sql.embedding_store import EmbeddingRecordingPredictor
         from sql.model_registry import serving_version
 
