@@ -448,7 +448,7 @@ class FairnessSettings(Section):
         "A TPR/FPR disparity smaller than this is not flagged, however small its p-value."))
     refresh_interval_s: float = Field(3600, description=(
         "Seconds between scheduled refreshes (the beat's fairness-refresh entry, run by `triage train worker`; "
-        "`triage fairness refresh --every` loops on its own); 0: no scheduled refresh."))
+        "`triage fairness refresh` runs one at once); 0: no scheduled refresh."))
     metrics_port: int = Field(0, description=(
         "Port for Prometheus metrics of the scheduled refresh (served by `triage train worker`); 0: not served."))
     report_path: str = Field("", description=(
