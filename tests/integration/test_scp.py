@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from datetime import timedelta
@@ -20,11 +19,9 @@ from sql.database import make_engine, upgrade
 from sql.schema import events, instances, processing_runs, studies, utcnow
 from tests.support.dicom_factory import mr_slice, write_mr_series
 from tests.support.processes import free_port
+from tests.support.raw_dicom import DCMTK_ENV, _storescu
 
 pytestmark = pytest.mark.needs_dcmtk
-
-STORESCU = shutil.which("storescu")
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
 @pytest.fixture
@@ -41,13 +38,6 @@ def receiver(tmp_path):
     scp.stop()
     bookkeeper.stop()
     engine.dispose()
-
-
-def _storescu(port: int, *files, aet: str = "STORESCU") -> subprocess.CompletedProcess:
-    if STORESCU is None:
-        pytest.skip("dcmtk is not installed (run ops/setup.sh)")
-    return subprocess.run([STORESCU, "-aet", aet, "-aec", "TRIAGE", "127.0.0.1", str(port), *map(str, files)],
-                          capture_output=True, text=True, env=DCMTK_ENV, timeout=60)
 
 
 def _send_raw_file(port: int, path) -> int:
